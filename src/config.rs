@@ -1,0 +1,85 @@
+//! What the user asked for, as a plain value: the CLI parses into it, the builder reads it.
+
+use std::path::PathBuf;
+
+use crate::console::ConsoleConfig;
+
+/// Whether to apply the workarounds for software KVM (`kvm_pvm`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum SoftwareKvmMode {
+    /// Apply them when `/sys/module/kvm_pvm` exists.
+    Auto,
+    /// Always apply them.
+    On,
+    /// Never apply them.
+    Off,
+}
+
+/// A VM to boot.
+#[derive(Clone, Debug)]
+pub struct VmConfig {
+    pub kernel: PathBuf,
+    pub initrd: Option<PathBuf>,
+    pub cmdline: String,
+    pub cpus: u8,
+    pub memory_bytes: u64,
+    pub console: ConsoleConfig,
+    pub software_kvm: SoftwareKvmMode,
+}
+
+const MIB: u64 = 1 << 20;
+
+/// Parses `128M`, `2G`, `512K`… or a plain number of MiB into bytes.
+pub fn parse_memory_size(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let (digits, unit) = match text.find(|c: char| !c.is_ascii_digit()) {
+        Some(at) => text.split_at(at),
+        None => (text, ""),
+    };
+    let number: u64 = digits.parse().map_err(|_| {
+        format!("'{text}' is not a memory size: use e.g. 128M, 2G or a number of MiB")
+    })?;
+    let scale = match unit.to_ascii_uppercase().as_str() {
+        "" | "M" | "MB" | "MIB" => MIB,
+        "K" | "KB" | "KIB" => 1 << 10,
+        "G" | "GB" | "GIB" => 1 << 30,
+        "T" | "TB" | "TIB" => 1 << 40,
+        _ => {
+            return Err(format!(
+                "'{text}' has an unknown unit '{unit}': use K, M or G"
+            ))
+        }
+    };
+    let bytes = number
+        .checked_mul(scale)
+        .ok_or_else(|| format!("'{text}' is too large"))?;
+    if bytes == 0 {
+        return Err("memory size must be more than zero".into());
+    }
+    if bytes % 4096 != 0 {
+        return Err(format!("'{text}' is not a multiple of 4 KiB"));
+    }
+    Ok(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn memory_sizes() {
+        assert_eq!(parse_memory_size("128M"), Ok(128 * MIB));
+        assert_eq!(parse_memory_size("128"), Ok(128 * MIB));
+        assert_eq!(parse_memory_size("2G"), Ok(2048 * MIB));
+        assert_eq!(parse_memory_size("3584m"), Ok(3584 * MIB));
+        assert_eq!(parse_memory_size("64MiB"), Ok(64 * MIB));
+        assert_eq!(parse_memory_size("8192K"), Ok(8 * MIB));
+        assert!(parse_memory_size("0").is_err());
+        assert!(parse_memory_size("").is_err());
+        assert!(parse_memory_size("-1").is_err());
+        assert!(parse_memory_size("12Q").is_err());
+        assert!(parse_memory_size("1.5G").is_err());
+        assert!(parse_memory_size("99999999999999999G").is_err());
+        assert!(parse_memory_size("1K").is_err());
+    }
+}

@@ -1,0 +1,18 @@
+//! Ember: a microVM monitor on Linux KVM.
+//!
+//! `ember run` boots a Linux kernel (or any kernel speaking the Linux 64-bit or PVH boot
+//! protocols) in a KVM virtual machine with a serial console, one thread per vCPU, and exits
+//! with a code that says how the guest ended.
+
+#[cfg(not(target_arch = "x86_64"))]
+compile_error!("Ember supports x86_64 hosts only");
+
+pub mod arch;
+pub mod cli;
+pub mod config;
+pub mod console;
+pub mod kvm;
+pub mod outcome;
+pub mod terminal;
+pub mod vcpu;
+pub mod vmm;

@@ -1,0 +1,54 @@
+//! `ember`: parse the command line, build and run the VM, exit with a code that says how it ended.
+
+use std::error::Error;
+use std::process::ExitCode;
+
+use clap::Parser;
+use ember::cli::{Cli, Command};
+use ember::outcome::EXIT_SETUP_FAILED;
+use ember::vmm;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.verbose);
+    let Command::Run(args) = cli.command;
+    let config = match args.into_config() {
+        Ok(config) => config,
+        Err(e) => return fail(&e),
+    };
+    match vmm::run(&config) {
+        Ok(outcome) => {
+            if outcome.is_clean() {
+                log::info!("{outcome}");
+            } else {
+                eprintln!("ember: {outcome}");
+            }
+            ExitCode::from(outcome.exit_code())
+        }
+        Err(e) => fail(&e),
+    }
+}
+
+/// One line: the error and its causes, no backtrace.
+fn fail(error: &dyn Error) -> ExitCode {
+    let mut line = format!("ember: error: {error}");
+    let mut source = error.source();
+    while let Some(cause) = source {
+        line.push_str(&format!(": {cause}"));
+        source = cause.source();
+    }
+    eprintln!("{line}");
+    ExitCode::from(EXIT_SETUP_FAILED)
+}
+
+fn init_logging(verbose: u8) {
+    let level = match verbose {
+        0 => "warn",
+        1 => "info",
+        2 => "debug",
+        _ => "trace",
+    };
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(level))
+        .format_timestamp_micros()
+        .init();
+}

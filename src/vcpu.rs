@@ -1,0 +1,380 @@
+//! vCPU threads: the KVM_RUN loop, the exit handler, and how other threads stop a vCPU.
+//!
+//! Turning a KVM exit into an action is [`handle_exit`], a plain function over the I/O buses, so
+//! unit tests feed it synthetic exits. The loop holds no device lock while the guest runs: a
+//! device is locked only for the duration of one register access.
+
+use std::cell::Cell;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use ember_devices::{Bus, VmRequest};
+use kvm_bindings::kvm_run;
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
+
+use crate::outcome::VmOutcome;
+
+/// The port-I/O and MMIO buses every vCPU dispatches to.
+pub struct IoBuses {
+    pub pio: Bus,
+    pub mmio: Bus,
+}
+
+/// Why a vCPU stops, before the loop adds what only the vCPU knows (its RIP, the bytes KVM
+/// could not emulate).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StopCause {
+    Guest(VmRequest),
+    TripleFault,
+    FailedEntry(u64),
+    InternalError,
+    Unhandled(String),
+}
+
+/// What the loop does after an exit.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ExitAction {
+    Continue,
+    Stop(StopCause),
+}
+
+// Linux `KVM_SYSTEM_EVENT_*` types.
+const KVM_SYSTEM_EVENT_SHUTDOWN: u32 = 1;
+const KVM_SYSTEM_EVENT_RESET: u32 = 2;
+
+/// Turns one KVM exit into what the vCPU loop does next.
+pub fn handle_exit(exit: VcpuExit, buses: &IoBuses) -> ExitAction {
+    match exit {
+        VcpuExit::IoIn(port, data) => {
+            // Nothing on a port reads as all ones, as on a PC with a floating bus.
+            if !buses.pio.read(u64::from(port), data) {
+                data.fill(0xff);
+            }
+            ExitAction::Continue
+        }
+        VcpuExit::IoOut(port, data) => bus_write(&buses.pio, u64::from(port), data),
+        VcpuExit::MmioRead(addr, data) => {
+            if !buses.mmio.read(addr, data) {
+                data.fill(0xff);
+            }
+            ExitAction::Continue
+        }
+        VcpuExit::MmioWrite(addr, data) => bus_write(&buses.mmio, addr, data),
+        // With the in-kernel irqchip HLT stays in KVM; a stray one just means "run again".
+        VcpuExit::Hlt | VcpuExit::Intr | VcpuExit::IrqWindowOpen => ExitAction::Continue,
+        VcpuExit::Shutdown => ExitAction::Stop(StopCause::TripleFault),
+        VcpuExit::FailEntry(reason, _) => ExitAction::Stop(StopCause::FailedEntry(reason)),
+        VcpuExit::InternalError => ExitAction::Stop(StopCause::InternalError),
+        VcpuExit::SystemEvent(KVM_SYSTEM_EVENT_SHUTDOWN, _) => {
+            ExitAction::Stop(StopCause::Guest(VmRequest::PowerOff))
+        }
+        VcpuExit::SystemEvent(KVM_SYSTEM_EVENT_RESET, _) => {
+            ExitAction::Stop(StopCause::Guest(VmRequest::Reset))
+        }
+        other => ExitAction::Stop(StopCause::Unhandled(format!(
+            "unhandled KVM exit {other:?}"
+        ))),
+    }
+}
+
+fn bus_write(bus: &Bus, addr: u64, data: &[u8]) -> ExitAction {
+    match bus.write(addr, data) {
+        Ok(Some(request)) => ExitAction::Stop(StopCause::Guest(request)),
+        Ok(None) => ExitAction::Continue,
+        Err(()) => {
+            log::trace!(
+                "write of {} bytes to unassigned address {addr:#x}",
+                data.len()
+            );
+            ExitAction::Continue
+        }
+    }
+}
+
+/// Shared between the vCPUs and the thread that waits for the VM to end.
+pub struct VmControl {
+    stopping: AtomicBool,
+    outcome: Mutex<Option<VmOutcome>>,
+    /// Signalled once, when the first stop is requested.
+    pub stop_event: EventFd,
+}
+
+impl VmControl {
+    pub fn new() -> std::io::Result<Self> {
+        Ok(Self {
+            stopping: AtomicBool::new(false),
+            outcome: Mutex::new(None),
+            stop_event: EventFd::new(libc::EFD_NONBLOCK)?,
+        })
+    }
+
+    /// Records why the VM stops (the first reason wins) and wakes the waiting thread.
+    pub fn request_stop(&self, outcome: VmOutcome) {
+        let mut slot = ember_devices::bus::lock(&self.outcome);
+        if slot.is_none() {
+            *slot = Some(outcome);
+            self.stopping.store(true, Ordering::SeqCst);
+            if let Err(e) = self.stop_event.write(1) {
+                log::error!("cannot wake the VM's main thread: {e}");
+            }
+        }
+    }
+
+    pub fn is_stopping(&self) -> bool {
+        self.stopping.load(Ordering::SeqCst)
+    }
+
+    pub fn take_outcome(&self) -> Option<VmOutcome> {
+        ember_devices::bus::lock(&self.outcome).take()
+    }
+}
+
+thread_local! {
+    /// This thread's `kvm_run`, so the kick signal handler can set `immediate_exit`.
+    static KVM_RUN: Cell<*mut kvm_run> = const { Cell::new(std::ptr::null_mut()) };
+}
+
+/// The real-time signal that kicks a vCPU thread out of KVM_RUN.
+fn kick_signal() -> libc::c_int {
+    SIGRTMIN()
+}
+
+extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    // If the thread is between its stop check and KVM_RUN, setting immediate_exit makes that
+    // KVM_RUN return EINTR at once instead of running the guest (KVM API, "immediate_exit").
+    KVM_RUN.with(|run| {
+        let run = run.get();
+        if !run.is_null() {
+            // SAFETY: the pointer is this thread's own kvm_run mapping, set while the VcpuFd is
+            // alive on this thread and cleared before it is dropped; a byte store is
+            // async-signal-safe.
+            unsafe { (*run).immediate_exit = 1 };
+        }
+    });
+}
+
+/// Installs the kick handler. Call once, before any vCPU thread starts.
+pub fn install_kick_handler() -> Result<(), vmm_sys_util::errno::Error> {
+    register_signal_handler(kick_signal(), on_kick)
+}
+
+/// A running vCPU thread.
+pub struct VcpuThread {
+    handle: JoinHandle<()>,
+}
+
+impl VcpuThread {
+    /// Starts the KVM_RUN loop for `vcpu` on its own thread.
+    pub fn spawn(
+        index: u8,
+        vcpu: VcpuFd,
+        buses: Arc<IoBuses>,
+        control: Arc<VmControl>,
+    ) -> std::io::Result<Self> {
+        let handle = std::thread::Builder::new()
+            .name(format!("vcpu{index}"))
+            .spawn(move || run_loop(index, vcpu, &buses, &control))?;
+        Ok(Self { handle })
+    }
+
+    /// Interrupts KVM_RUN so the thread sees the stop flag.
+    pub fn kick(&self) {
+        if self.handle.is_finished() {
+            return;
+        }
+        if let Err(e) = self.handle.kill(kick_signal()) {
+            log::warn!("cannot kick a vCPU thread: {e}");
+        }
+    }
+
+    pub fn join(self) {
+        if self.handle.join().is_err() {
+            log::error!("a vCPU thread panicked");
+        }
+    }
+}
+
+fn run_loop(index: u8, mut vcpu: VcpuFd, buses: &IoBuses, control: &VmControl) {
+    KVM_RUN.with(|run| run.set(vcpu.get_kvm_run() as *mut kvm_run));
+    while !control.is_stopping() {
+        let action = match vcpu.run() {
+            Ok(exit) => handle_exit(exit, buses),
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                vcpu.set_kvm_immediate_exit(0);
+                continue;
+            }
+            Err(e) => ExitAction::Stop(StopCause::Unhandled(format!("KVM_RUN failed: {e}"))),
+        };
+        if let ExitAction::Stop(cause) = action {
+            control.request_stop(describe_stop(index, &mut vcpu, cause));
+            break;
+        }
+    }
+    KVM_RUN.with(|run| run.set(std::ptr::null_mut()));
+}
+
+/// Adds the vCPU's own state to a stop cause.
+fn describe_stop(cpu: u8, vcpu: &mut VcpuFd, cause: StopCause) -> VmOutcome {
+    let rip = vcpu.get_regs().map(|r| r.rip).unwrap_or_default();
+    match cause {
+        StopCause::Guest(request) => request.into(),
+        StopCause::TripleFault => VmOutcome::TripleFault { cpu, rip },
+        StopCause::FailedEntry(reason) => VmOutcome::FailedEntry { cpu, rip, reason },
+        StopCause::InternalError => {
+            let (suberror, instruction) = internal_error_details(vcpu.get_kvm_run());
+            VmOutcome::InternalError {
+                cpu,
+                rip,
+                suberror,
+                instruction,
+            }
+        }
+        StopCause::Unhandled(what) => VmOutcome::MonitorFailed { cpu, what },
+    }
+}
+
+/// The suberror and, for an emulation failure that carries them, the instruction bytes.
+fn internal_error_details(run: &kvm_run) -> (u32, Vec<u8>) {
+    // SAFETY: the exit reason is KVM_EXIT_INTERNAL_ERROR, for which KVM fills `internal`; the
+    // `emulation_failure` view shares its first fields and KVM sets `flags` only for it.
+    let internal = unsafe { run.__bindgen_anon_1.internal };
+    if internal.suberror != kvm_bindings::KVM_INTERNAL_ERROR_EMULATION {
+        return (internal.suberror, Vec::new());
+    }
+    // SAFETY: as above; for suberror EMULATION the union holds `emulation_failure`.
+    let failure = unsafe { run.__bindgen_anon_1.emulation_failure };
+    let has_bytes = failure.ndata >= 3
+        && failure.flags
+            & u64::from(kvm_bindings::KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES)
+            != 0;
+    if !has_bytes {
+        return (internal.suberror, Vec::new());
+    }
+    // SAFETY: the flag above says the instruction bytes are valid.
+    let bytes = unsafe { failure.__bindgen_anon_1.__bindgen_anon_1 };
+    let len = usize::from(bytes.insn_size).min(bytes.insn_bytes.len());
+    (internal.suberror, bytes.insn_bytes[..len].to_vec())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ember_devices::{debug_exit::DebugExit, i8042::I8042, BusDevice};
+
+    struct Constant(u8);
+    impl BusDevice for Constant {
+        fn read(&mut self, _: u64, data: &mut [u8]) {
+            data.fill(self.0);
+        }
+        fn write(&mut self, _: u64, _: &[u8]) -> Option<VmRequest> {
+            None
+        }
+    }
+
+    fn buses() -> IoBuses {
+        let mut pio = Bus::new();
+        pio.insert(Arc::new(Mutex::new(I8042)), 0x60, 5).unwrap();
+        pio.insert(Arc::new(Mutex::new(DebugExit)), 0xf4, 1)
+            .unwrap();
+        let mut mmio = Bus::new();
+        mmio.insert(Arc::new(Mutex::new(Constant(0x5a))), 0xd000_0000, 0x1000)
+            .unwrap();
+        IoBuses { pio, mmio }
+    }
+
+    #[test]
+    fn port_writes_that_end_the_vm() {
+        let b = buses();
+        assert_eq!(
+            handle_exit(VcpuExit::IoOut(0x64, &[0xfe]), &b),
+            ExitAction::Stop(StopCause::Guest(VmRequest::Reset))
+        );
+        assert_eq!(
+            handle_exit(VcpuExit::IoOut(0xf4, &[7]), &b),
+            ExitAction::Stop(StopCause::Guest(VmRequest::Exit(7)))
+        );
+        assert_eq!(
+            handle_exit(VcpuExit::IoOut(0x80, &[1]), &b),
+            ExitAction::Continue
+        );
+    }
+
+    #[test]
+    fn unassigned_reads_float_high() {
+        let b = buses();
+        let mut data = [0u8; 2];
+        assert_eq!(
+            handle_exit(VcpuExit::IoIn(0x2f8, &mut data), &b),
+            ExitAction::Continue
+        );
+        assert_eq!(data, [0xff, 0xff]);
+        let mut data = [0u8; 4];
+        handle_exit(VcpuExit::MmioRead(0xd000_0010, &mut data), &b);
+        assert_eq!(data, [0x5a; 4]);
+        handle_exit(VcpuExit::MmioRead(0xe000_0000, &mut data), &b);
+        assert_eq!(data, [0xff; 4]);
+        assert_eq!(
+            handle_exit(VcpuExit::MmioWrite(0xe000_0000, &[1]), &b),
+            ExitAction::Continue
+        );
+    }
+
+    #[test]
+    fn fatal_exits() {
+        let b = buses();
+        assert_eq!(
+            handle_exit(VcpuExit::Shutdown, &b),
+            ExitAction::Stop(StopCause::TripleFault)
+        );
+        assert_eq!(
+            handle_exit(VcpuExit::InternalError, &b),
+            ExitAction::Stop(StopCause::InternalError)
+        );
+        assert_eq!(
+            handle_exit(VcpuExit::FailEntry(0x21, 0), &b),
+            ExitAction::Stop(StopCause::FailedEntry(0x21))
+        );
+        assert_eq!(handle_exit(VcpuExit::Hlt, &b), ExitAction::Continue);
+        assert!(matches!(
+            handle_exit(VcpuExit::Hyperv, &b),
+            ExitAction::Stop(StopCause::Unhandled(_))
+        ));
+        assert_eq!(
+            handle_exit(VcpuExit::SystemEvent(KVM_SYSTEM_EVENT_RESET, &[]), &b),
+            ExitAction::Stop(StopCause::Guest(VmRequest::Reset))
+        );
+    }
+
+    #[test]
+    fn first_stop_reason_wins() {
+        let control = VmControl::new().unwrap();
+        assert!(!control.is_stopping());
+        control.request_stop(VmOutcome::GuestExit(3));
+        control.request_stop(VmOutcome::Reset);
+        assert!(control.is_stopping());
+        assert_eq!(control.stop_event.read().unwrap(), 1);
+        assert_eq!(control.take_outcome(), Some(VmOutcome::GuestExit(3)));
+    }
+
+    #[test]
+    fn emulation_failure_bytes_are_extracted() {
+        let mut run = kvm_run::default();
+        // SAFETY: plain-old-data union fields written for the test.
+        unsafe {
+            let f = &mut run.__bindgen_anon_1.emulation_failure;
+            f.suberror = kvm_bindings::KVM_INTERNAL_ERROR_EMULATION;
+            f.ndata = 3;
+            f.flags = u64::from(kvm_bindings::KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES);
+            f.__bindgen_anon_1.__bindgen_anon_1.insn_size = 3;
+            f.__bindgen_anon_1.__bindgen_anon_1.insn_bytes[..3]
+                .copy_from_slice(&[0x0f, 0x01, 0xd0]);
+        }
+        assert_eq!(internal_error_details(&run), (1, vec![0x0f, 0x01, 0xd0]));
+        let mut run = kvm_run::default();
+        run.__bindgen_anon_1.internal.suberror = 3;
+        assert_eq!(internal_error_details(&run), (3, vec![]));
+    }
+}

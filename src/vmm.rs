@@ -1,0 +1,530 @@
+//! Building a microVM from a [`VmConfig`] and running it until it ends.
+//!
+//! [`Vm::build`] reads like the boot sequence: open KVM, create the VM and its interrupt
+//! controller, map RAM, load the kernel, describe the machine to it, attach devices, create the
+//! vCPUs. [`Vm::run`] starts them and waits for the first reason to stop.
+
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use ember_devices::acpi_sleep::{self, AcpiSleep};
+use ember_devices::debug_exit::DebugExit;
+use ember_devices::i8042::{self, I8042};
+use ember_devices::serial::{self, SerialConsole};
+use ember_devices::{Bus, BusError};
+use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::{Kvm, VcpuFd, VmFd};
+use vm_memory::{
+    Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryError, GuestMemoryMmap, GuestMemoryRegion,
+};
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::arch::x86_64::boot::{self, BootError};
+use crate::arch::x86_64::cpuid::{self, CpuidTopology};
+use crate::arch::x86_64::layout::{
+    ACPI_SLEEP_PORT, ACPI_START, COM1_IRQ, COM1_PORT, DEBUG_EXIT_PORT, EBDA_START, I8042_PORT,
+    KVM_TSS_ADDRESS,
+};
+use crate::arch::x86_64::memory::{self, MIN_RAM_BYTES};
+use crate::arch::x86_64::regs::{self, EntryMode};
+use crate::arch::x86_64::{acpi, mptable};
+use crate::config::{SoftwareKvmMode, VmConfig};
+use crate::console::{self, ConsoleConfig};
+use crate::kvm::{self, KvmError};
+use crate::outcome::VmOutcome;
+use crate::terminal;
+use crate::vcpu::{self, IoBuses, VcpuThread, VmControl};
+
+/// Kernel command-line options that keep Linux away from what software KVM cannot emulate at
+/// CPL0: XSAVE (noxsave) and, by feature bit, POPCNT (151), RDTSCP (59), SMAP (308),
+/// INVPCID (298) and RDPID (534). This KVM ignores most CPUID masks, so Linux must be told.
+pub const SOFTWARE_KVM_CMDLINE: &str = "noxsave clearcpuid=151,59,308,298,534";
+
+/// Largest vCPU count: APIC IDs are 8-bit and 0xff is the broadcast ID.
+pub const MAX_CPUS: u8 = 254;
+
+/// Why a VM could not be built or run.
+#[derive(Debug, thiserror::Error)]
+pub enum VmmError {
+    #[error(transparent)]
+    Kvm(#[from] KvmError),
+    #[error("--cpus {requested} is more than this host's KVM supports ({max})")]
+    TooManyCpus { requested: u8, max: usize },
+    #[error(
+        "--memory {requested_mib} MiB is more than the host's {host_mib} MiB of RAM; ask for less"
+    )]
+    MemoryTooLarge { requested_mib: u64, host_mib: u64 },
+    #[error("--memory must be at least {} MiB", MIN_RAM_BYTES >> 20)]
+    MemoryTooSmall,
+    #[error("cannot map {mib} MiB of guest memory; ask for less --memory")]
+    MapMemory {
+        mib: u64,
+        #[source]
+        source: vm_memory::mmap::FromRangesError,
+    },
+    #[error("cannot register guest memory with KVM")]
+    RegisterMemory(#[source] kvm_ioctls::Error),
+    #[error("cannot set up the interrupt controller and timer")]
+    Irqchip(#[source] kvm_ioctls::Error),
+    #[error("cannot open kernel {path}")]
+    OpenKernel {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("kernel {path}")]
+    Kernel {
+        path: PathBuf,
+        #[source]
+        source: BootError,
+    },
+    #[error("cannot open initrd {path}")]
+    OpenInitrd {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("initrd {path}")]
+    Initrd {
+        path: PathBuf,
+        #[source]
+        source: BootError,
+    },
+    #[error(transparent)]
+    Boot(#[from] BootError),
+    #[error("cannot write firmware tables to guest memory")]
+    FirmwareTables(#[source] GuestMemoryError),
+    #[error("cannot build ACPI tables")]
+    Acpi(#[from] acpi::AcpiError),
+    #[error("cannot set up vCPU {cpu}")]
+    Vcpu {
+        cpu: u8,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    #[error("cannot attach devices")]
+    Bus(#[from] BusError),
+    #[error("cannot wire a device interrupt")]
+    Irq(#[source] io::Error),
+    #[error("cannot open the console output")]
+    ConsoleOutput(#[source] io::Error),
+    #[error("cannot set up the event loop")]
+    EventLoop(#[source] io::Error),
+    #[error("cannot start a thread")]
+    Thread(#[source] io::Error),
+}
+
+/// A VM ready to run.
+pub struct Vm {
+    /// Kept open for the VM's lifetime: the vCPU and device file descriptors belong to it.
+    _vm_fd: VmFd,
+    /// Must outlive the vCPUs: KVM maps guest RAM from these host mappings.
+    _guest_memory: GuestMemoryMmap,
+    vcpus: Vec<VcpuFd>,
+    buses: Arc<IoBuses>,
+    serial: Arc<Mutex<SerialConsole>>,
+    serial_fifo_drained: EventFd,
+    console: ConsoleConfig,
+}
+
+impl Vm {
+    /// Builds the VM `config` describes, up to the point where its vCPUs could run.
+    pub fn build(config: &VmConfig) -> Result<Self, VmmError> {
+        let kvm = kvm::open()?;
+        check_resources(&kvm, config)?;
+        let software_kvm = match config.software_kvm {
+            SoftwareKvmMode::Auto => kvm::is_software_kvm(),
+            SoftwareKvmMode::On => true,
+            SoftwareKvmMode::Off => false,
+        };
+        if software_kvm {
+            log::info!(
+                "software KVM (kvm_pvm): hiding CX16 and the PV_UNHALT/PV_SEND_IPI/PV_SCHED_YIELD \
+                 hypercall features, appending '{SOFTWARE_KVM_CMDLINE}' to the kernel command line"
+            );
+        }
+
+        let vm_fd = kvm.create_vm().map_err(KvmError::CreateVm)?;
+        // The irqchip must exist before the vCPUs, which then get in-kernel local APICs.
+        vm_fd
+            .set_tss_address(KVM_TSS_ADDRESS as usize)
+            .map_err(VmmError::Irqchip)?;
+        vm_fd.create_irq_chip().map_err(VmmError::Irqchip)?;
+        let pit = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        vm_fd.create_pit2(pit).map_err(VmmError::Irqchip)?;
+
+        let guest_memory = map_guest_memory(&vm_fd, config.memory_bytes)?;
+        let ram = memory::ram_regions(config.memory_bytes);
+        let memory_map = memory::memory_map(&ram);
+
+        let mut kernel_file =
+            File::open(&config.kernel).map_err(|source| VmmError::OpenKernel {
+                path: config.kernel.clone(),
+                source,
+            })?;
+        let kernel = boot::load_kernel(&guest_memory, &mut kernel_file).map_err(|source| {
+            VmmError::Kernel {
+                path: config.kernel.clone(),
+                source,
+            }
+        })?;
+        log::info!(
+            "kernel {} ({:?}, entry {:#x})",
+            config.kernel.display(),
+            kernel.format,
+            kernel.entry
+        );
+        let initrd = match &config.initrd {
+            Some(path) => {
+                let mut file = File::open(path).map_err(|source| VmmError::OpenInitrd {
+                    path: path.clone(),
+                    source,
+                })?;
+                let placed =
+                    boot::load_initrd(&guest_memory, &mut file, &kernel, config.memory_bytes)
+                        .map_err(|source| VmmError::Initrd {
+                            path: path.clone(),
+                            source,
+                        })?;
+                log::info!(
+                    "initrd {} ({} bytes at {:#x})",
+                    path.display(),
+                    placed.size,
+                    placed.address
+                );
+                Some(placed)
+            }
+            None => None,
+        };
+        let extra: Vec<String> = if software_kvm {
+            vec![SOFTWARE_KVM_CMDLINE.to_string()]
+        } else {
+            Vec::new()
+        };
+        let cmdline = boot::build_cmdline(&config.cmdline, &extra)?;
+        log::info!(
+            "cmdline: {}",
+            cmdline
+                .as_cstring()
+                .map(|c| c.to_string_lossy().into_owned())
+                .unwrap_or_default()
+        );
+        let entry = boot::write_boot_info(&guest_memory, &kernel, &cmdline, initrd, &memory_map)?;
+
+        guest_memory
+            .write_slice(
+                &mptable::build(EBDA_START as u32, config.cpus),
+                GuestAddress(EBDA_START),
+            )
+            .map_err(VmmError::FirmwareTables)?;
+        for table in acpi::build(ACPI_START, config.cpus)? {
+            guest_memory
+                .write_slice(&table.bytes, GuestAddress(table.address))
+                .map_err(VmmError::FirmwareTables)?;
+        }
+
+        let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(VmmError::Irq)?;
+        vm_fd
+            .register_irqfd(&serial_irq, COM1_IRQ)
+            .map_err(|e| VmmError::Irq(e.into()))?;
+        let serial_fifo_drained = EventFd::new(0).map_err(VmmError::Irq)?;
+        let output = console::output(&config.console).map_err(VmmError::ConsoleOutput)?;
+        let serial = Arc::new(Mutex::new(SerialConsole::new(
+            serial_irq,
+            serial_fifo_drained.try_clone().map_err(VmmError::Irq)?,
+            output,
+        )));
+        let mut pio = Bus::new();
+        pio.insert(serial.clone(), COM1_PORT, serial::RANGE_LEN)?;
+        pio.insert(Arc::new(Mutex::new(I8042)), I8042_PORT, i8042::RANGE_LEN)?;
+        pio.insert(Arc::new(Mutex::new(DebugExit)), DEBUG_EXIT_PORT, 1)?;
+        pio.insert(
+            Arc::new(Mutex::new(AcpiSleep)),
+            ACPI_SLEEP_PORT,
+            acpi_sleep::RANGE_LEN,
+        )?;
+        let buses = Arc::new(IoBuses {
+            pio,
+            mmio: Bus::new(),
+        });
+
+        let supported_cpuid = kvm
+            .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+            .map_err(|source| VmmError::Vcpu { cpu: 0, source })?;
+        let mut vcpus = Vec::with_capacity(usize::from(config.cpus));
+        for cpu in 0..config.cpus {
+            let vcpu = vm_fd
+                .create_vcpu(u64::from(cpu))
+                .map_err(|source| VmmError::Vcpu { cpu, source })?;
+            let topology = CpuidTopology {
+                cpu,
+                cpus: config.cpus,
+                software_kvm,
+            };
+            configure_vcpu(&vcpu, &guest_memory, &supported_cpuid, topology, entry)
+                .map_err(|source| VmmError::Vcpu { cpu, source })?;
+            vcpus.push(vcpu);
+        }
+
+        Ok(Vm {
+            _vm_fd: vm_fd,
+            _guest_memory: guest_memory,
+            vcpus,
+            buses,
+            serial,
+            serial_fifo_drained,
+            console: config.console.clone(),
+        })
+    }
+
+    /// Runs the VM until the guest stops it, a vCPU fails, or a signal arrives. Every vCPU thread
+    /// has been joined and the terminal restored when this returns.
+    pub fn run(self) -> Result<VmOutcome, VmmError> {
+        // Termination signals go to a signalfd read by this thread; blocking them before any
+        // thread starts means every thread inherits the mask and none is interrupted by them.
+        let signals = TerminationSignals::block().map_err(VmmError::EventLoop)?;
+        vcpu::install_kick_handler()
+            .map_err(|e| VmmError::EventLoop(io::Error::from_raw_os_error(e.errno())))?;
+        let control = Arc::new(VmControl::new().map_err(VmmError::EventLoop)?);
+        let epoll = Epoll::new().map_err(VmmError::EventLoop)?;
+        const STOP: u64 = 0;
+        const SIGNAL: u64 = 1;
+        epoll
+            .ctl(
+                ControlOperation::Add,
+                control.stop_event.as_raw_fd(),
+                EpollEvent::new(EventSet::IN, STOP),
+            )
+            .map_err(VmmError::EventLoop)?;
+        epoll
+            .ctl(
+                ControlOperation::Add,
+                signals.fd.as_raw_fd(),
+                EpollEvent::new(EventSet::IN, SIGNAL),
+            )
+            .map_err(VmmError::EventLoop)?;
+
+        if self.console == ConsoleConfig::Stdio {
+            let interactive = terminal::is_tty(libc::STDIN_FILENO);
+            if interactive {
+                if let Err(e) = terminal::enter_raw_mode() {
+                    log::warn!("cannot put the terminal in raw mode: {e}");
+                }
+            }
+            console::spawn_input_thread(
+                self.serial.clone(),
+                self.serial_fifo_drained,
+                control.clone(),
+                interactive,
+            )
+            .map_err(VmmError::Thread)?;
+        }
+
+        let mut threads = Vec::with_capacity(self.vcpus.len());
+        for (index, vcpu) in self.vcpus.into_iter().enumerate() {
+            match VcpuThread::spawn(index as u8, vcpu, self.buses.clone(), control.clone()) {
+                Ok(thread) => threads.push(thread),
+                Err(e) => {
+                    control.request_stop(VmOutcome::MonitorFailed {
+                        cpu: index as u8,
+                        what: format!("cannot start its thread: {e}"),
+                    });
+                    break;
+                }
+            }
+        }
+
+        let mut events = vec![EpollEvent::default(); 2];
+        while !control.is_stopping() {
+            let ready = match epoll.wait(-1, &mut events) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    control.request_stop(VmOutcome::MonitorFailed {
+                        cpu: 0,
+                        what: format!("event loop failed: {e}"),
+                    });
+                    break;
+                }
+            };
+            for event in &events[..ready] {
+                if event.data() == SIGNAL {
+                    if let Some(signal) = signals.read() {
+                        control.request_stop(VmOutcome::Signal(signal));
+                    }
+                }
+            }
+        }
+
+        for thread in &threads {
+            thread.kick();
+        }
+        for thread in threads {
+            thread.join();
+        }
+        terminal::restore();
+        Ok(control.take_outcome().unwrap_or(VmOutcome::MonitorFailed {
+            cpu: 0,
+            what: "stopped without a reason".into(),
+        }))
+    }
+}
+
+/// Builds and runs the VM `config` describes.
+pub fn run(config: &VmConfig) -> Result<VmOutcome, VmmError> {
+    let vm = Vm::build(config);
+    // Building may have put nothing on the terminal, but restore anyway on every error path.
+    let outcome = vm.and_then(Vm::run);
+    terminal::restore();
+    outcome
+}
+
+fn check_resources(kvm: &Kvm, config: &VmConfig) -> Result<(), VmmError> {
+    let max_cpus = kvm.get_max_vcpus().min(usize::from(MAX_CPUS));
+    if usize::from(config.cpus) > max_cpus {
+        return Err(VmmError::TooManyCpus {
+            requested: config.cpus,
+            max: max_cpus,
+        });
+    }
+    if config.memory_bytes < MIN_RAM_BYTES {
+        return Err(VmmError::MemoryTooSmall);
+    }
+    if let Some(host) = host_memory_bytes() {
+        if config.memory_bytes > host {
+            return Err(VmmError::MemoryTooLarge {
+                requested_mib: config.memory_bytes >> 20,
+                host_mib: host >> 20,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// The host's RAM, from /proc/meminfo.
+fn host_memory_bytes() -> Option<u64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = meminfo.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// Maps guest RAM (lazily: anonymous, MAP_NORESERVE, so the host commits only what the guest
+/// touches) and gives each region to KVM as one memory slot.
+fn map_guest_memory(vm_fd: &VmFd, size: u64) -> Result<GuestMemoryMmap, VmmError> {
+    let ranges: Vec<(GuestAddress, usize)> = memory::ram_regions(size)
+        .iter()
+        .map(|r| (GuestAddress(r.start), r.size as usize))
+        .collect();
+    let guest_memory =
+        GuestMemoryMmap::from_ranges(&ranges).map_err(|source| VmmError::MapMemory {
+            mib: size >> 20,
+            source,
+        })?;
+    for (slot, region) in guest_memory.iter().enumerate() {
+        let host_address = guest_memory
+            .get_host_address(region.start_addr())
+            .map_err(VmmError::FirmwareTables)?;
+        let slot_region = kvm_userspace_memory_region {
+            slot: slot as u32,
+            flags: 0,
+            guest_phys_addr: region.start_addr().0,
+            memory_size: region.len(),
+            userspace_addr: host_address as u64,
+        };
+        // SAFETY: the host range is a live mapping owned by `guest_memory`, which the returned
+        // value carries and the VM keeps until every vCPU has been joined.
+        unsafe { vm_fd.set_user_memory_region(slot_region) }.map_err(VmmError::RegisterMemory)?;
+    }
+    Ok(guest_memory)
+}
+
+/// CPUID, MSRs, FPU and LAPIC for every vCPU; registers for the boot vCPU only (the others wait
+/// for INIT/SIPI from the guest, in KVM's in-kernel LAPIC).
+fn configure_vcpu(
+    vcpu: &VcpuFd,
+    guest_memory: &GuestMemoryMmap,
+    supported_cpuid: &kvm_bindings::CpuId,
+    topology: CpuidTopology,
+    entry: EntryMode,
+) -> Result<(), kvm_ioctls::Error> {
+    let mut cpuid = supported_cpuid.clone();
+    cpuid::normalize(cpuid.as_mut_slice(), topology);
+    vcpu.set_cpuid2(&cpuid)?;
+
+    let msrs = regs::boot_msrs();
+    let written = vcpu.set_msrs(&msrs)?;
+    if written != msrs.as_slice().len() {
+        // Software KVM does not implement every MSR; the rest are defaults Linux can live with.
+        log::debug!(
+            "KVM accepted {written} of {} boot MSRs",
+            msrs.as_slice().len()
+        );
+    }
+    vcpu.set_fpu(&regs::boot_fpu())?;
+    let mut lapic = vcpu.get_lapic()?;
+    regs::set_lint_modes(&mut lapic);
+    vcpu.set_lapic(&lapic)?;
+
+    if topology.cpu == 0 {
+        let mut sregs = vcpu.get_sregs()?;
+        regs::setup_sregs(guest_memory, entry, &mut sregs)
+            .map_err(|_| kvm_ioctls::Error::new(libc::EFAULT))?;
+        vcpu.set_sregs(&sregs)?;
+        vcpu.set_regs(&regs::boot_regs(entry))?;
+    }
+    Ok(())
+}
+
+/// SIGINT, SIGTERM and SIGHUP, blocked and read from a signalfd.
+struct TerminationSignals {
+    fd: OwnedFd,
+}
+
+impl TerminationSignals {
+    fn block() -> io::Result<Self> {
+        // SAFETY: sigemptyset/sigaddset fill a local set; pthread_sigmask and signalfd only read
+        // it; the new descriptor is owned right away.
+        unsafe {
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            for signal in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+                libc::sigaddset(&mut set, signal);
+            }
+            let rc = libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+            if rc != 0 {
+                return Err(io::Error::from_raw_os_error(rc));
+            }
+            let fd = libc::signalfd(-1, &set, libc::SFD_CLOEXEC | libc::SFD_NONBLOCK);
+            if fd < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(Self {
+                fd: OwnedFd::from_raw_fd(fd),
+            })
+        }
+    }
+
+    /// The next pending signal, if any.
+    fn read(&self) -> Option<i32> {
+        // SAFETY: an all-zero signalfd_siginfo is valid; read fills at most its size.
+        let mut info: libc::signalfd_siginfo = unsafe { std::mem::zeroed() };
+        let size = std::mem::size_of::<libc::signalfd_siginfo>();
+        // SAFETY: `info` is a writable buffer of `size` bytes.
+        let n = unsafe {
+            libc::read(
+                self.fd.as_raw_fd(),
+                (&mut info as *mut libc::signalfd_siginfo).cast(),
+                size,
+            )
+        };
+        (n == size as isize).then_some(info.ssi_signo as i32)
+    }
+}
