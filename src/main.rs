@@ -5,11 +5,14 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use ember::cli::{Cli, Command};
-use ember::outcome::EXIT_SETUP_FAILED;
+use ember::outcome::{EXIT_SETUP_FAILED, EXIT_USAGE};
 use ember::vmm;
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return usage_error(e),
+    };
     init_logging(cli.verbose);
     let Command::Run(args) = cli.command;
     let config = match args.into_config() {
@@ -27,6 +30,20 @@ fn main() -> ExitCode {
         }
         Err(e) => fail(&e),
     }
+}
+
+/// Help and version go to stdout as usual; a usage error is one line and exit code 2.
+fn usage_error(e: clap::Error) -> ExitCode {
+    use clap::error::ErrorKind;
+    if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
+        let _ = e.print();
+        return ExitCode::SUCCESS;
+    }
+    let rendered = e.render().to_string();
+    let first = rendered.lines().next().unwrap_or("invalid arguments");
+    let first = first.strip_prefix("error: ").unwrap_or(first);
+    eprintln!("ember: error: {first} (see 'ember run --help')");
+    ExitCode::from(EXIT_USAGE)
 }
 
 /// One line: the error and its causes, no backtrace.

@@ -4,6 +4,8 @@ use std::fmt;
 
 use ember_devices::VmRequest;
 
+/// Exit code: the command line is wrong (as clap and most tools use).
+pub const EXIT_USAGE: u8 = 2;
 /// Exit code: the guest crashed (triple fault, KVM_EXIT_SHUTDOWN, failed VM entry).
 pub const EXIT_GUEST_CRASHED: u8 = 121;
 /// Exit code: KVM reported an internal error (including instruction emulation failure).

@@ -1,0 +1,171 @@
+//! Shared helpers for the integration tests: find or build the guests, run the real `ember`
+//! binary with a deadline, and capture what the guest printed.
+
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+/// The `ember` binary Cargo built for these tests.
+pub fn ember() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_ember"))
+}
+
+/// Whether KVM tests can run here. With /dev/kvm they always run; without it they skip, and say
+/// so in `target/ember-kvm-tests-skipped`, which `.ci/run` checks.
+pub fn kvm_available() -> bool {
+    if Path::new("/dev/kvm").exists() {
+        return true;
+    }
+    record_skip("no /dev/kvm");
+    false
+}
+
+/// Notes a skipped KVM test where `.ci/run` looks for it.
+pub fn record_skip(why: &str) {
+    let thread = std::thread::current();
+    let test = thread.name().unwrap_or("unknown test");
+    eprintln!("SKIPPED {test}: {why}");
+    let marker = workspace_root().join("target").join("ember-kvm-tests-skipped");
+    if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(marker) {
+        let _ = writeln!(f, "{test}: {why}");
+    }
+}
+
+fn workspace_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Builds the micro-guests (once per test binary) and returns the directory they are in.
+pub fn micro_guests_dir() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let out = workspace_root().join("target").join("guests");
+        // flock serialises the test binaries that build at the same time.
+        let status = Command::new("flock")
+            .arg(workspace_root().join("target").join(".guests.lock"))
+            .args(["make", "-s", "-C"])
+            .arg(workspace_root().join("resources").join("guests"))
+            .arg(format!("OUT={}", out.display()))
+            .status()
+            .expect("run make for the micro-guests (is 'make' installed?)");
+        assert!(status.success(), "building the micro-guests failed");
+        out
+    })
+}
+
+/// Path of micro-guest `name`.
+pub fn micro_guest(name: &str) -> PathBuf {
+    let dir = micro_guests_dir();
+    for candidate in [name.to_string(), format!("{name}.elf"), format!("{name}.bzImage")] {
+        let path = dir.join(&candidate);
+        if path.exists() {
+            return path;
+        }
+    }
+    panic!("micro-guest {name} not found in {}", dir.display());
+}
+
+/// What one `ember` run produced.
+#[derive(Debug)]
+pub struct Run {
+    pub status: ExitStatus,
+    pub stdout: String,
+    pub stderr: String,
+    pub elapsed: Duration,
+}
+
+impl Run {
+    pub fn code(&self) -> i32 {
+        self.status.code().unwrap_or(-1)
+    }
+
+    /// Asserts the guest printed `line` as a whole line.
+    pub fn assert_line(&self, line: &str) {
+        assert!(
+            self.stdout.lines().any(|l| l.trim_end_matches('\r') == line),
+            "expected the line {line:?} in the guest output:\n{}\nstderr:\n{}",
+            self.stdout,
+            self.stderr
+        );
+    }
+
+    /// Lines of guest output starting with `prefix`, without it.
+    pub fn lines_with(&self, prefix: &str) -> Vec<String> {
+        self.stdout
+            .lines()
+            .filter_map(|l| l.trim_end_matches('\r').strip_prefix(prefix))
+            .map(str::to_string)
+            .collect()
+    }
+}
+
+/// Starts `ember` with `args`, stdout/stderr piped.
+pub fn spawn(args: &[&str], stdin: Stdio) -> Child {
+    Command::new(ember())
+        .args(args)
+        .stdin(stdin)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start ember")
+}
+
+/// Waits for `child` with a deadline (killing it past that) and collects its output.
+pub fn finish(mut child: Child, timeout: Duration) -> Run {
+    let start = Instant::now();
+    let mut stdout = child.stdout.take().expect("piped stdout");
+    let mut stderr = child.stderr.take().expect("piped stderr");
+    let out_reader = std::thread::spawn(move || {
+        let mut s = Vec::new();
+        let _ = stdout.read_to_end(&mut s);
+        String::from_utf8_lossy(&s).into_owned()
+    });
+    let err_reader = std::thread::spawn(move || {
+        let mut s = Vec::new();
+        let _ = stderr.read_to_end(&mut s);
+        String::from_utf8_lossy(&s).into_owned()
+    });
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait for ember") {
+            break status;
+        }
+        if start.elapsed() > timeout {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "ember did not exit within {timeout:?}; output so far:\n{}",
+                out_reader.join().unwrap_or_default()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let elapsed = start.elapsed();
+    Run {
+        status,
+        stdout: out_reader.join().unwrap_or_default(),
+        stderr: err_reader.join().unwrap_or_default(),
+        elapsed,
+    }
+}
+
+/// Runs `ember` with no stdin and waits for it.
+pub fn run(args: &[&str], timeout: Duration) -> Run {
+    finish(spawn(args, Stdio::null()), timeout)
+}
+
+/// Runs `ember` with `input` piped to its stdin.
+pub fn run_with_input(args: &[&str], input: &[u8], timeout: Duration) -> Run {
+    let mut child = spawn(args, Stdio::piped());
+    let mut stdin = child.stdin.take().expect("piped stdin");
+    let input = input.to_vec();
+    let writer = std::thread::spawn(move || {
+        let _ = stdin.write_all(&input);
+    });
+    let run = finish(child, timeout);
+    let _ = writer.join();
+    run
+}

@@ -1,0 +1,260 @@
+//! The core monitor, tested end to end: the real `ember` binary boots the micro-guests under
+//! `resources/guests/` (tiny freestanding kernels built from this repository) and the tests check
+//! what the guest printed and how ember exited.
+
+mod common;
+
+use std::io::Read;
+use std::process::Stdio;
+use std::time::Duration;
+
+use common::{kvm_available, micro_guest, run, run_with_input, spawn};
+
+const TIMEOUT: Duration = Duration::from_secs(60);
+const MIB: u64 = 1 << 20;
+
+/// Memory-map lines `mem: <addr> <size> <type>` parsed into numbers.
+fn memory_map(lines: &[String]) -> Vec<(u64, u64, u32)> {
+    lines
+        .iter()
+        .map(|l| {
+            let mut parts = l.split_whitespace();
+            let mut hex = || u64::from_str_radix(parts.next().unwrap().trim_start_matches("0x"), 16).unwrap();
+            let (addr, size) = (hex(), hex());
+            let kind = l.split_whitespace().nth(2).unwrap().parse().unwrap();
+            (addr, size, kind)
+        })
+        .collect()
+}
+
+fn ram_total(map: &[(u64, u64, u32)]) -> u64 {
+    map.iter().filter(|e| e.2 == 1).map(|e| e.1).sum()
+}
+
+/// Boots an info guest and checks it saw the cmdline, memory map and initrd it was given.
+fn check_info_guest(guest: &str, memory: &str, expected_ram: u64) {
+    let initrd = std::env::temp_dir().join(format!("ember-test-initrd-{guest}-{memory}"));
+    std::fs::write(&initrd, b"\x11\x22\x33\x44\x55\x66\x77\x88 and the rest of the initrd").unwrap();
+    let kernel = micro_guest(guest);
+    let r = run(
+        &[
+            "run",
+            "--kernel",
+            kernel.to_str().unwrap(),
+            "--initrd",
+            initrd.to_str().unwrap(),
+            "--memory",
+            memory,
+            "--cmdline",
+            "hello=world console=ttyS0",
+        ],
+        TIMEOUT,
+    );
+    std::fs::remove_file(&initrd).ok();
+    assert_eq!(r.code(), 0, "{r:?}");
+    r.assert_line(&format!("ember-guest: {guest}"));
+    let cmdline = r.lines_with("cmdline: ");
+    assert_eq!(cmdline.len(), 1, "{r:?}");
+    assert!(
+        cmdline[0].starts_with("hello=world console=ttyS0"),
+        "{cmdline:?}"
+    );
+    assert!(cmdline[0].contains("noxsave clearcpuid=151,59,308,298,534") || !ember_uses_software_kvm());
+    let map = memory_map(&r.lines_with("mem: "));
+    assert_eq!(ram_total(&map), expected_ram, "{map:x?}");
+    assert!(map.iter().all(|e| e.0 + e.1 <= 0xc000_0000 || e.0 >= 0x1_0000_0000), "{map:x?}");
+    r.assert_line("initrd: size=40 head=1122334455667788");
+    r.assert_line("done");
+}
+
+fn ember_uses_software_kvm() -> bool {
+    std::path::Path::new("/sys/module/kvm_pvm").exists()
+}
+
+/// RAM the guest is told about: everything but the legacy 0x9fc00..1 MiB hole.
+fn usable(memory: u64) -> u64 {
+    memory - (0x10_0000 - 0x9fc00)
+}
+
+#[test]
+fn pvh_entry_sees_cmdline_memory_map_and_initrd() {
+    if !kvm_available() {
+        return;
+    }
+    check_info_guest("pvh-info", "64M", usable(64 * MIB));
+}
+
+#[test]
+fn linux_64bit_entry_sees_cmdline_memory_map_and_initrd() {
+    if !kvm_available() {
+        return;
+    }
+    check_info_guest("linux64-info", "64M", usable(64 * MIB));
+}
+
+#[test]
+fn bzimage_entry_sees_cmdline_memory_map_and_initrd() {
+    if !kvm_available() {
+        return;
+    }
+    check_info_guest("bzimage-info", "64M", usable(64 * MIB));
+}
+
+#[test]
+fn memory_above_the_hole_is_mapped_at_4g() {
+    if !kvm_available() {
+        return;
+    }
+    check_info_guest("pvh-info", "3584M", usable(3584 * MIB));
+    check_info_guest("linux64-info", "5G", usable(5 * 1024 * MIB));
+}
+
+fn run_guest(guest: &str, extra: &[&str]) -> common::Run {
+    let kernel = micro_guest(guest);
+    let mut args = vec!["run", "--kernel", kernel.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    run(&args, TIMEOUT)
+}
+
+#[test]
+fn guest_reset_exits_zero() {
+    if !kvm_available() {
+        return;
+    }
+    let r = run_guest("exit-reset", &[]);
+    r.assert_line("ember-guest: exit-reset");
+    assert_eq!(r.code(), 0, "{r:?}");
+}
+
+#[test]
+fn acpi_poweroff_exits_zero() {
+    if !kvm_available() {
+        return;
+    }
+    let r = run_guest("exit-poweroff", &[]);
+    r.assert_line("acpi: sleep-control port=0x600");
+    assert_eq!(r.code(), 0, "{r:?}");
+}
+
+#[test]
+fn debug_exit_status_becomes_the_exit_code() {
+    if !kvm_available() {
+        return;
+    }
+    for status in ["0", "1", "42", "255"] {
+        let r = run_guest("exit-status", &["--cmdline", &format!("status={status}")]);
+        r.assert_line(&format!("status: {status}"));
+        assert_eq!(r.code().to_string(), status, "{r:?}");
+    }
+}
+
+#[test]
+fn triple_fault_is_reported() {
+    if !kvm_available() {
+        return;
+    }
+    let r = run_guest("exit-triple-fault", &[]);
+    assert_eq!(r.code(), 121, "{r:?}");
+    assert!(r.stderr.contains("triple fault (KVM_EXIT_SHUTDOWN) on vCPU 0 at RIP 0x"), "{r:?}");
+    assert_eq!(r.stderr.lines().count(), 1, "one line: {r:?}");
+}
+
+#[test]
+fn emulation_failure_names_rip_and_instruction() {
+    if !kvm_available() {
+        return;
+    }
+    let r = run_guest("exit-emulation-failure", &[]);
+    assert_eq!(r.code(), 122, "{r:?}");
+    assert!(r.stderr.contains("KVM_EXIT_INTERNAL_ERROR"), "{r:?}");
+    assert!(r.stderr.contains("at RIP 0x"), "{r:?}");
+    assert_eq!(r.stderr.lines().count(), 1, "one line: {r:?}");
+}
+
+fn stop_with_signal(signal: i32, expected: i32) {
+    let kernel = micro_guest("exit-hang");
+    let mut child = spawn(
+        &["run", "--kernel", kernel.to_str().unwrap(), "--cpus", "2"],
+        Stdio::null(),
+    );
+    // Wait for the guest to say it is hanging, so the signal lands while vCPUs are in KVM_RUN.
+    let mut stdout = child.stdout.take().unwrap();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 256];
+    while !String::from_utf8_lossy(&seen).contains("hanging") {
+        let n = stdout.read(&mut buf).unwrap();
+        assert!(n > 0, "guest ended before hanging: {}", String::from_utf8_lossy(&seen));
+        seen.extend_from_slice(&buf[..n]);
+    }
+    // SAFETY: sending a signal to our own child process.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, signal) }, 0);
+    child.stdout = Some(stdout);
+    let r = common::finish(child, Duration::from_secs(10));
+    assert_eq!(r.code(), expected, "{r:?}");
+    assert!(r.stderr.contains(&format!("stopped by signal {signal}")), "{r:?}");
+}
+
+#[test]
+fn sigterm_and_sigint_stop_the_vm() {
+    if !kvm_available() {
+        return;
+    }
+    stop_with_signal(libc::SIGTERM, 143);
+    stop_with_signal(libc::SIGINT, 130);
+}
+
+fn smp(cpus: u8) {
+    let cpus_arg = cpus.to_string();
+    let r = run_guest("smp", &["--cpus", &cpus_arg]);
+    assert_eq!(r.code(), 0, "{r:?}");
+    r.assert_line(&format!("mp: cpus={cpus}"));
+    r.assert_line(&format!("cpus up: {cpus}"));
+    for cpu in 1..cpus {
+        r.assert_line(&format!("cpu {cpu} up"));
+    }
+}
+
+#[test]
+fn every_vcpu_comes_up() {
+    if !kvm_available() {
+        return;
+    }
+    smp(1);
+    smp(2);
+    smp(8);
+}
+
+#[test]
+fn piped_serial_input_reaches_the_guest_without_loss() {
+    if !kvm_available() {
+        return;
+    }
+    // Far more than the 64-byte FIFO, with no byte equal to the guest's 'Q' terminator.
+    let payload: Vec<u8> = (0..6000u32).map(|i| b"abcdefghij\n"[(i % 11) as usize]).collect();
+    let mut input = payload.clone();
+    input.push(b'Q');
+    let kernel = micro_guest("echo");
+    let r = run_with_input(&["run", "--kernel", kernel.to_str().unwrap()], &input, TIMEOUT);
+    assert_eq!(r.code(), 0, "{r:?}");
+    r.assert_line("echo: 6000 bytes");
+    let echoed = r.stdout.split("echo: ready").nth(1).expect("ready marker");
+    let expected = String::from_utf8(payload).unwrap();
+    assert!(echoed.replace("\r\n", "\n").contains(&expected), "echo lost bytes");
+}
+
+#[test]
+fn console_file_and_off() {
+    if !kvm_available() {
+        return;
+    }
+    let path = std::env::temp_dir().join("ember-test-console.txt");
+    let console = format!("file={}", path.display());
+    let r = run_guest("exit-status", &["--cmdline", "status=3", "--console", &console]);
+    assert_eq!(r.code(), 3);
+    assert_eq!(r.stdout, "");
+    let written = std::fs::read_to_string(&path).unwrap();
+    assert!(written.contains("status: 3"), "{written}");
+    std::fs::remove_file(&path).ok();
+    let r = run_guest("exit-status", &["--cmdline", "status=4", "--console", "off"]);
+    assert_eq!((r.code(), r.stdout.as_str()), (4, ""));
+}
