@@ -41,26 +41,11 @@ impl std::str::FromStr for ConsoleConfig {
     }
 }
 
-/// Writes every byte through at once: a guest prompt has no newline to flush a line buffer.
-struct UnbufferedStdout;
-
-impl Write for UnbufferedStdout {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let mut out = io::stdout().lock();
-        out.write_all(buf)?;
-        out.flush()?;
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        io::stdout().flush()
-    }
-}
-
-/// Opens where the guest's console output goes.
+/// Opens where the guest's console output goes. The UART flushes after every byte, so a guest
+/// prompt without a newline still shows up at once.
 pub fn output(config: &ConsoleConfig) -> io::Result<Box<dyn Write + Send>> {
     Ok(match config {
-        ConsoleConfig::Stdio => Box::new(UnbufferedStdout),
+        ConsoleConfig::Stdio => Box::new(io::stdout()),
         ConsoleConfig::Off => Box::new(io::sink()),
         ConsoleConfig::File(path) => Box::new(File::create(path)?),
     })

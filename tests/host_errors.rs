@@ -17,12 +17,17 @@ fn assert_one_line_error(r: &common::Run, code: i32, needle: &str) {
     let lines: Vec<&str> = r.stderr.lines().collect();
     assert_eq!(lines.len(), 1, "expected one line on stderr: {r:?}");
     assert!(lines[0].starts_with("ember: error: "), "{r:?}");
-    assert!(lines[0].contains(needle), "expected {needle:?} in {:?}", lines[0]);
+    assert!(
+        lines[0].contains(needle),
+        "expected {needle:?} in {:?}",
+        lines[0]
+    );
     assert!(!r.stderr.contains("panicked") && !r.stderr.contains("backtrace"));
 }
 
 fn temp_file(name: &str, contents: &[u8]) -> std::path::PathBuf {
-    let path = std::env::temp_dir().join(format!("ember-host-errors-{}-{name}", std::process::id()));
+    let path =
+        std::env::temp_dir().join(format!("ember-host-errors-{}-{name}", std::process::id()));
     std::fs::write(&path, contents).unwrap();
     path
 }
@@ -53,7 +58,10 @@ fn bad_kernels() {
     for (kernel, needle) in [
         (garbage.to_str().unwrap(), "not a kernel Ember can boot"),
         (truncated_elf.to_str().unwrap(), "invalid ELF kernel"),
-        ("/nonexistent/vmlinux", "cannot open kernel /nonexistent/vmlinux"),
+        (
+            "/nonexistent/vmlinux",
+            "cannot open kernel /nonexistent/vmlinux",
+        ),
         (dir.to_str().unwrap(), "cannot read the kernel image"),
     ] {
         let r = run(&["run", "--kernel", kernel], TIMEOUT);
@@ -77,11 +85,25 @@ fn bad_initrds_and_memory() {
             "cannot open initrd /nonexistent/initrd",
         ),
         (
-            vec!["run", "--kernel", kernel, "--initrd", big.to_str().unwrap(), "--memory", "8M"],
+            vec![
+                "run",
+                "--kernel",
+                kernel,
+                "--initrd",
+                big.to_str().unwrap(),
+                "--memory",
+                "8M",
+            ],
             "does not fit",
         ),
-        (vec!["run", "--kernel", kernel, "--memory", "64T"], "more than the host's"),
-        (vec!["run", "--kernel", kernel, "--memory", "1M"], "at least 2 MiB"),
+        (
+            vec!["run", "--kernel", kernel, "--memory", "64T"],
+            "more than the host's",
+        ),
+        (
+            vec!["run", "--kernel", kernel, "--memory", "1M"],
+            "at least 2 MiB",
+        ),
     ];
     for (args, needle) in cases {
         let r = run(&args, TIMEOUT);

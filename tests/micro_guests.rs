@@ -19,7 +19,8 @@ fn memory_map(lines: &[String]) -> Vec<(u64, u64, u32)> {
         .iter()
         .map(|l| {
             let mut parts = l.split_whitespace();
-            let mut hex = || u64::from_str_radix(parts.next().unwrap().trim_start_matches("0x"), 16).unwrap();
+            let mut hex =
+                || u64::from_str_radix(parts.next().unwrap().trim_start_matches("0x"), 16).unwrap();
             let (addr, size) = (hex(), hex());
             let kind = l.split_whitespace().nth(2).unwrap().parse().unwrap();
             (addr, size, kind)
@@ -34,7 +35,11 @@ fn ram_total(map: &[(u64, u64, u32)]) -> u64 {
 /// Boots an info guest and checks it saw the cmdline, memory map and initrd it was given.
 fn check_info_guest(guest: &str, memory: &str, expected_ram: u64) {
     let initrd = std::env::temp_dir().join(format!("ember-test-initrd-{guest}-{memory}"));
-    std::fs::write(&initrd, b"\x11\x22\x33\x44\x55\x66\x77\x88 and the rest of the initrd").unwrap();
+    std::fs::write(
+        &initrd,
+        b"\x11\x22\x33\x44\x55\x66\x77\x88 and the rest of the initrd",
+    )
+    .unwrap();
     let kernel = micro_guest(guest);
     let r = run(
         &[
@@ -59,11 +64,17 @@ fn check_info_guest(guest: &str, memory: &str, expected_ram: u64) {
         cmdline[0].starts_with("hello=world console=ttyS0"),
         "{cmdline:?}"
     );
-    assert!(cmdline[0].contains("noxsave clearcpuid=151,59,308,298,534") || !ember_uses_software_kvm());
+    assert!(
+        cmdline[0].contains("noxsave clearcpuid=151,59,308,298,534") || !ember_uses_software_kvm()
+    );
     let map = memory_map(&r.lines_with("mem: "));
     assert_eq!(ram_total(&map), expected_ram, "{map:x?}");
-    assert!(map.iter().all(|e| e.0 + e.1 <= 0xc000_0000 || e.0 >= 0x1_0000_0000), "{map:x?}");
-    r.assert_line("initrd: size=40 head=1122334455667788");
+    assert!(
+        map.iter()
+            .all(|e| e.0 + e.1 <= 0xc000_0000 || e.0 >= 0x1_0000_0000),
+        "{map:x?}"
+    );
+    r.assert_line("initrd: size=35 head=1122334455667788");
     r.assert_line("done");
 }
 
@@ -155,7 +166,11 @@ fn triple_fault_is_reported() {
     }
     let r = run_guest("exit-triple-fault", &[]);
     assert_eq!(r.code(), 121, "{r:?}");
-    assert!(r.stderr.contains("triple fault (KVM_EXIT_SHUTDOWN) on vCPU 0 at RIP 0x"), "{r:?}");
+    assert!(
+        r.stderr
+            .contains("triple fault (KVM_EXIT_SHUTDOWN) on vCPU 0 at RIP 0x"),
+        "{r:?}"
+    );
     assert_eq!(r.stderr.lines().count(), 1, "one line: {r:?}");
 }
 
@@ -183,7 +198,11 @@ fn stop_with_signal(signal: i32, expected: i32) {
     let mut buf = [0u8; 256];
     while !String::from_utf8_lossy(&seen).contains("hanging") {
         let n = stdout.read(&mut buf).unwrap();
-        assert!(n > 0, "guest ended before hanging: {}", String::from_utf8_lossy(&seen));
+        assert!(
+            n > 0,
+            "guest ended before hanging: {}",
+            String::from_utf8_lossy(&seen)
+        );
         seen.extend_from_slice(&buf[..n]);
     }
     // SAFETY: sending a signal to our own child process.
@@ -191,7 +210,10 @@ fn stop_with_signal(signal: i32, expected: i32) {
     child.stdout = Some(stdout);
     let r = common::finish(child, Duration::from_secs(10));
     assert_eq!(r.code(), expected, "{r:?}");
-    assert!(r.stderr.contains(&format!("stopped by signal {signal}")), "{r:?}");
+    assert!(
+        r.stderr.contains(&format!("stopped by signal {signal}")),
+        "{r:?}"
+    );
 }
 
 #[test]
@@ -230,16 +252,25 @@ fn piped_serial_input_reaches_the_guest_without_loss() {
         return;
     }
     // Far more than the 64-byte FIFO, with no byte equal to the guest's 'Q' terminator.
-    let payload: Vec<u8> = (0..6000u32).map(|i| b"abcdefghij\n"[(i % 11) as usize]).collect();
+    let payload: Vec<u8> = (0..6000u32)
+        .map(|i| b"abcdefghij\n"[(i % 11) as usize])
+        .collect();
     let mut input = payload.clone();
     input.push(b'Q');
     let kernel = micro_guest("echo");
-    let r = run_with_input(&["run", "--kernel", kernel.to_str().unwrap()], &input, TIMEOUT);
+    let r = run_with_input(
+        &["run", "--kernel", kernel.to_str().unwrap()],
+        &input,
+        TIMEOUT,
+    );
     assert_eq!(r.code(), 0, "{r:?}");
     r.assert_line("echo: 6000 bytes");
     let echoed = r.stdout.split("echo: ready").nth(1).expect("ready marker");
     let expected = String::from_utf8(payload).unwrap();
-    assert!(echoed.replace("\r\n", "\n").contains(&expected), "echo lost bytes");
+    assert!(
+        echoed.replace("\r\n", "\n").contains(&expected),
+        "echo lost bytes"
+    );
 }
 
 #[test]
@@ -249,12 +280,18 @@ fn console_file_and_off() {
     }
     let path = std::env::temp_dir().join("ember-test-console.txt");
     let console = format!("file={}", path.display());
-    let r = run_guest("exit-status", &["--cmdline", "status=3", "--console", &console]);
+    let r = run_guest(
+        "exit-status",
+        &["--cmdline", "status=3", "--console", &console],
+    );
     assert_eq!(r.code(), 3);
     assert_eq!(r.stdout, "");
     let written = std::fs::read_to_string(&path).unwrap();
     assert!(written.contains("status: 3"), "{written}");
     std::fs::remove_file(&path).ok();
-    let r = run_guest("exit-status", &["--cmdline", "status=4", "--console", "off"]);
+    let r = run_guest(
+        "exit-status",
+        &["--cmdline", "status=4", "--console", "off"],
+    );
     assert_eq!((r.code(), r.stdout.as_str()), (4, ""));
 }

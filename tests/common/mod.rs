@@ -29,8 +29,14 @@ pub fn record_skip(why: &str) {
     let thread = std::thread::current();
     let test = thread.name().unwrap_or("unknown test");
     eprintln!("SKIPPED {test}: {why}");
-    let marker = workspace_root().join("target").join("ember-kvm-tests-skipped");
-    if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(marker) {
+    let marker = workspace_root()
+        .join("target")
+        .join("ember-kvm-tests-skipped");
+    if let Ok(mut f) = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(marker)
+    {
         let _ = writeln!(f, "{test}: {why}");
     }
 }
@@ -60,7 +66,11 @@ pub fn micro_guests_dir() -> &'static Path {
 /// Path of micro-guest `name`.
 pub fn micro_guest(name: &str) -> PathBuf {
     let dir = micro_guests_dir();
-    for candidate in [name.to_string(), format!("{name}.elf"), format!("{name}.bzImage")] {
+    for candidate in [
+        name.to_string(),
+        format!("{name}.elf"),
+        format!("{name}.bzImage"),
+    ] {
         let path = dir.join(&candidate);
         if path.exists() {
             return path;
@@ -86,7 +96,9 @@ impl Run {
     /// Asserts the guest printed `line` as a whole line.
     pub fn assert_line(&self, line: &str) {
         assert!(
-            self.stdout.lines().any(|l| l.trim_end_matches('\r') == line),
+            self.stdout
+                .lines()
+                .any(|l| l.trim_end_matches('\r') == line),
             "expected the line {line:?} in the guest output:\n{}\nstderr:\n{}",
             self.stdout,
             self.stderr

@@ -24,6 +24,9 @@ gdt_desc:                           /* 10 bytes: works for lgdt in 32- and 64-bi
 pml4:   .skip 4096
 pdpt:   .skip 4096
 pds:    .skip 4 * 4096
+
+    /* stacks need no clearing: .noinit lies after __bss_end */
+    .section .noinit, "aw", @nobits
     .balign 16
 boot_stack: .skip 16384
     .globl boot_stack_top
