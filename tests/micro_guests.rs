@@ -295,3 +295,37 @@ fn console_file_and_off() {
     );
     assert_eq!((r.code(), r.stdout.as_str()), (4, ""));
 }
+
+/// VmRSS of a process, in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+#[test]
+fn guest_ram_is_reserved_lazily() {
+    if !kvm_available() {
+        return;
+    }
+    let kernel = micro_guest("exit-hang");
+    let mut child = spawn(
+        &["run", "--kernel", kernel.to_str().unwrap(), "--memory", "4G"],
+        Stdio::null(),
+    );
+    let mut stdout = child.stdout.take().unwrap();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 256];
+    while !String::from_utf8_lossy(&seen).contains("hanging") {
+        let n = stdout.read(&mut buf).unwrap();
+        assert!(n > 0, "guest ended early");
+        seen.extend_from_slice(&buf[..n]);
+    }
+    let rss = rss_kib(child.id());
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    child.stdout = Some(stdout);
+    common::finish(child, Duration::from_secs(10));
+    // The guest touched a few pages of its 4 GiB; the monitor itself is a few MiB.
+    assert!(rss < 64 * 1024, "RSS {rss} KiB for a 4 GiB guest that touched almost nothing");
+}
