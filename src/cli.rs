@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::config::{parse_memory_size, SoftwareKvmMode, VmConfig};
+use crate::config::{parse_disk, parse_memory_size, DiskConfig, SoftwareKvmMode, VmConfig};
 use crate::console::ConsoleConfig;
 use crate::vmm::MAX_CPUS;
 
@@ -49,6 +49,12 @@ pub struct RunArgs {
     /// Where the serial console goes: stdio, off, or file=PATH
     #[arg(long, value_name = "WHERE", default_value = "stdio")]
     pub console: ConsoleConfig,
+    /// A virtio block device (repeatable): path=FILE[,readonly=on][,id=NAME]; the first is /dev/vda
+    #[arg(long = "disk", value_name = "SPEC", value_parser = parse_disk)]
+    pub disks: Vec<DiskConfig>,
+    /// Root filesystem image: the first disk, with root=/dev/vda rw on the command line
+    #[arg(long, value_name = "FILE")]
+    pub rootfs: Option<PathBuf>,
     /// Workarounds for software KVM (kvm_pvm): auto applies them when it is detected
     #[arg(long, value_name = "MODE", value_enum, default_value_t = SoftwareKvmMode::Auto)]
     pub software_kvm: SoftwareKvmMode,
@@ -88,10 +94,24 @@ impl RunArgs {
                 (kernel, initrd)
             }
         };
+        let mut cmdline = self.cmdline;
+        let mut disks = self.disks;
+        if let Some(rootfs) = self.rootfs {
+            disks.insert(
+                0,
+                DiskConfig {
+                    path: rootfs,
+                    read_only: false,
+                    id: Some("rootfs".into()),
+                },
+            );
+            cmdline.push_str(" root=/dev/vda rw");
+        }
         Ok(VmConfig {
             kernel,
             initrd,
-            cmdline: self.cmdline,
+            cmdline,
+            disks,
             cpus: self.cpus,
             memory_bytes: self.memory,
             console: self.console,

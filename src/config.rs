@@ -25,6 +25,8 @@ pub struct VmConfig {
     pub memory_bytes: u64,
     pub console: ConsoleConfig,
     pub software_kvm: SoftwareKvmMode,
+    /// virtio block devices, /dev/vda first.
+    pub disks: Vec<DiskConfig>,
 }
 
 const MIB: u64 = 1 << 20;
@@ -81,5 +83,68 @@ mod tests {
         assert!(parse_memory_size("1.5G").is_err());
         assert!(parse_memory_size("99999999999999999G").is_err());
         assert!(parse_memory_size("1K").is_err());
+    }
+}
+
+/// A virtio block device: `path=FILE[,readonly=on][,id=NAME]`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DiskConfig {
+    pub path: PathBuf,
+    pub read_only: bool,
+    pub id: Option<String>,
+}
+
+/// Parses the `--disk` value.
+pub fn parse_disk(text: &str) -> Result<DiskConfig, String> {
+    let mut path = None;
+    let mut read_only = false;
+    let mut id = None;
+    for item in text.split(',') {
+        match item.split_once('=') {
+            Some(("path", value)) if !value.is_empty() => path = Some(PathBuf::from(value)),
+            Some(("readonly", "on" | "true" | "yes")) => read_only = true,
+            Some(("readonly", "off" | "false" | "no")) => read_only = false,
+            Some(("id", value)) if !value.is_empty() => id = Some(value.to_string()),
+            _ => {
+                return Err(format!(
+                    "'{item}' is not a disk option: use path=FILE[,readonly=on][,id=NAME]"
+                ))
+            }
+        }
+    }
+    let path = path.ok_or("a disk needs path=FILE")?;
+    Ok(DiskConfig {
+        path,
+        read_only,
+        id,
+    })
+}
+
+#[cfg(test)]
+mod disk_tests {
+    use super::*;
+
+    #[test]
+    fn disk_options() {
+        assert_eq!(
+            parse_disk("path=/a.img"),
+            Ok(DiskConfig {
+                path: "/a.img".into(),
+                read_only: false,
+                id: None
+            })
+        );
+        assert_eq!(
+            parse_disk("path=/a.img,readonly=on,id=data"),
+            Ok(DiskConfig {
+                path: "/a.img".into(),
+                read_only: true,
+                id: Some("data".into())
+            })
+        );
+        assert!(parse_disk("readonly=on").is_err());
+        assert!(parse_disk("path=").is_err());
+        assert!(parse_disk("path=/a,ro").is_err());
+        assert!(parse_disk("path=/a,readonly=maybe").is_err());
     }
 }

@@ -15,4 +15,5 @@ pub mod kvm;
 pub mod outcome;
 pub mod terminal;
 pub mod vcpu;
+pub mod virtio_devices;
 pub mod vmm;

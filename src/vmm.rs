@@ -14,6 +14,8 @@ use ember_devices::acpi_sleep::{self, AcpiSleep};
 use ember_devices::debug_exit::DebugExit;
 use ember_devices::i8042::{self, I8042};
 use ember_devices::serial::{self, SerialConsole};
+use ember_devices::virtio::block::{Block, BlockConfig, BlockError};
+use ember_devices::virtio::mmio::MmioTransport;
 use ember_devices::{Bus, BusError};
 use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
@@ -38,6 +40,7 @@ use crate::kvm::{self, KvmError};
 use crate::outcome::VmOutcome;
 use crate::terminal;
 use crate::vcpu::{self, IoBuses, VcpuThread, VmControl};
+use crate::virtio_devices::{self, DeviceEventLoop, DeviceSlots, VirtioError};
 
 /// Kernel command-line options that keep Linux away from what software KVM cannot emulate at
 /// CPL0: XSAVE (noxsave) and, by feature bit, POPCNT (151), RDTSCP (59), SMAP (308),
@@ -108,6 +111,10 @@ pub enum VmmError {
     },
     #[error("cannot attach devices")]
     Bus(#[from] BusError),
+    #[error("cannot attach a disk")]
+    Disk(#[source] BlockError),
+    #[error(transparent)]
+    Virtio(#[from] VirtioError),
     #[error("cannot wire a device interrupt")]
     Irq(#[source] io::Error),
     #[error("cannot open the console output")]
@@ -129,6 +136,7 @@ pub struct Vm {
     serial: Arc<Mutex<SerialConsole>>,
     serial_fifo_drained: EventFd,
     console: ConsoleConfig,
+    virtio: Vec<Arc<Mutex<MmioTransport>>>,
 }
 
 impl Vm {
@@ -208,7 +216,27 @@ impl Vm {
         } else {
             Vec::new()
         };
-        let cmdline = boot::build_cmdline(&config.cmdline, &extra)?;
+        let mut cmdline = boot::build_cmdline(&config.cmdline, &extra)?;
+
+        let mut mmio = Bus::new();
+        let mut slots = DeviceSlots::default();
+        let mut virtio = Vec::with_capacity(config.disks.len());
+        for disk in &config.disks {
+            let block = Block::new(BlockConfig {
+                path: disk.path.clone(),
+                read_only: disk.read_only,
+                id: disk.id.clone(),
+            })
+            .map_err(VmmError::Disk)?;
+            virtio.push(virtio_devices::attach(
+                Box::new(block),
+                &vm_fd,
+                &guest_memory,
+                &mut slots,
+                &mut mmio,
+                &mut cmdline,
+            )?);
+        }
         log::info!(
             "cmdline: {}",
             cmdline
@@ -250,10 +278,7 @@ impl Vm {
             ACPI_SLEEP_PORT,
             acpi_sleep::RANGE_LEN,
         )?;
-        let buses = Arc::new(IoBuses {
-            pio,
-            mmio: Bus::new(),
-        });
+        let buses = Arc::new(IoBuses { pio, mmio });
 
         let supported_cpuid = kvm
             .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
@@ -281,6 +306,7 @@ impl Vm {
             serial,
             serial_fifo_drained,
             console: config.console.clone(),
+            virtio,
         })
     }
 
@@ -327,6 +353,12 @@ impl Vm {
             .map_err(VmmError::Thread)?;
         }
 
+        let device_loop = if self.virtio.is_empty() {
+            None
+        } else {
+            Some(DeviceEventLoop::spawn(self.virtio)?)
+        };
+
         let mut threads = Vec::with_capacity(self.vcpus.len());
         for (index, vcpu) in self.vcpus.into_iter().enumerate() {
             match VcpuThread::spawn(index as u8, vcpu, self.buses.clone(), control.clone()) {
@@ -368,6 +400,10 @@ impl Vm {
         }
         for thread in threads {
             thread.join();
+        }
+        // After the vCPUs: nothing can queue new work now, and every device flushes its data.
+        if let Some(device_loop) = device_loop {
+            device_loop.stop();
         }
         terminal::restore();
         Ok(control.take_outcome().unwrap_or(VmOutcome::MonitorFailed {

@@ -310,7 +310,13 @@ fn guest_ram_is_reserved_lazily() {
     }
     let kernel = micro_guest("exit-hang");
     let mut child = spawn(
-        &["run", "--kernel", kernel.to_str().unwrap(), "--memory", "4G"],
+        &[
+            "run",
+            "--kernel",
+            kernel.to_str().unwrap(),
+            "--memory",
+            "4G",
+        ],
         Stdio::null(),
     );
     let mut stdout = child.stdout.take().unwrap();
@@ -327,5 +333,8 @@ fn guest_ram_is_reserved_lazily() {
     child.stdout = Some(stdout);
     common::finish(child, Duration::from_secs(10));
     // The guest touched a few pages of its 4 GiB; the monitor itself is a few MiB.
-    assert!(rss < 64 * 1024, "RSS {rss} KiB for a 4 GiB guest that touched almost nothing");
+    assert!(
+        rss < 64 * 1024,
+        "RSS {rss} KiB for a 4 GiB guest that touched almost nothing"
+    );
 }

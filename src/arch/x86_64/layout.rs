@@ -43,6 +43,10 @@ pub const HIMEM_START: u64 = 0x10_0000;
 pub const MMIO_HOLE_START: u64 = 0xc000_0000;
 /// First address above the 32-bit MMIO hole.
 pub const MMIO_HOLE_END: u64 = 0x1_0000_0000;
+/// virtio-mmio device windows, one 4 KiB page each, from here up.
+pub const VIRTIO_MMIO_START: u64 = 0xd000_0000;
+/// The end of the virtio-mmio area.
+pub const VIRTIO_MMIO_END: u64 = 0xe000_0000;
 /// The in-kernel IOAPIC.
 pub const IOAPIC_START: u64 = 0xfec0_0000;
 /// The in-kernel local APICs.
@@ -62,5 +66,7 @@ pub const DEBUG_EXIT_PORT: u64 = 0xf4;
 /// ACPI sleep control (this port) and sleep status (the next) registers.
 pub const ACPI_SLEEP_PORT: u64 = 0x600;
 
+/// First interrupt line for virtio devices (0-4 are the PIT, keyboard, cascade, COM2, COM1).
+pub const VIRTIO_IRQ_FIRST: u32 = 5;
 /// Number of IOAPIC pins (KVM's in-kernel IOAPIC has 24).
 pub const IOAPIC_PINS: u8 = 24;

@@ -1,0 +1,604 @@
+//! The virtio-mmio transport, version 2 register layout (virtio 1.2, section 4.2.2).
+//!
+//! The transport owns the device model. Register accesses come from vCPU threads through the MMIO
+//! bus; queue work runs on the device event loop, which calls [`MmioTransport::process_queue`]
+//! when a queue's notify eventfd fires. Both take the transport's lock for one short operation
+//! only, never while a guest runs.
+
+use std::sync::Arc;
+
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
+
+use super::{status, Interrupt, Queue, QueueT, VirtioDevice, VIRTIO_F_VERSION_1};
+use crate::{BusDevice, VmRequest};
+
+/// Size of one device's MMIO window.
+pub const WINDOW_SIZE: u64 = 0x1000;
+/// Offset of QueueNotify, where the per-queue ioeventfds are registered.
+pub const QUEUE_NOTIFY_OFFSET: u64 = 0x050;
+
+const MAGIC_VALUE: u32 = 0x7472_6976; // "virt"
+const MMIO_VERSION: u32 = 2;
+const VENDOR_ID: u32 = u32::from_le_bytes(*b"EMBR");
+const CONFIG_SPACE_OFFSET: u64 = 0x100;
+
+mod reg {
+    pub const MAGIC_VALUE: u64 = 0x000;
+    pub const VERSION: u64 = 0x004;
+    pub const DEVICE_ID: u64 = 0x008;
+    pub const VENDOR_ID: u64 = 0x00c;
+    pub const DEVICE_FEATURES: u64 = 0x010;
+    pub const DEVICE_FEATURES_SEL: u64 = 0x014;
+    pub const DRIVER_FEATURES: u64 = 0x020;
+    pub const DRIVER_FEATURES_SEL: u64 = 0x024;
+    pub const QUEUE_SEL: u64 = 0x030;
+    pub const QUEUE_NUM_MAX: u64 = 0x034;
+    pub const QUEUE_NUM: u64 = 0x038;
+    pub const QUEUE_READY: u64 = 0x044;
+    pub const QUEUE_NOTIFY: u64 = super::QUEUE_NOTIFY_OFFSET;
+    pub const INTERRUPT_STATUS: u64 = 0x060;
+    pub const INTERRUPT_ACK: u64 = 0x064;
+    pub const STATUS: u64 = 0x070;
+    pub const QUEUE_DESC_LOW: u64 = 0x080;
+    pub const QUEUE_DESC_HIGH: u64 = 0x084;
+    pub const QUEUE_DRIVER_LOW: u64 = 0x090;
+    pub const QUEUE_DRIVER_HIGH: u64 = 0x094;
+    pub const QUEUE_DEVICE_LOW: u64 = 0x0a0;
+    pub const QUEUE_DEVICE_HIGH: u64 = 0x0a4;
+    pub const CONFIG_GENERATION: u64 = 0x0fc;
+}
+
+/// A virtio device behind its virtio-mmio register window.
+pub struct MmioTransport {
+    device: Box<dyn VirtioDevice>,
+    mem: GuestMemoryMmap,
+    interrupt: Arc<Interrupt>,
+    /// One per queue: written by KVM (ioeventfd) or by us on a trapped QueueNotify.
+    queue_events: Vec<EventFd>,
+    queues: Vec<Queue>,
+    status: u32,
+    device_features_sel: u32,
+    driver_features_sel: u32,
+    driver_features: u64,
+    queue_sel: u32,
+    activated: bool,
+}
+
+impl MmioTransport {
+    /// Wraps `device`; `irqfd` raises its interrupt line.
+    pub fn new(
+        device: Box<dyn VirtioDevice>,
+        mem: GuestMemoryMmap,
+        irqfd: EventFd,
+    ) -> std::io::Result<Self> {
+        let mut queues = Vec::new();
+        let mut queue_events = Vec::new();
+        for &max in device.queue_max_sizes() {
+            queues.push(Queue::new(max).map_err(|e| {
+                std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    format!("queue size {max}: {e:?}"),
+                )
+            })?);
+            queue_events.push(EventFd::new(libc::EFD_NONBLOCK)?);
+        }
+        Ok(Self {
+            device,
+            mem,
+            interrupt: Arc::new(Interrupt::new(irqfd)),
+            queue_events,
+            queues,
+            status: 0,
+            device_features_sel: 0,
+            driver_features_sel: 0,
+            driver_features: 0,
+            queue_sel: 0,
+            activated: false,
+        })
+    }
+
+    /// The eventfd for each queue, to register as ioeventfds at QueueNotify with the queue index
+    /// as datamatch, and to poll on the device event loop.
+    pub fn queue_events(&self) -> &[EventFd] {
+        &self.queue_events
+    }
+
+    /// The device status register.
+    pub fn status(&self) -> u32 {
+        self.status
+    }
+
+    /// Handles a notification for queue `index` (called from the device event loop).
+    pub fn process_queue(&mut self, index: usize) {
+        if !self.activated || self.status & status::DEVICE_NEEDS_RESET != 0 {
+            return;
+        }
+        if let Err(e) = self.device.process_queue(index) {
+            self.mark_broken(&e.to_string());
+        }
+    }
+
+    /// The VM is ending: let the device finish and make its data durable.
+    pub fn shutdown(&mut self) {
+        self.device.shutdown();
+    }
+
+    fn mark_broken(&mut self, why: &str) {
+        log::warn!(
+            "virtio device {}: {why}; it needs a reset",
+            self.device.device_type()
+        );
+        self.status |= status::DEVICE_NEEDS_RESET;
+        self.interrupt.signal_config_change();
+    }
+
+    fn selected_queue(&mut self) -> Option<&mut Queue> {
+        self.queues.get_mut(self.queue_sel as usize)
+    }
+
+    /// Queue registers may change only between FEATURES_OK and DRIVER_OK (virtio 1.2, 3.1.1).
+    fn queue_setup_allowed(&self) -> bool {
+        self.status & status::FEATURES_OK != 0 && self.status & status::DRIVER_OK == 0
+    }
+
+    fn read_register(&self, offset: u64) -> u32 {
+        match offset {
+            reg::MAGIC_VALUE => MAGIC_VALUE,
+            reg::VERSION => MMIO_VERSION,
+            reg::DEVICE_ID => self.device.device_type(),
+            reg::VENDOR_ID => VENDOR_ID,
+            reg::DEVICE_FEATURES => match self.device_features_sel {
+                0 => self.device.available_features() as u32,
+                1 => (self.device.available_features() >> 32) as u32,
+                _ => 0,
+            },
+            reg::QUEUE_NUM_MAX => self
+                .queues
+                .get(self.queue_sel as usize)
+                .map_or(0, |q| u32::from(q.max_size())),
+            reg::QUEUE_READY => self
+                .queues
+                .get(self.queue_sel as usize)
+                .map_or(0, |q| u32::from(q.ready())),
+            reg::INTERRUPT_STATUS => self.interrupt.status(),
+            reg::STATUS => self.status,
+            reg::CONFIG_GENERATION => 0,
+            _ => 0,
+        }
+    }
+
+    fn write_register(&mut self, offset: u64, value: u32) {
+        match offset {
+            reg::DEVICE_FEATURES_SEL => self.device_features_sel = value,
+            reg::DRIVER_FEATURES_SEL => self.driver_features_sel = value,
+            reg::DRIVER_FEATURES => {
+                // Features are fixed once FEATURES_OK is set.
+                if self.status & status::FEATURES_OK != 0 {
+                    return;
+                }
+                match self.driver_features_sel {
+                    0 => {
+                        self.driver_features =
+                            (self.driver_features & !0xffff_ffff) | u64::from(value)
+                    }
+                    1 => {
+                        self.driver_features =
+                            (self.driver_features & 0xffff_ffff) | (u64::from(value) << 32)
+                    }
+                    _ => {}
+                }
+            }
+            reg::QUEUE_SEL => self.queue_sel = value,
+            reg::QUEUE_NUM if self.queue_setup_allowed() => {
+                if let Some(q) = self.selected_queue() {
+                    q.set_size(value as u16);
+                }
+            }
+            reg::QUEUE_READY if self.queue_setup_allowed() => {
+                if let Some(q) = self.selected_queue() {
+                    q.set_ready(value == 1);
+                }
+            }
+            reg::QUEUE_DESC_LOW
+            | reg::QUEUE_DESC_HIGH
+            | reg::QUEUE_DRIVER_LOW
+            | reg::QUEUE_DRIVER_HIGH
+            | reg::QUEUE_DEVICE_LOW
+            | reg::QUEUE_DEVICE_HIGH
+                if self.queue_setup_allowed() =>
+            {
+                if let Some(q) = self.selected_queue() {
+                    match offset {
+                        reg::QUEUE_DESC_LOW => q.set_desc_table_address(Some(value), None),
+                        reg::QUEUE_DESC_HIGH => q.set_desc_table_address(None, Some(value)),
+                        reg::QUEUE_DRIVER_LOW => q.set_avail_ring_address(Some(value), None),
+                        reg::QUEUE_DRIVER_HIGH => q.set_avail_ring_address(None, Some(value)),
+                        reg::QUEUE_DEVICE_LOW => q.set_used_ring_address(Some(value), None),
+                        _ => q.set_used_ring_address(None, Some(value)),
+                    }
+                }
+            }
+            reg::QUEUE_NOTIFY => {
+                // Normally KVM consumes this write through the ioeventfd; a trapped one (no
+                // ioeventfd matched) is forwarded to the event loop the same way.
+                match self.queue_events.get(value as usize) {
+                    Some(event) => {
+                        if let Err(e) = event.write(1) {
+                            log::warn!("virtio: cannot forward a queue notification: {e}");
+                        }
+                    }
+                    None => log::debug!("virtio: notify for queue {value}, which does not exist"),
+                }
+            }
+            reg::INTERRUPT_ACK => self.interrupt.acknowledge(value),
+            reg::STATUS => self.write_status(value),
+            _ => {
+                log::debug!("virtio: write {value:#x} to read-only or unknown register {offset:#x}")
+            }
+        }
+    }
+
+    fn write_status(&mut self, value: u32) {
+        if value == 0 {
+            self.reset();
+            return;
+        }
+        let added = value & !self.status;
+        if value & self.status != self.status {
+            // The driver may not clear bits except by writing 0 (reset).
+            log::debug!(
+                "virtio: status {:#x} -> {value:#x} clears bits; ignored",
+                self.status
+            );
+            return;
+        }
+        if added & status::FEATURES_OK != 0 && !self.features_acceptable() {
+            // Leaving FEATURES_OK unset tells the driver the features were refused.
+            self.status = value & !status::FEATURES_OK;
+            return;
+        }
+        self.status = value;
+        if added & status::DRIVER_OK != 0 && self.status & status::FEATURES_OK != 0 {
+            self.activate();
+        }
+    }
+
+    fn features_acceptable(&self) -> bool {
+        let offered = self.device.available_features();
+        self.driver_features & !offered == 0
+            && self.driver_features & (1 << VIRTIO_F_VERSION_1) != 0
+    }
+
+    fn activate(&mut self) {
+        if let Some(index) = self
+            .queues
+            .iter()
+            .position(|q| q.ready() && !q.is_valid(&self.mem))
+        {
+            self.mark_broken(&format!(
+                "queue {index} is set up outside guest memory or badly"
+            ));
+            return;
+        }
+        let queues = std::mem::take(&mut self.queues);
+        // The transport keeps fresh copies so QueueNumMax etc. still answer after activation.
+        self.queues = self
+            .device
+            .queue_max_sizes()
+            .iter()
+            .filter_map(|&max| Queue::new(max).ok())
+            .collect();
+        for (fresh, used) in self.queues.iter_mut().zip(&queues) {
+            fresh.set_ready(used.ready());
+        }
+        match self.device.activate(
+            self.mem.clone(),
+            self.driver_features,
+            queues,
+            self.interrupt.clone(),
+        ) {
+            Ok(()) => self.activated = true,
+            Err(e) => self.mark_broken(&e.to_string()),
+        }
+    }
+
+    fn reset(&mut self) {
+        self.device.reset();
+        self.queues = self
+            .device
+            .queue_max_sizes()
+            .iter()
+            .filter_map(|&max| Queue::new(max).ok())
+            .collect();
+        self.interrupt.reset();
+        self.status = 0;
+        self.driver_features = 0;
+        self.device_features_sel = 0;
+        self.driver_features_sel = 0;
+        self.queue_sel = 0;
+        self.activated = false;
+    }
+}
+
+impl BusDevice for MmioTransport {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        if offset >= CONFIG_SPACE_OFFSET {
+            self.device.read_config(offset - CONFIG_SPACE_OFFSET, data);
+        } else if data.len() == 4 && offset.is_multiple_of(4) {
+            data.copy_from_slice(&self.read_register(offset).to_le_bytes());
+        } else {
+            // Registers are 32-bit only (virtio 1.2, 4.2.2.2).
+            data.fill(0);
+        }
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) -> Option<VmRequest> {
+        if offset >= CONFIG_SPACE_OFFSET {
+            self.device.write_config(offset - CONFIG_SPACE_OFFSET, data);
+        } else if let (Ok(bytes), true) = (<[u8; 4]>::try_from(data), offset.is_multiple_of(4)) {
+            self.write_register(offset, u32::from_le_bytes(bytes));
+        }
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::DeviceBroken;
+    use super::*;
+    use std::sync::Mutex;
+    use vm_memory::GuestAddress;
+
+    /// What the fake device saw.
+    #[derive(Default)]
+    struct Seen {
+        activations: usize,
+        resets: usize,
+        processed: Vec<usize>,
+        features: u64,
+        fail_next: bool,
+    }
+
+    struct FakeDevice {
+        seen: Arc<Mutex<Seen>>,
+        config: [u8; 8],
+    }
+
+    impl VirtioDevice for FakeDevice {
+        fn device_type(&self) -> u32 {
+            2
+        }
+        fn queue_max_sizes(&self) -> &[u16] {
+            &[16, 8]
+        }
+        fn available_features(&self) -> u64 {
+            (1 << VIRTIO_F_VERSION_1) | (1 << 5)
+        }
+        fn read_config(&self, offset: u64, data: &mut [u8]) {
+            for (i, b) in data.iter_mut().enumerate() {
+                *b = self.config.get(offset as usize + i).copied().unwrap_or(0);
+            }
+        }
+        fn write_config(&mut self, _: u64, _: &[u8]) {}
+        fn activate(
+            &mut self,
+            _: GuestMemoryMmap,
+            features: u64,
+            queues: Vec<Queue>,
+            _: Arc<Interrupt>,
+        ) -> Result<(), DeviceBroken> {
+            assert_eq!(queues.len(), 2);
+            let mut seen = self.seen.lock().unwrap();
+            seen.activations += 1;
+            seen.features = features;
+            Ok(())
+        }
+        fn process_queue(&mut self, index: usize) -> Result<(), DeviceBroken> {
+            let mut seen = self.seen.lock().unwrap();
+            seen.processed.push(index);
+            if std::mem::take(&mut seen.fail_next) {
+                return Err(DeviceBroken("bad chain".into()));
+            }
+            Ok(())
+        }
+        fn reset(&mut self) {
+            self.seen.lock().unwrap().resets += 1;
+        }
+    }
+
+    fn transport() -> (MmioTransport, Arc<Mutex<Seen>>, EventFd) {
+        let seen = Arc::new(Mutex::new(Seen::default()));
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let device = FakeDevice {
+            seen: seen.clone(),
+            config: *b"ABCDEFGH",
+        };
+        let t = MmioTransport::new(Box::new(device), mem, irq.try_clone().unwrap()).unwrap();
+        (t, seen, irq)
+    }
+
+    fn read32(t: &mut MmioTransport, offset: u64) -> u32 {
+        let mut data = [0u8; 4];
+        t.read(offset, &mut data);
+        u32::from_le_bytes(data)
+    }
+
+    fn write32(t: &mut MmioTransport, offset: u64, value: u32) {
+        t.write(offset, &value.to_le_bytes());
+    }
+
+    fn set_up_queue(t: &mut MmioTransport, index: u32, base: u64) {
+        write32(t, reg::QUEUE_SEL, index);
+        write32(t, reg::QUEUE_NUM, 8);
+        write32(t, reg::QUEUE_DESC_LOW, base as u32);
+        write32(t, reg::QUEUE_DRIVER_LOW, (base + 0x1000) as u32);
+        write32(t, reg::QUEUE_DEVICE_LOW, (base + 0x2000) as u32);
+        write32(t, reg::QUEUE_READY, 1);
+    }
+
+    fn negotiate(t: &mut MmioTransport) {
+        write32(t, reg::STATUS, status::ACKNOWLEDGE);
+        write32(t, reg::STATUS, status::ACKNOWLEDGE | status::DRIVER);
+        write32(t, reg::DRIVER_FEATURES_SEL, 1);
+        write32(t, reg::DRIVER_FEATURES, 1);
+        write32(t, reg::DRIVER_FEATURES_SEL, 0);
+        write32(t, reg::DRIVER_FEATURES, 1 << 5);
+        write32(
+            t,
+            reg::STATUS,
+            status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK,
+        );
+    }
+
+    #[test]
+    fn identification_registers() {
+        let (mut t, _, _) = transport();
+        assert_eq!(read32(&mut t, reg::MAGIC_VALUE), MAGIC_VALUE);
+        assert_eq!(read32(&mut t, reg::VERSION), 2);
+        assert_eq!(read32(&mut t, reg::DEVICE_ID), 2);
+        assert_eq!(read32(&mut t, reg::DEVICE_FEATURES), 1 << 5);
+        write32(&mut t, reg::DEVICE_FEATURES_SEL, 1);
+        assert_eq!(read32(&mut t, reg::DEVICE_FEATURES), 1);
+        write32(&mut t, reg::DEVICE_FEATURES_SEL, 7);
+        assert_eq!(read32(&mut t, reg::DEVICE_FEATURES), 0);
+        write32(&mut t, reg::QUEUE_SEL, 1);
+        assert_eq!(read32(&mut t, reg::QUEUE_NUM_MAX), 8);
+        write32(&mut t, reg::QUEUE_SEL, 9);
+        assert_eq!(read32(&mut t, reg::QUEUE_NUM_MAX), 0);
+        // Unaligned or narrow register access reads zero.
+        let mut narrow = [0xffu8; 2];
+        t.read(reg::MAGIC_VALUE, &mut narrow);
+        assert_eq!(narrow, [0, 0]);
+        let mut config = [0u8; 3];
+        t.read(CONFIG_SPACE_OFFSET + 2, &mut config);
+        assert_eq!(&config, b"CDE");
+    }
+
+    #[test]
+    fn full_negotiation_activates_with_the_driver_features() {
+        let (mut t, seen, _) = transport();
+        negotiate(&mut t);
+        assert_eq!(
+            read32(&mut t, reg::STATUS) & status::FEATURES_OK,
+            status::FEATURES_OK
+        );
+        set_up_queue(&mut t, 0, 0x1_0000);
+        set_up_queue(&mut t, 1, 0x2_0000);
+        write32(
+            &mut t,
+            reg::STATUS,
+            status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK,
+        );
+        let s = seen.lock().unwrap();
+        assert_eq!(s.activations, 1);
+        assert_eq!(s.features, (1 << 32) | (1 << 5));
+    }
+
+    #[test]
+    fn features_the_device_does_not_offer_are_refused() {
+        let (mut t, _, _) = transport();
+        write32(&mut t, reg::STATUS, status::ACKNOWLEDGE | status::DRIVER);
+        write32(&mut t, reg::DRIVER_FEATURES, 1 << 7);
+        write32(
+            &mut t,
+            reg::STATUS,
+            status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK,
+        );
+        assert_eq!(read32(&mut t, reg::STATUS) & status::FEATURES_OK, 0);
+        // Without VERSION_1 too.
+        let (mut t, _, _) = transport();
+        write32(&mut t, reg::STATUS, status::ACKNOWLEDGE | status::DRIVER);
+        write32(&mut t, reg::DRIVER_FEATURES, 1 << 5);
+        write32(
+            &mut t,
+            reg::STATUS,
+            status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK,
+        );
+        assert_eq!(read32(&mut t, reg::STATUS) & status::FEATURES_OK, 0);
+    }
+
+    #[test]
+    fn queues_outside_memory_mark_the_device_broken() {
+        let (mut t, seen, irq) = transport();
+        negotiate(&mut t);
+        set_up_queue(&mut t, 0, 0xfff_0000);
+        write32(
+            &mut t,
+            reg::STATUS,
+            status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK,
+        );
+        assert_eq!(seen.lock().unwrap().activations, 0);
+        assert_ne!(read32(&mut t, reg::STATUS) & status::DEVICE_NEEDS_RESET, 0);
+        assert_eq!(read32(&mut t, reg::INTERRUPT_STATUS), 2);
+        assert_eq!(irq.read().unwrap(), 1);
+    }
+
+    #[test]
+    fn queue_registers_are_locked_outside_setup() {
+        let (mut t, _, _) = transport();
+        // Before FEATURES_OK.
+        set_up_queue(&mut t, 0, 0x1_0000);
+        assert_eq!(read32(&mut t, reg::QUEUE_READY), 0);
+    }
+
+    #[test]
+    fn reset_returns_to_the_initial_state() {
+        let (mut t, seen, _) = transport();
+        negotiate(&mut t);
+        set_up_queue(&mut t, 0, 0x1_0000);
+        write32(
+            &mut t,
+            reg::STATUS,
+            status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK,
+        );
+        t.process_queue(0);
+        write32(&mut t, reg::STATUS, 0);
+        assert_eq!(read32(&mut t, reg::STATUS), 0);
+        write32(&mut t, reg::QUEUE_SEL, 0);
+        assert_eq!(read32(&mut t, reg::QUEUE_READY), 0);
+        t.process_queue(0);
+        let s = seen.lock().unwrap();
+        assert_eq!(s.resets, 1);
+        assert_eq!(s.processed, vec![0], "no processing after reset");
+        drop(s);
+        // And it can be brought up again.
+        negotiate(&mut t);
+        set_up_queue(&mut t, 0, 0x1_0000);
+        write32(
+            &mut t,
+            reg::STATUS,
+            status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK,
+        );
+        assert_eq!(seen.lock().unwrap().activations, 2);
+    }
+
+    #[test]
+    fn a_device_error_needs_reset_and_stops_processing() {
+        let (mut t, seen, _) = transport();
+        negotiate(&mut t);
+        set_up_queue(&mut t, 0, 0x1_0000);
+        write32(
+            &mut t,
+            reg::STATUS,
+            status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK,
+        );
+        seen.lock().unwrap().fail_next = true;
+        t.process_queue(0);
+        t.process_queue(0);
+        assert_eq!(seen.lock().unwrap().processed, vec![0]);
+        assert_ne!(t.status() & status::DEVICE_NEEDS_RESET, 0);
+        write32(&mut t, reg::INTERRUPT_ACK, 2);
+        assert_eq!(read32(&mut t, reg::INTERRUPT_STATUS), 0);
+    }
+
+    #[test]
+    fn trapped_notify_is_forwarded_to_the_queue_event() {
+        let (mut t, _, _) = transport();
+        write32(&mut t, reg::QUEUE_NOTIFY, 1);
+        assert_eq!(t.queue_events()[1].read().unwrap(), 1);
+        write32(&mut t, reg::QUEUE_NOTIFY, 99);
+        assert!(t.queue_events()[0].read().is_err());
+    }
+}

@@ -1,0 +1,118 @@
+//! Virtio devices over the virtio-mmio transport (virtio 1.2, "modern" only).
+//!
+//! [`VirtioDevice`] is what a device model implements; [`mmio::MmioTransport`] is the register
+//! file the guest drives, and owns the device. Queue notifications normally arrive through an
+//! ioeventfd and are handled on the device event-loop thread, which calls
+//! [`VirtioDevice::process_queue`]; the device signals the guest through [`Interrupt`].
+
+pub mod block;
+pub mod mmio;
+
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
+
+pub use virtio_queue::{Queue, QueueT};
+
+/// VIRTIO_F_VERSION_1 (feature bit 32): this is a modern device.
+pub const VIRTIO_F_VERSION_1: u32 = 32;
+/// VIRTIO_RING_F_EVENT_IDX (feature bit 29): used/avail event suppression.
+pub const VIRTIO_RING_F_EVENT_IDX: u32 = 29;
+
+/// Device status bits (virtio 1.2, 2.1).
+pub mod status {
+    pub const ACKNOWLEDGE: u32 = 1;
+    pub const DRIVER: u32 = 2;
+    pub const DRIVER_OK: u32 = 4;
+    pub const FEATURES_OK: u32 = 8;
+    pub const DEVICE_NEEDS_RESET: u32 = 0x40;
+    pub const FAILED: u32 = 0x80;
+}
+
+/// InterruptStatus bits (virtio 1.2, 4.2.2).
+pub const INTERRUPT_USED_BUFFER: u32 = 1;
+/// The device configuration changed (or the device needs a reset).
+pub const INTERRUPT_CONFIG_CHANGE: u32 = 2;
+
+/// The device's interrupt: the InterruptStatus register plus the irqfd that raises the line.
+pub struct Interrupt {
+    status: AtomicU32,
+    irqfd: EventFd,
+}
+
+impl Interrupt {
+    pub fn new(irqfd: EventFd) -> Self {
+        Self {
+            status: AtomicU32::new(0),
+            irqfd,
+        }
+    }
+
+    /// Tells the driver a queue has new used buffers.
+    pub fn signal_used_queue(&self) {
+        self.signal(INTERRUPT_USED_BUFFER);
+    }
+
+    /// Tells the driver the configuration (or the device status) changed.
+    pub fn signal_config_change(&self) {
+        self.signal(INTERRUPT_CONFIG_CHANGE);
+    }
+
+    fn signal(&self, bits: u32) {
+        self.status.fetch_or(bits, Ordering::SeqCst);
+        if let Err(e) = self.irqfd.write(1) {
+            log::warn!("virtio: cannot raise the interrupt: {e}");
+        }
+    }
+
+    /// The InterruptStatus register.
+    pub fn status(&self) -> u32 {
+        self.status.load(Ordering::SeqCst)
+    }
+
+    /// InterruptACK: clears the acknowledged bits.
+    pub fn acknowledge(&self, bits: u32) {
+        self.status.fetch_and(!bits, Ordering::SeqCst);
+    }
+
+    /// Clears everything (device reset).
+    pub fn reset(&self) {
+        self.status.store(0, Ordering::SeqCst);
+    }
+}
+
+/// A request the guest made that the device cannot recover from; the transport then sets
+/// DEVICE_NEEDS_RESET and tells the driver.
+#[derive(Debug, thiserror::Error)]
+#[error("virtio device broken: {0}")]
+pub struct DeviceBroken(pub String);
+
+/// A virtio device model, driven by [`mmio::MmioTransport`].
+pub trait VirtioDevice: Send {
+    /// The virtio device ID (2 = block, 1 = network).
+    fn device_type(&self) -> u32;
+    /// The largest size each queue supports; its length is the number of queues.
+    fn queue_max_sizes(&self) -> &[u16];
+    /// Features the device offers (including VIRTIO_F_VERSION_1).
+    fn available_features(&self) -> u64;
+    /// Reads device configuration space at `offset`; out-of-range bytes read as zero.
+    fn read_config(&self, offset: u64, data: &mut [u8]);
+    /// Writes device configuration space; read-only fields ignore writes.
+    fn write_config(&mut self, offset: u64, data: &[u8]);
+    /// DRIVER_OK: the driver accepted `features` (a subset of what was offered) and set up
+    /// `queues` (validated by the transport). From now on the device may process them.
+    fn activate(
+        &mut self,
+        mem: GuestMemoryMmap,
+        features: u64,
+        queues: Vec<Queue>,
+        interrupt: std::sync::Arc<Interrupt>,
+    ) -> Result<(), DeviceBroken>;
+    /// The guest notified queue `index`: handle what it made available.
+    fn process_queue(&mut self, index: usize) -> Result<(), DeviceBroken>;
+    /// Device reset (status written 0): drop queues and memory, back to the pre-activation state.
+    fn reset(&mut self);
+    /// The VM is ending: finish or fail in-flight work and make written data durable.
+    fn shutdown(&mut self) {}
+}

@@ -1,0 +1,147 @@
+#!/usr/bin/env bash
+# Builds Ember's guest kernel from Debian's linux-source-6.1 package:
+#   make tinyconfig, merge ember.config over it, make olddefconfig, apply patches/*.patch,
+#   then build vmlinux (the ELF with a PVH note that Ember boots) and bzImage.
+# The result is cached outside the clone, keyed by the config fragment, the patches and the
+# package version:
+#   ${XDG_CACHE_HOME:-~/.cache}/ember/kernel-<hash>/{vmlinux,bzImage,config,System.map}
+#   ${XDG_CACHE_HOME:-~/.cache}/ember/default/{vmlinux,bzImage} -> the latest build
+# When the cached build exists, it only prints where it is.
+# Environment: EMBER_KERNEL_JOBS (make -j, default 2), EMBER_KEEP_BUILD=1 keeps the build tree.
+set -euo pipefail
+
+here=$(cd "$(dirname "$0")" && pwd)
+cache=${XDG_CACHE_HOME:-$HOME/.cache}/ember
+jobs=${EMBER_KERNEL_JOBS:-2}
+source_pkg=linux-source-6.1
+# Bump when the build steps below change in a way that changes the output.
+recipe=1
+
+log() { printf '[kernel] %s\n' "$*" >&2; }
+
+install_missing() {
+    local missing=() pkg
+    for pkg in "$@"; do
+        dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" ||
+            missing+=("$pkg")
+    done
+    [ ${#missing[@]} -eq 0 ] && return 0
+    log "installing: ${missing[*]}"
+    local sudo=()
+    [ "$(id -u)" -eq 0 ] || sudo=(sudo)
+    "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+    "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive \
+        apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+}
+
+install_missing "$source_pkg" build-essential flex bison bc libelf-dev lz4 xz-utils
+
+version=$(dpkg-query -W -f='${Version}' "$source_pkg")
+tarball=/usr/src/$source_pkg.tar.xz
+[ -f "$tarball" ] || { log "missing $tarball (from $source_pkg $version)"; exit 1; }
+
+shopt -s nullglob
+patches=("$here"/patches/*.patch)
+shopt -u nullglob
+
+hash=$(
+    {
+        echo "recipe $recipe"
+        echo "$source_pkg $version"
+        echo "== ember.config"
+        cat "$here/ember.config"
+        for p in "${patches[@]}"; do
+            echo "== patches/$(basename "$p")"
+            cat "$p"
+        done
+    } | sha256sum | cut -c1-16
+)
+out=$cache/kernel-$hash
+
+publish() {
+    mkdir -p "$cache/default"
+    ln -sfn "../kernel-$hash/vmlinux" "$cache/default/vmlinux"
+    ln -sfn "../kernel-$hash/bzImage" "$cache/default/bzImage"
+    echo "kernel: $out/vmlinux"
+    echo "kernel: $out/bzImage"
+}
+
+if [ -f "$out/vmlinux" ] && [ -f "$out/bzImage" ]; then
+    log "cached ($source_pkg $version, $(basename "$out"))"
+    publish
+    exit 0
+fi
+
+work=$cache/build/kernel-$hash
+src=$work/$source_pkg
+buildlog=$work/build.log
+rm -rf "$work"
+mkdir -p "$work"
+
+fail() {
+    log "FAILED: $*; last lines of $buildlog:"
+    tail -n 40 "$buildlog" >&2 || true
+    log "build tree kept in $work"
+    exit 1
+}
+
+start=$SECONDS
+log "building $source_pkg $version with ${#patches[@]} patch(es) into $out (log: $buildlog)"
+log "unpacking $tarball"
+tar -xJf "$tarball" -C "$work" || fail "unpacking $tarball"
+[ -d "$src" ] || fail "no $src after unpacking"
+cd "$src"
+
+log "configuring: tinyconfig + ember.config"
+{
+    make ARCH=x86_64 tinyconfig &&
+        scripts/kconfig/merge_config.sh -m .config "$here/ember.config" &&
+        make ARCH=x86_64 olddefconfig
+} >>"$buildlog" 2>&1 || fail "configuring"
+
+# Every line of the fragment must have survived olddefconfig (a missing dependency silently drops
+# an option otherwise).
+bad=0
+while IFS= read -r line; do
+    if [[ $line =~ ^(CONFIG_[A-Za-z0-9_]+)=(.*)$ ]]; then
+        grep -qxF "$line" .config || {
+            log "config: wanted $line, got: $(grep -E "^(# )?${BASH_REMATCH[1]}[= ]" .config || echo unset)"
+            bad=1
+        }
+    elif [[ $line =~ ^#\ (CONFIG_[A-Za-z0-9_]+)\ is\ not\ set$ ]]; then
+        ! grep -q "^${BASH_REMATCH[1]}=" .config || {
+            log "config: wanted ${BASH_REMATCH[1]} off, got: $(grep "^${BASH_REMATCH[1]}=" .config)"
+            bad=1
+        }
+    fi
+done <"$here/ember.config"
+[ $bad -eq 0 ] || fail "ember.config does not apply as written"
+
+for p in "${patches[@]}"; do
+    log "patching: $(basename "$p")"
+    patch -p1 --forward --batch <"$p" >>"$buildlog" 2>&1 || fail "applying $(basename "$p")"
+done
+
+log "compiling with make -j$jobs (a few minutes; a line every 100 objects)"
+export KBUILD_BUILD_USER=ember KBUILD_BUILD_HOST=ember
+make ARCH=x86_64 -j"$jobs" vmlinux bzImage 2>&1 |
+    awk -v logfile="$buildlog" '
+        { print >> logfile; fflush(logfile) }
+        /^  (CC|AS|AR|LD)/ {
+            n++
+            if (n % 100 == 0) { printf "[kernel] %5d objects, now %s\n", n, $2; fflush() }
+        }' || fail "make"
+
+tmp=$out.tmp.$$
+rm -rf "$tmp"
+mkdir -p "$tmp"
+cp vmlinux "$tmp/vmlinux"
+cp arch/x86/boot/bzImage "$tmp/bzImage"
+cp .config "$tmp/config"
+cp System.map "$tmp/System.map"
+rm -rf "$out"
+mv "$tmp" "$out"
+cd /
+[ "${EMBER_KEEP_BUILD:-0}" = 1 ] || rm -rf "$work"
+log "built in $((SECONDS - start)) s: $(du -h "$out/vmlinux" | cut -f1) vmlinux, $(du -h "$out/bzImage" | cut -f1) bzImage"
+publish

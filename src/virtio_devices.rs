@@ -1,0 +1,217 @@
+//! Attaching virtio-mmio devices to a VM, and the event loop that runs their queues.
+//!
+//! Each device gets a 4 KiB MMIO window and an interrupt line from [`DeviceSlots`]; its
+//! QueueNotify writes reach an ioeventfd (KVM completes the guest's write without leaving the
+//! kernel), and its interrupts leave through an irqfd. The queue work runs on one event-loop
+//! thread, never on a vCPU thread.
+
+use std::os::fd::AsRawFd;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use ember_devices::bus::lock;
+use ember_devices::virtio::mmio::{MmioTransport, QUEUE_NOTIFY_OFFSET, WINDOW_SIZE};
+use ember_devices::virtio::VirtioDevice;
+use ember_devices::{Bus, BusError};
+use kvm_ioctls::{IoEventAddress, VmFd};
+use linux_loader::cmdline::Cmdline;
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::arch::x86_64::layout::{
+    IOAPIC_PINS, VIRTIO_IRQ_FIRST, VIRTIO_MMIO_END, VIRTIO_MMIO_START,
+};
+
+/// Errors attaching a virtio device.
+#[derive(Debug, thiserror::Error)]
+pub enum VirtioError {
+    #[error("too many devices: no MMIO window or interrupt line left")]
+    NoSlotLeft,
+    #[error("cannot create the device's event file descriptors")]
+    EventFd(#[source] std::io::Error),
+    #[error("cannot register the device with KVM")]
+    Kvm(#[source] kvm_ioctls::Error),
+    #[error("cannot put the device on the MMIO bus")]
+    Bus(#[from] BusError),
+    #[error("cannot add the device to the kernel command line")]
+    Cmdline(#[source] linux_loader::cmdline::Error),
+    #[error("cannot start the device event loop")]
+    EventLoop(#[source] std::io::Error),
+}
+
+/// Hands out MMIO windows and interrupt lines, one per device.
+pub struct DeviceSlots {
+    next_address: u64,
+    next_irq: u32,
+}
+
+impl Default for DeviceSlots {
+    fn default() -> Self {
+        Self {
+            next_address: VIRTIO_MMIO_START,
+            next_irq: VIRTIO_IRQ_FIRST,
+        }
+    }
+}
+
+impl DeviceSlots {
+    /// The next free (window base, IRQ).
+    pub fn allocate(&mut self) -> Result<(u64, u32), VirtioError> {
+        if self.next_address + WINDOW_SIZE > VIRTIO_MMIO_END
+            || self.next_irq >= u32::from(IOAPIC_PINS)
+        {
+            return Err(VirtioError::NoSlotLeft);
+        }
+        let slot = (self.next_address, self.next_irq);
+        self.next_address += WINDOW_SIZE;
+        self.next_irq += 1;
+        Ok(slot)
+    }
+}
+
+/// Wires `device` into the VM: MMIO window, ioeventfds, irqfd, and the kernel command line entry
+/// (`virtio_mmio.device=4K@<addr>:<irq>`) that tells Linux where it is.
+pub fn attach(
+    device: Box<dyn VirtioDevice>,
+    vm_fd: &VmFd,
+    mem: &GuestMemoryMmap,
+    slots: &mut DeviceSlots,
+    mmio: &mut Bus,
+    cmdline: &mut Cmdline,
+) -> Result<Arc<Mutex<MmioTransport>>, VirtioError> {
+    let (base, irq) = slots.allocate()?;
+    let irqfd = EventFd::new(libc::EFD_NONBLOCK).map_err(VirtioError::EventFd)?;
+    vm_fd
+        .register_irqfd(&irqfd, irq)
+        .map_err(VirtioError::Kvm)?;
+    let transport = MmioTransport::new(device, mem.clone(), irqfd).map_err(VirtioError::EventFd)?;
+    for (index, event) in transport.queue_events().iter().enumerate() {
+        vm_fd
+            .register_ioevent(
+                event,
+                &IoEventAddress::Mmio(base + QUEUE_NOTIFY_OFFSET),
+                index as u32,
+            )
+            .map_err(VirtioError::Kvm)?;
+    }
+    let transport = Arc::new(Mutex::new(transport));
+    mmio.insert(transport.clone(), base, WINDOW_SIZE)?;
+    cmdline
+        .add_virtio_mmio_device(WINDOW_SIZE, vm_memory::GuestAddress(base), irq, None)
+        .map_err(VirtioError::Cmdline)?;
+    Ok(transport)
+}
+
+/// The thread that runs every device's queues.
+pub struct DeviceEventLoop {
+    stop: EventFd,
+    handle: JoinHandle<()>,
+}
+
+impl DeviceEventLoop {
+    /// Starts the loop over `transports`.
+    pub fn spawn(transports: Vec<Arc<Mutex<MmioTransport>>>) -> Result<Self, VirtioError> {
+        let stop = EventFd::new(libc::EFD_NONBLOCK).map_err(VirtioError::EventLoop)?;
+        let epoll = Epoll::new().map_err(VirtioError::EventLoop)?;
+        // Token 0 is the stop event; device d, queue q is 1 + d * 256 + q.
+        epoll
+            .ctl(
+                ControlOperation::Add,
+                stop.as_raw_fd(),
+                EpollEvent::new(EventSet::IN, 0),
+            )
+            .map_err(VirtioError::EventLoop)?;
+        let mut queue_events = Vec::new();
+        for (d, transport) in transports.iter().enumerate() {
+            for (q, event) in lock(transport).queue_events().iter().enumerate() {
+                let token = 1 + (d as u64) * 256 + q as u64;
+                let event = event.try_clone().map_err(VirtioError::EventLoop)?;
+                epoll
+                    .ctl(
+                        ControlOperation::Add,
+                        event.as_raw_fd(),
+                        EpollEvent::new(EventSet::IN, token),
+                    )
+                    .map_err(VirtioError::EventLoop)?;
+                queue_events.push((token, event));
+            }
+        }
+        let stop_copy = stop.try_clone().map_err(VirtioError::EventLoop)?;
+        let handle = std::thread::Builder::new()
+            .name("devices".into())
+            .spawn(move || run_loop(epoll, stop_copy, &transports, &queue_events))
+            .map_err(VirtioError::EventLoop)?;
+        Ok(Self { stop, handle })
+    }
+
+    /// Stops the loop after the work in hand, then shuts every device down (flushing its data).
+    pub fn stop(self) {
+        if let Err(e) = self.stop.write(1) {
+            log::error!("cannot stop the device event loop: {e}");
+        }
+        if self.handle.join().is_err() {
+            log::error!("the device event loop panicked");
+        }
+    }
+}
+
+fn run_loop(
+    epoll: Epoll,
+    stop: EventFd,
+    transports: &[Arc<Mutex<MmioTransport>>],
+    queue_events: &[(u64, EventFd)],
+) {
+    let mut events = vec![EpollEvent::default(); 32];
+    'outer: loop {
+        let ready = match epoll.wait(-1, &mut events) {
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                log::error!("device event loop: {e}");
+                break;
+            }
+        };
+        for event in &events[..ready] {
+            let token = event.data();
+            if token == 0 {
+                let _ = stop.read();
+                break 'outer;
+            }
+            let Some((_, queue_event)) = queue_events.iter().find(|(t, _)| *t == token) else {
+                continue;
+            };
+            // Reading resets the counter; several notifies since the last read are one pass.
+            let _ = queue_event.read();
+            let (device, queue) = ((token - 1) / 256, (token - 1) % 256);
+            if let Some(transport) = transports.get(device as usize) {
+                lock(transport).process_queue(queue as usize);
+            }
+        }
+    }
+    for transport in transports {
+        lock(transport).shutdown();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slots_are_distinct_and_bounded() {
+        let mut slots = DeviceSlots::default();
+        let first = slots.allocate().unwrap();
+        let second = slots.allocate().unwrap();
+        assert_eq!(first, (VIRTIO_MMIO_START, VIRTIO_IRQ_FIRST));
+        assert_eq!(
+            second,
+            (VIRTIO_MMIO_START + WINDOW_SIZE, VIRTIO_IRQ_FIRST + 1)
+        );
+        let mut count = 2;
+        while slots.allocate().is_ok() {
+            count += 1;
+        }
+        assert_eq!(count, u32::from(IOAPIC_PINS) - VIRTIO_IRQ_FIRST);
+    }
+}
