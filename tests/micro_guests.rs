@@ -4,11 +4,9 @@
 
 mod common;
 
-use std::io::Read;
-use std::process::Stdio;
 use std::time::Duration;
 
-use common::{kvm_available, micro_guest, run, run_with_input, spawn};
+use common::{kvm_available, micro_guest, run, run_with_input};
 
 const TIMEOUT: Duration = Duration::from_secs(60);
 const MIB: u64 = 1 << 20;
@@ -188,26 +186,12 @@ fn emulation_failure_names_rip_and_instruction() {
 
 fn stop_with_signal(signal: i32, expected: i32) {
     let kernel = micro_guest("exit-hang");
-    let mut child = spawn(
+    // The signal lands while the vCPUs are in KVM_RUN: the guest has said it is hanging.
+    let child = common::spawn_until(
         &["run", "--kernel", kernel.to_str().unwrap(), "--cpus", "2"],
-        Stdio::null(),
+        "hanging",
     );
-    // Wait for the guest to say it is hanging, so the signal lands while vCPUs are in KVM_RUN.
-    let mut stdout = child.stdout.take().unwrap();
-    let mut seen = Vec::new();
-    let mut buf = [0u8; 256];
-    while !String::from_utf8_lossy(&seen).contains("hanging") {
-        let n = stdout.read(&mut buf).unwrap();
-        assert!(
-            n > 0,
-            "guest ended before hanging: {}",
-            String::from_utf8_lossy(&seen)
-        );
-        seen.extend_from_slice(&buf[..n]);
-    }
-    // SAFETY: sending a signal to our own child process.
-    assert_eq!(unsafe { libc::kill(child.id() as i32, signal) }, 0);
-    child.stdout = Some(stdout);
+    common::send_signal(&child, signal);
     let r = common::finish(child, Duration::from_secs(10));
     assert_eq!(r.code(), expected, "{r:?}");
     assert!(
@@ -309,7 +293,7 @@ fn guest_ram_is_reserved_lazily() {
         return;
     }
     let kernel = micro_guest("exit-hang");
-    let mut child = spawn(
+    let child = common::spawn_until(
         &[
             "run",
             "--kernel",
@@ -317,20 +301,10 @@ fn guest_ram_is_reserved_lazily() {
             "--memory",
             "4G",
         ],
-        Stdio::null(),
+        "hanging",
     );
-    let mut stdout = child.stdout.take().unwrap();
-    let mut seen = Vec::new();
-    let mut buf = [0u8; 256];
-    while !String::from_utf8_lossy(&seen).contains("hanging") {
-        let n = stdout.read(&mut buf).unwrap();
-        assert!(n > 0, "guest ended early");
-        seen.extend_from_slice(&buf[..n]);
-    }
     let rss = rss_kib(child.id());
-    // SAFETY: signalling our own child.
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    child.stdout = Some(stdout);
+    common::send_signal(&child, libc::SIGTERM);
     common::finish(child, Duration::from_secs(10));
     // The guest touched a few pages of its 4 GiB; the monitor itself is a few MiB.
     assert!(

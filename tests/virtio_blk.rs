@@ -107,28 +107,17 @@ fn a_writable_image_cannot_be_used_twice() {
     let (path, _) = image("locked", 64);
     let disk = format!("path={}", path.display());
     let hang = micro_guest("exit-hang");
-    let mut first = common::spawn(
+    // Once the first VM runs, it holds the image's lock.
+    let first = common::spawn_until(
         &["run", "--kernel", hang.to_str().unwrap(), "--disk", &disk],
-        std::process::Stdio::null(),
+        "hanging",
     );
-    // Wait until the first VM runs (and so holds the lock).
-    let mut stdout = first.stdout.take().unwrap();
-    let mut seen = Vec::new();
-    let mut buf = [0u8; 128];
-    while !String::from_utf8_lossy(&seen).contains("hanging") {
-        use std::io::Read;
-        let n = stdout.read(&mut buf).unwrap();
-        assert!(n > 0);
-        seen.extend_from_slice(&buf[..n]);
-    }
     let kernel = micro_guest("virtio-blk");
     let second = run(
         &["run", "--kernel", kernel.to_str().unwrap(), "--disk", &disk],
         TIMEOUT,
     );
-    // SAFETY: signalling our own child.
-    unsafe { libc::kill(first.id() as i32, libc::SIGTERM) };
-    first.stdout = Some(stdout);
+    common::send_signal(&first, libc::SIGTERM);
     common::finish(first, Duration::from_secs(10));
     assert_eq!(second.code(), 125, "{second:?}");
     assert!(second.stderr.contains("is in use"), "{second:?}");

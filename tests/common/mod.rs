@@ -181,3 +181,30 @@ pub fn run_with_input(args: &[&str], input: &[u8], timeout: Duration) -> Run {
     let _ = writer.join();
     run
 }
+
+/// Starts `ember` and waits until the guest has printed `marker`; returns the running child
+/// (its stdout handed back, so [`finish`] can collect the rest).
+pub fn spawn_until(args: &[&str], marker: &str) -> Child {
+    let mut child = spawn(args, Stdio::null());
+    let mut stdout = child.stdout.take().expect("piped stdout");
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 256];
+    while !String::from_utf8_lossy(&seen).contains(marker) {
+        let n = stdout.read(&mut buf).expect("read guest output");
+        assert!(
+            n > 0,
+            "guest ended before printing {marker:?}: {}",
+            String::from_utf8_lossy(&seen)
+        );
+        seen.extend_from_slice(&buf[..n]);
+    }
+    child.stdout = Some(stdout);
+    child
+}
+
+/// Sends `signal` to a child process.
+pub fn send_signal(child: &Child, signal: i32) {
+    // SAFETY: kill(2) on the pid of a child we own and have not reaped.
+    let rc = unsafe { libc::kill(child.id() as i32, signal) };
+    assert_eq!(rc, 0, "kill({signal})");
+}

@@ -452,6 +452,14 @@ mod tests {
         );
     }
 
+    fn driver_ok(t: &mut MmioTransport) {
+        write32(
+            t,
+            reg::STATUS,
+            status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK,
+        );
+    }
+
     #[test]
     fn identification_registers() {
         let (mut t, _, _) = transport();
@@ -486,11 +494,7 @@ mod tests {
         );
         set_up_queue(&mut t, 0, 0x1_0000);
         set_up_queue(&mut t, 1, 0x2_0000);
-        write32(
-            &mut t,
-            reg::STATUS,
-            status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK,
-        );
+        driver_ok(&mut t);
         let s = seen.lock().unwrap();
         assert_eq!(s.activations, 1);
         assert_eq!(s.features, (1 << 32) | (1 << 5));
@@ -524,11 +528,7 @@ mod tests {
         let (mut t, seen, irq) = transport();
         negotiate(&mut t);
         set_up_queue(&mut t, 0, 0xfff_0000);
-        write32(
-            &mut t,
-            reg::STATUS,
-            status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK,
-        );
+        driver_ok(&mut t);
         assert_eq!(seen.lock().unwrap().activations, 0);
         assert_ne!(read32(&mut t, reg::STATUS) & status::DEVICE_NEEDS_RESET, 0);
         assert_eq!(read32(&mut t, reg::INTERRUPT_STATUS), 2);
@@ -548,11 +548,7 @@ mod tests {
         let (mut t, seen, _) = transport();
         negotiate(&mut t);
         set_up_queue(&mut t, 0, 0x1_0000);
-        write32(
-            &mut t,
-            reg::STATUS,
-            status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK,
-        );
+        driver_ok(&mut t);
         t.process_queue(0);
         write32(&mut t, reg::STATUS, 0);
         assert_eq!(read32(&mut t, reg::STATUS), 0);
@@ -566,11 +562,7 @@ mod tests {
         // And it can be brought up again.
         negotiate(&mut t);
         set_up_queue(&mut t, 0, 0x1_0000);
-        write32(
-            &mut t,
-            reg::STATUS,
-            status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK,
-        );
+        driver_ok(&mut t);
         assert_eq!(seen.lock().unwrap().activations, 2);
     }
 
@@ -579,11 +571,7 @@ mod tests {
         let (mut t, seen, _) = transport();
         negotiate(&mut t);
         set_up_queue(&mut t, 0, 0x1_0000);
-        write32(
-            &mut t,
-            reg::STATUS,
-            status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK,
-        );
+        driver_ok(&mut t);
         seen.lock().unwrap().fail_next = true;
         t.process_queue(0);
         t.process_queue(0);
