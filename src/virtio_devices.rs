@@ -103,7 +103,47 @@ pub fn attach(
     Ok(transport)
 }
 
-/// The thread that runs every device's queues.
+/// What an event-loop wake-up is about.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Wakeup {
+    Stop,
+    /// Device `device`'s queue `queue` was notified.
+    Queue {
+        device: usize,
+        queue: usize,
+    },
+    /// Device `device`'s host descriptor `index` is ready.
+    Host {
+        device: usize,
+        index: usize,
+    },
+}
+
+impl Wakeup {
+    // The epoll token: kind in the top bits, device and index below.
+    fn token(self) -> u64 {
+        match self {
+            Wakeup::Stop => 0,
+            Wakeup::Queue { device, queue } => (1 << 62) | ((device as u64) << 16) | queue as u64,
+            Wakeup::Host { device, index } => (2 << 62) | ((device as u64) << 16) | index as u64,
+        }
+    }
+
+    fn from_token(token: u64) -> Self {
+        let device = ((token >> 16) & 0xffff_ffff) as usize;
+        let index = (token & 0xffff) as usize;
+        match token >> 62 {
+            1 => Wakeup::Queue {
+                device,
+                queue: index,
+            },
+            2 => Wakeup::Host { device, index },
+            _ => Wakeup::Stop,
+        }
+    }
+}
+
+/// The thread that runs every device's queues and host-side I/O.
 pub struct DeviceEventLoop {
     stop: EventFd,
     handle: JoinHandle<()>,
@@ -114,27 +154,34 @@ impl DeviceEventLoop {
     pub fn spawn(transports: Vec<Arc<Mutex<MmioTransport>>>) -> Result<Self, VirtioError> {
         let stop = EventFd::new(libc::EFD_NONBLOCK).map_err(VirtioError::EventLoop)?;
         let epoll = Epoll::new().map_err(VirtioError::EventLoop)?;
-        // Token 0 is the stop event; device d, queue q is 1 + d * 256 + q.
-        epoll
-            .ctl(
-                ControlOperation::Add,
-                stop.as_raw_fd(),
-                EpollEvent::new(EventSet::IN, 0),
-            )
-            .map_err(VirtioError::EventLoop)?;
+        let watch = |fd: i32, events: EventSet, wakeup: Wakeup| {
+            epoll
+                .ctl(
+                    ControlOperation::Add,
+                    fd,
+                    EpollEvent::new(events, wakeup.token()),
+                )
+                .map_err(VirtioError::EventLoop)
+        };
+        watch(stop.as_raw_fd(), EventSet::IN, Wakeup::Stop)?;
         let mut queue_events = Vec::new();
-        for (d, transport) in transports.iter().enumerate() {
-            for (q, event) in lock(transport).queue_events().iter().enumerate() {
-                let token = 1 + (d as u64) * 256 + q as u64;
+        for (device, transport) in transports.iter().enumerate() {
+            let transport = lock(transport);
+            for (queue, event) in transport.queue_events().iter().enumerate() {
                 let event = event.try_clone().map_err(VirtioError::EventLoop)?;
-                epoll
-                    .ctl(
-                        ControlOperation::Add,
-                        event.as_raw_fd(),
-                        EpollEvent::new(EventSet::IN, token),
-                    )
-                    .map_err(VirtioError::EventLoop)?;
-                queue_events.push((token, event));
+                watch(
+                    event.as_raw_fd(),
+                    EventSet::IN,
+                    Wakeup::Queue { device, queue },
+                )?;
+                queue_events.push(((device, queue), event));
+            }
+            for (index, fd) in transport.host_event_fds().into_iter().enumerate() {
+                watch(
+                    fd,
+                    EventSet::IN | EventSet::EDGE_TRIGGERED,
+                    Wakeup::Host { device, index },
+                )?;
             }
         }
         let stop_copy = stop.try_clone().map_err(VirtioError::EventLoop)?;
@@ -156,11 +203,13 @@ impl DeviceEventLoop {
     }
 }
 
+type QueueEvents = [((usize, usize), EventFd)];
+
 fn run_loop(
     epoll: Epoll,
     stop: EventFd,
     transports: &[Arc<Mutex<MmioTransport>>],
-    queue_events: &[(u64, EventFd)],
+    queue_events: &QueueEvents,
 ) {
     let mut events = vec![EpollEvent::default(); 32];
     'outer: loop {
@@ -173,19 +222,27 @@ fn run_loop(
             }
         };
         for event in &events[..ready] {
-            let token = event.data();
-            if token == 0 {
-                let _ = stop.read();
-                break 'outer;
-            }
-            let Some((_, queue_event)) = queue_events.iter().find(|(t, _)| *t == token) else {
-                continue;
-            };
-            // Reading resets the counter; several notifies since the last read are one pass.
-            let _ = queue_event.read();
-            let (device, queue) = ((token - 1) / 256, (token - 1) % 256);
-            if let Some(transport) = transports.get(device as usize) {
-                lock(transport).process_queue(queue as usize);
+            match Wakeup::from_token(event.data()) {
+                Wakeup::Stop => {
+                    let _ = stop.read();
+                    break 'outer;
+                }
+                Wakeup::Queue { device, queue } => {
+                    if let Some((_, notify)) =
+                        queue_events.iter().find(|(k, _)| *k == (device, queue))
+                    {
+                        // Reading resets the counter: several notifies since are one pass.
+                        let _ = notify.read();
+                    }
+                    if let Some(transport) = transports.get(device) {
+                        lock(transport).process_queue(queue);
+                    }
+                }
+                Wakeup::Host { device, index } => {
+                    if let Some(transport) = transports.get(device) {
+                        lock(transport).process_host_event(index);
+                    }
+                }
             }
         }
     }
@@ -197,6 +254,27 @@ fn run_loop(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn wakeup_tokens_round_trip() {
+        for wakeup in [
+            Wakeup::Stop,
+            Wakeup::Queue {
+                device: 0,
+                queue: 0,
+            },
+            Wakeup::Queue {
+                device: 18,
+                queue: 1,
+            },
+            Wakeup::Host {
+                device: 3,
+                index: 2,
+            },
+        ] {
+            assert_eq!(Wakeup::from_token(wakeup.token()), wakeup);
+        }
+    }
 
     #[test]
     fn slots_are_distinct_and_bounded() {

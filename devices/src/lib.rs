@@ -10,6 +10,7 @@ pub mod bus;
 pub mod debug_exit;
 pub mod i8042;
 pub mod serial;
+pub mod tap;
 pub mod virtio;
 
 pub use bus::{Bus, BusDevice, BusError};

@@ -119,6 +119,21 @@ impl MmioTransport {
         }
     }
 
+    /// Host-side descriptors the device wants watched (see [`VirtioDevice::host_event_fds`]).
+    pub fn host_event_fds(&self) -> Vec<std::os::fd::RawFd> {
+        self.device.host_event_fds()
+    }
+
+    /// Host descriptor `index` is ready (called from the device event loop).
+    pub fn process_host_event(&mut self, index: usize) {
+        if !self.activated || self.status & status::DEVICE_NEEDS_RESET != 0 {
+            return;
+        }
+        if let Err(e) = self.device.process_host_event(index) {
+            self.mark_broken(&e.to_string());
+        }
+    }
+
     /// The VM is ending: let the device finish and make its data durable.
     pub fn shutdown(&mut self) {
         self.device.shutdown();

@@ -6,6 +6,7 @@
 //! [`VirtioDevice::process_queue`]; the device signals the guest through [`Interrupt`].
 
 pub mod block;
+pub mod net;
 pub mod mmio;
 
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -113,6 +114,17 @@ pub trait VirtioDevice: Send {
     fn process_queue(&mut self, index: usize) -> Result<(), DeviceBroken>;
     /// Device reset (status written 0): drop queues and memory, back to the pre-activation state.
     fn reset(&mut self);
+    /// Host-side file descriptors the device wants watched (a TAP, say), in the order
+    /// [`VirtioDevice::process_host_event`] numbers them. They are polled edge-triggered: the
+    /// device must drain what it can, and may leave the rest until its next queue notification
+    /// (for example when the guest has posted no receive buffers).
+    fn host_event_fds(&self) -> Vec<std::os::fd::RawFd> {
+        Vec::new()
+    }
+    /// Host descriptor `index` became readable (or writable).
+    fn process_host_event(&mut self, _index: usize) -> Result<(), DeviceBroken> {
+        Ok(())
+    }
     /// The VM is ending: finish or fail in-flight work and make written data durable.
     fn shutdown(&mut self) {}
 }
