@@ -156,87 +156,18 @@ impl Vm {
             );
         }
 
-        let vm_fd = kvm.create_vm().map_err(KvmError::CreateVm)?;
-        // The irqchip must exist before the vCPUs, which then get in-kernel local APICs.
-        vm_fd
-            .set_tss_address(KVM_TSS_ADDRESS as usize)
-            .map_err(VmmError::Irqchip)?;
-        vm_fd.create_irq_chip().map_err(VmmError::Irqchip)?;
-        let pit = kvm_pit_config {
-            flags: KVM_PIT_SPEAKER_DUMMY,
-            ..Default::default()
-        };
-        vm_fd.create_pit2(pit).map_err(VmmError::Irqchip)?;
-
+        let vm_fd = create_vm_with_irqchip(&kvm)?;
         let guest_memory = map_guest_memory(&vm_fd, config.memory_bytes)?;
-        let ram = memory::ram_regions(config.memory_bytes);
-        let memory_map = memory::memory_map(&ram);
+        let (kernel, initrd) = load_kernel_and_initrd(&guest_memory, config)?;
 
-        let mut kernel_file =
-            File::open(&config.kernel).map_err(|source| VmmError::OpenKernel {
-                path: config.kernel.clone(),
-                source,
-            })?;
-        let kernel = boot::load_kernel(&guest_memory, &mut kernel_file).map_err(|source| {
-            VmmError::Kernel {
-                path: config.kernel.clone(),
-                source,
-            }
-        })?;
-        log::info!(
-            "kernel {} ({:?}, entry {:#x})",
-            config.kernel.display(),
-            kernel.format,
-            kernel.entry
-        );
-        let initrd = match &config.initrd {
-            Some(path) => {
-                let mut file = File::open(path).map_err(|source| VmmError::OpenInitrd {
-                    path: path.clone(),
-                    source,
-                })?;
-                let placed =
-                    boot::load_initrd(&guest_memory, &mut file, &kernel, config.memory_bytes)
-                        .map_err(|source| VmmError::Initrd {
-                            path: path.clone(),
-                            source,
-                        })?;
-                log::info!(
-                    "initrd {} ({} bytes at {:#x})",
-                    path.display(),
-                    placed.size,
-                    placed.address
-                );
-                Some(placed)
-            }
-            None => None,
-        };
         let extra: Vec<String> = if software_kvm {
             vec![SOFTWARE_KVM_CMDLINE.to_string()]
         } else {
             Vec::new()
         };
         let mut cmdline = boot::build_cmdline(&config.cmdline, &extra)?;
-
         let mut mmio = Bus::new();
-        let mut slots = DeviceSlots::default();
-        let mut virtio = Vec::with_capacity(config.disks.len());
-        for disk in &config.disks {
-            let block = Block::new(BlockConfig {
-                path: disk.path.clone(),
-                read_only: disk.read_only,
-                id: disk.id.clone(),
-            })
-            .map_err(VmmError::Disk)?;
-            virtio.push(virtio_devices::attach(
-                Box::new(block),
-                &vm_fd,
-                &guest_memory,
-                &mut slots,
-                &mut mmio,
-                &mut cmdline,
-            )?);
-        }
+        let virtio = attach_disks(config, &vm_fd, &guest_memory, &mut mmio, &mut cmdline)?;
         log::info!(
             "cmdline: {}",
             cmdline
@@ -244,59 +175,21 @@ impl Vm {
                 .map(|c| c.to_string_lossy().into_owned())
                 .unwrap_or_default()
         );
+
+        let memory_map = memory::memory_map(&memory::ram_regions(config.memory_bytes));
         let entry = boot::write_boot_info(&guest_memory, &kernel, &cmdline, initrd, &memory_map)?;
+        write_firmware_tables(&guest_memory, config.cpus)?;
 
-        guest_memory
-            .write_slice(
-                &mptable::build(EBDA_START as u32, config.cpus),
-                GuestAddress(EBDA_START),
-            )
-            .map_err(VmmError::FirmwareTables)?;
-        for table in acpi::build(ACPI_START, config.cpus)? {
-            guest_memory
-                .write_slice(&table.bytes, GuestAddress(table.address))
-                .map_err(VmmError::FirmwareTables)?;
-        }
-
-        let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(VmmError::Irq)?;
-        vm_fd
-            .register_irqfd(&serial_irq, COM1_IRQ)
-            .map_err(|e| VmmError::Irq(e.into()))?;
-        let serial_fifo_drained = EventFd::new(0).map_err(VmmError::Irq)?;
-        let output = console::output(&config.console).map_err(VmmError::ConsoleOutput)?;
-        let serial = Arc::new(Mutex::new(SerialConsole::new(
-            serial_irq,
-            serial_fifo_drained.try_clone().map_err(VmmError::Irq)?,
-            output,
-        )));
-        let mut pio = Bus::new();
-        pio.insert(serial.clone(), COM1_PORT, serial::RANGE_LEN)?;
-        pio.insert(Arc::new(Mutex::new(I8042)), I8042_PORT, i8042::RANGE_LEN)?;
-        pio.insert(Arc::new(Mutex::new(DebugExit)), DEBUG_EXIT_PORT, 1)?;
-        pio.insert(
-            Arc::new(Mutex::new(AcpiSleep)),
-            ACPI_SLEEP_PORT,
-            acpi_sleep::RANGE_LEN,
-        )?;
+        let (pio, serial, serial_fifo_drained) = legacy_devices(&vm_fd, &config.console)?;
         let buses = Arc::new(IoBuses { pio, mmio });
-
-        let supported_cpuid = kvm
-            .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
-            .map_err(|source| VmmError::Vcpu { cpu: 0, source })?;
-        let mut vcpus = Vec::with_capacity(usize::from(config.cpus));
-        for cpu in 0..config.cpus {
-            let vcpu = vm_fd
-                .create_vcpu(u64::from(cpu))
-                .map_err(|source| VmmError::Vcpu { cpu, source })?;
-            let topology = CpuidTopology {
-                cpu,
-                cpus: config.cpus,
-                software_kvm,
-            };
-            configure_vcpu(&vcpu, &guest_memory, &supported_cpuid, topology, entry)
-                .map_err(|source| VmmError::Vcpu { cpu, source })?;
-            vcpus.push(vcpu);
-        }
+        let vcpus = create_vcpus(
+            &kvm,
+            &vm_fd,
+            &guest_memory,
+            config.cpus,
+            software_kvm,
+            entry,
+        )?;
 
         Ok(Vm {
             _vm_fd: vm_fd,
@@ -480,6 +373,170 @@ fn map_guest_memory(vm_fd: &VmFd, size: u64) -> Result<GuestMemoryMmap, VmmError
         unsafe { vm_fd.set_user_memory_region(slot_region) }.map_err(VmmError::RegisterMemory)?;
     }
     Ok(guest_memory)
+}
+
+/// The VM with KVM's in-kernel interrupt controllers and PIT. The irqchip must exist before the
+/// vCPUs, which then get in-kernel local APICs.
+fn create_vm_with_irqchip(kvm: &Kvm) -> Result<VmFd, VmmError> {
+    let vm_fd = kvm.create_vm().map_err(KvmError::CreateVm)?;
+    vm_fd
+        .set_tss_address(KVM_TSS_ADDRESS as usize)
+        .map_err(VmmError::Irqchip)?;
+    vm_fd.create_irq_chip().map_err(VmmError::Irqchip)?;
+    let pit = kvm_pit_config {
+        flags: KVM_PIT_SPEAKER_DUMMY,
+        ..Default::default()
+    };
+    vm_fd.create_pit2(pit).map_err(VmmError::Irqchip)?;
+    Ok(vm_fd)
+}
+
+fn load_kernel_and_initrd(
+    guest_memory: &GuestMemoryMmap,
+    config: &VmConfig,
+) -> Result<(boot::LoadedKernel, Option<boot::InitrdPlacement>), VmmError> {
+    let mut kernel_file = File::open(&config.kernel).map_err(|source| VmmError::OpenKernel {
+        path: config.kernel.clone(),
+        source,
+    })?;
+    let kernel =
+        boot::load_kernel(guest_memory, &mut kernel_file).map_err(|source| VmmError::Kernel {
+            path: config.kernel.clone(),
+            source,
+        })?;
+    log::info!(
+        "kernel {} ({:?}, entry {:#x})",
+        config.kernel.display(),
+        kernel.format,
+        kernel.entry
+    );
+    let Some(path) = &config.initrd else {
+        return Ok((kernel, None));
+    };
+    let mut file = File::open(path).map_err(|source| VmmError::OpenInitrd {
+        path: path.clone(),
+        source,
+    })?;
+    let placed = boot::load_initrd(guest_memory, &mut file, &kernel, config.memory_bytes).map_err(
+        |source| VmmError::Initrd {
+            path: path.clone(),
+            source,
+        },
+    )?;
+    log::info!(
+        "initrd {} ({} bytes at {:#x})",
+        path.display(),
+        placed.size,
+        placed.address
+    );
+    Ok((kernel, Some(placed)))
+}
+
+/// One virtio-blk device per `--disk`, in order: /dev/vda, /dev/vdb, …
+fn attach_disks(
+    config: &VmConfig,
+    vm_fd: &VmFd,
+    guest_memory: &GuestMemoryMmap,
+    mmio: &mut Bus,
+    cmdline: &mut linux_loader::cmdline::Cmdline,
+) -> Result<Vec<Arc<Mutex<MmioTransport>>>, VmmError> {
+    let mut slots = DeviceSlots::default();
+    let mut virtio = Vec::with_capacity(config.disks.len());
+    for disk in &config.disks {
+        let block = Block::new(BlockConfig {
+            path: disk.path.clone(),
+            read_only: disk.read_only,
+            id: disk.id.clone(),
+        })
+        .map_err(VmmError::Disk)?;
+        virtio.push(virtio_devices::attach(
+            Box::new(block),
+            vm_fd,
+            guest_memory,
+            &mut slots,
+            mmio,
+            cmdline,
+        )?);
+    }
+    Ok(virtio)
+}
+
+/// The MP table and ACPI tables that tell the guest about its CPUs, interrupt routing and power
+/// button.
+fn write_firmware_tables(guest_memory: &GuestMemoryMmap, cpus: u8) -> Result<(), VmmError> {
+    guest_memory
+        .write_slice(
+            &mptable::build(EBDA_START as u32, cpus),
+            GuestAddress(EBDA_START),
+        )
+        .map_err(VmmError::FirmwareTables)?;
+    for table in acpi::build(ACPI_START, cpus)? {
+        guest_memory
+            .write_slice(&table.bytes, GuestAddress(table.address))
+            .map_err(VmmError::FirmwareTables)?;
+    }
+    Ok(())
+}
+
+/// The port-I/O devices: COM1 (its interrupt through an irqfd), the i8042, the debug-exit port
+/// and the ACPI sleep registers.
+fn legacy_devices(
+    vm_fd: &VmFd,
+    console: &ConsoleConfig,
+) -> Result<(Bus, Arc<Mutex<SerialConsole>>, EventFd), VmmError> {
+    let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(VmmError::Irq)?;
+    vm_fd
+        .register_irqfd(&serial_irq, COM1_IRQ)
+        .map_err(|e| VmmError::Irq(e.into()))?;
+    let serial_fifo_drained = EventFd::new(0).map_err(VmmError::Irq)?;
+    let output = console::output(console).map_err(VmmError::ConsoleOutput)?;
+    let serial = Arc::new(Mutex::new(SerialConsole::new(
+        serial_irq,
+        serial_fifo_drained.try_clone().map_err(VmmError::Irq)?,
+        output,
+    )));
+    let mut pio = Bus::new();
+    pio.insert(serial.clone(), COM1_PORT, serial::RANGE_LEN)?;
+    pio.insert(Arc::new(Mutex::new(I8042)), I8042_PORT, i8042::RANGE_LEN)?;
+    pio.insert(Arc::new(Mutex::new(DebugExit)), DEBUG_EXIT_PORT, 1)?;
+    pio.insert(
+        Arc::new(Mutex::new(AcpiSleep)),
+        ACPI_SLEEP_PORT,
+        acpi_sleep::RANGE_LEN,
+    )?;
+    Ok((pio, serial, serial_fifo_drained))
+}
+
+fn create_vcpus(
+    kvm: &Kvm,
+    vm_fd: &VmFd,
+    guest_memory: &GuestMemoryMmap,
+    cpus: u8,
+    software_kvm: bool,
+    entry: EntryMode,
+) -> Result<Vec<VcpuFd>, VmmError> {
+    let supported_cpuid = kvm
+        .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+        .map_err(|source| VmmError::Vcpu { cpu: 0, source })?;
+    (0..cpus)
+        .map(|cpu| {
+            let vcpu = vm_fd.create_vcpu(u64::from(cpu))?;
+            let topology = CpuidTopology {
+                cpu,
+                cpus,
+                software_kvm,
+            };
+            configure_vcpu(&vcpu, guest_memory, &supported_cpuid, topology, entry)?;
+            Ok(vcpu)
+        })
+        .enumerate()
+        .map(|(cpu, result)| {
+            result.map_err(|source| VmmError::Vcpu {
+                cpu: cpu as u8,
+                source,
+            })
+        })
+        .collect()
 }
 
 /// CPUID, MSRs, FPU and LAPIC for every vCPU; registers for the boot vCPU only (the others wait

@@ -75,7 +75,8 @@ fi
 work=$cache/build/kernel-$hash
 src=$work/$source_pkg
 buildlog=$work/build.log
-rm -rf "$work"
+# Build trees of earlier failed builds are kept for debugging until the next build.
+rm -rf "$cache"/build/kernel-*
 mkdir -p "$work"
 
 fail() {

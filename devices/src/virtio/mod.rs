@@ -6,8 +6,8 @@
 //! [`VirtioDevice::process_queue`]; the device signals the guest through [`Interrupt`].
 
 pub mod block;
-pub mod net;
 pub mod mmio;
+pub mod net;
 
 use std::sync::atomic::{AtomicU32, Ordering};
 
