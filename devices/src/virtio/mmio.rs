@@ -313,7 +313,16 @@ impl MmioTransport {
             queues,
             self.interrupt.clone(),
         ) {
-            Ok(()) => self.activated = true,
+            Ok(()) => {
+                self.activated = true;
+                // One pass over every queue on the event loop: a driver may have made buffers
+                // available before DRIVER_OK, and a backend's readiness edge may be long gone.
+                for event in &self.queue_events {
+                    if let Err(e) = event.write(1) {
+                        log::warn!("virtio: cannot kick a queue after activation: {e}");
+                    }
+                }
+            }
             Err(e) => self.mark_broken(&e.to_string()),
         }
     }

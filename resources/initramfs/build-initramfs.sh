@@ -1,0 +1,107 @@
+#!/usr/bin/env bash
+# Builds Ember's default initramfs: a gzip'ed newc cpio holding Debian's static busybox with its
+# applet symlinks, /init (init), its command line parsing (lib/cmdline.sh), the test scripts
+# (tests/*.sh -> /tests) and ember-exit (ember-exit.c), which ends the VM through port 0xf4.
+# The result is cached outside the clone, keyed by these files and the busybox version:
+#   ${XDG_CACHE_HOME:-~/.cache}/ember/initramfs-<hash>.cpio.gz
+#   ${XDG_CACHE_HOME:-~/.cache}/ember/default/initramfs.cpio.gz -> the latest build
+# When the cached build exists, it only prints where it is.
+set -euo pipefail
+
+here=$(cd "$(dirname "$0")" && pwd)
+cache=${XDG_CACHE_HOME:-$HOME/.cache}/ember
+busybox=/bin/busybox
+
+log() { printf '[initramfs] %s\n' "$*" >&2; }
+
+install_missing() {
+    local missing=() pkg
+    for pkg in "$@"; do
+        dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" ||
+            missing+=("$pkg")
+    done
+    [ ${#missing[@]} -eq 0 ] && return 0
+    log "installing: ${missing[*]}"
+    local sudo=()
+    [ "$(id -u)" -eq 0 ] || sudo=(sudo)
+    "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+    "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive \
+        apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+}
+
+install_missing busybox-static cpio gzip build-essential
+
+inputs=("$here/build-initramfs.sh" "$here/init" "$here/lib/cmdline.sh" "$here/ember-exit.c"
+    "$here"/tests/*.sh)
+hash=$(
+    {
+        echo "busybox-static $(dpkg-query -W -f='${Version}' busybox-static)"
+        echo "gcc $(gcc -dumpfullversion)"
+        for f in "${inputs[@]}"; do
+            echo "== ${f#"$here"/}"
+            cat "$f"
+        done
+    } | sha256sum | cut -c1-16
+)
+out=$cache/initramfs-$hash.cpio.gz
+
+publish() {
+    mkdir -p "$cache/default"
+    ln -sfn "../initramfs-$hash.cpio.gz" "$cache/default/initramfs.cpio.gz"
+    echo "initramfs: $out"
+}
+
+if [ -f "$out" ]; then
+    log "cached ($(basename "$out"))"
+    publish
+    exit 0
+fi
+
+mkdir -p "$cache/build"
+stage=$(mktemp -d "$cache/build/initramfs.XXXXXX")
+trap 'rm -rf "$stage"' EXIT
+root=$stage/root
+mkdir -p "$root"/{bin,sbin,usr/bin,usr/sbin,lib/ember,tests,dev,proc,sys,tmp,run,root,etc}
+
+# busybox and one symlink per applet, where Debian's busybox would install it.
+cp "$busybox" "$root/bin/busybox"
+"$busybox" --list-full | while read -r applet; do
+    [ "$applet" = bin/busybox ] || [ -e "$root/$applet" ] || ln -s /bin/busybox "$root/$applet"
+done
+
+gcc -static -nostdlib -ffreestanding -Os -fno-stack-protector -fno-pie -no-pie \
+    -fno-asynchronous-unwind-tables -Wl,--build-id=none -Wl,-n -Wl,-z,norelro \
+    -Wl,-z,noexecstack -Wall -Wextra -Werror -s -o "$root/bin/ember-exit" "$here/ember-exit.c"
+
+install -m 755 "$here/init" "$root/init"
+install -m 644 "$here/lib/cmdline.sh" "$root/lib/ember/cmdline.sh"
+install -m 755 "$here"/tests/*.sh "$root/tests/"
+printf 'root:x:0:0:root:/root:/bin/sh\n' >"$root/etc/passwd"
+printf 'root:x:0:\ntty:x:5:\n' >"$root/etc/group"
+printf '%s\n' "PS1='ember:\\w\\\$ '" "export PS1" >"$root/etc/profile"
+chmod 1777 "$root/tmp"
+find "$root" -exec touch -h -d @0 {} +
+
+# newc_node NAME MODE MAJOR MINOR: a cpio (newc) archive holding one device node, so that the
+# kernel can open /dev/console for /init before devtmpfs is mounted, without mknod (no root
+# needed to build).
+newc_node() {
+    local name=$1 mode=$2 major=$3 minor=$4 namesize=$((${#1} + 1))
+    printf '070701%08X%08X%08X%08X%08X%08X%08X%08X%08X%08X%08X%08X%08X' \
+        1 "$mode" 0 0 1 0 0 0 0 "$major" "$minor" "$namesize" 0
+    printf '%s\0' "$name"
+    head -c $(((4 - (110 + namesize) % 4) % 4)) /dev/zero
+    printf '070701%08X%08X%08X%08X%08X%08X%08X%08X%08X%08X%08X%08X%08X' \
+        0 0 0 0 1 0 0 0 0 0 0 11 0
+    printf 'TRAILER!!!\0'
+    head -c 3 /dev/zero
+}
+
+{
+    (cd "$root" && find . -mindepth 1 | LC_ALL=C sort |
+        cpio -o -H newc -R 0:0 --reproducible --quiet)
+    newc_node dev/console $((0020600)) 5 1
+} | gzip -9 -n >"$stage/initramfs.cpio.gz"
+mv "$stage/initramfs.cpio.gz" "$out"
+log "built: $(du -k "$out" | cut -f1) KiB ($(find "$root" -mindepth 1 | wc -l) entries)"
+publish
