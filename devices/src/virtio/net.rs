@@ -351,7 +351,7 @@ impl VirtioDevice for Net {
         rx.set_event_idx(event_idx);
         tx.set_event_idx(event_idx);
         self.host.mirror_offloads(features);
-        let mut active = Active {
+        let active = Active {
             mem,
             rx,
             tx,
