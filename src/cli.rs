@@ -4,7 +4,9 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::config::{parse_disk, parse_memory_size, DiskConfig, SoftwareKvmMode, VmConfig};
+use crate::config::{
+    parse_disk, parse_memory_size, parse_net, DiskConfig, NetConfig, SoftwareKvmMode, VmConfig,
+};
 use crate::console::ConsoleConfig;
 use crate::vmm::MAX_CPUS;
 
@@ -52,6 +54,9 @@ pub struct RunArgs {
     /// A virtio block device (repeatable): path=FILE[,readonly=on][,id=NAME]; the first is /dev/vda
     #[arg(long = "disk", value_name = "SPEC", value_parser = parse_disk)]
     pub disks: Vec<DiskConfig>,
+    /// A virtio network device on a host TAP (repeatable): tap=NAME[,mac=MAC]
+    #[arg(long = "net", value_name = "SPEC", value_parser = parse_net)]
+    pub nets: Vec<NetConfig>,
     /// Root filesystem image: the first disk, with root=/dev/vda rw on the command line
     #[arg(long, value_name = "FILE")]
     pub rootfs: Option<PathBuf>,
@@ -112,6 +117,7 @@ impl RunArgs {
             initrd,
             cmdline,
             disks,
+            nets: self.nets,
             cpus: self.cpus,
             memory_bytes: self.memory,
             console: self.console,

@@ -2,6 +2,8 @@
 
 use std::path::PathBuf;
 
+pub use ember_devices::virtio::net::NetConfig;
+
 use crate::console::ConsoleConfig;
 
 /// Whether to apply the workarounds for software KVM (`kvm_pvm`).
@@ -27,6 +29,8 @@ pub struct VmConfig {
     pub software_kvm: SoftwareKvmMode,
     /// virtio block devices, /dev/vda first.
     pub disks: Vec<DiskConfig>,
+    /// virtio network devices, eth0 first.
+    pub nets: Vec<NetConfig>,
 }
 
 const MIB: u64 = 1 << 20;
@@ -120,6 +124,27 @@ pub fn parse_disk(text: &str) -> Result<DiskConfig, String> {
     })
 }
 
+/// Parses the `--net` value: `tap=NAME[,mac=MAC]`.
+pub fn parse_net(text: &str) -> Result<NetConfig, String> {
+    let mut tap = None;
+    let mut mac = None;
+    for item in text.split(',') {
+        match item.split_once('=') {
+            Some(("tap", value)) if !value.is_empty() => tap = Some(value.to_string()),
+            Some(("mac", value)) => {
+                mac = Some(ember_devices::virtio::net::parse_mac(value).map_err(|e| e.to_string())?)
+            }
+            _ => {
+                return Err(format!(
+                    "'{item}' is not a network option: use tap=NAME[,mac=MAC]"
+                ))
+            }
+        }
+    }
+    let tap = tap.ok_or("a network device needs tap=NAME")?;
+    Ok(NetConfig { tap, mac })
+}
+
 #[cfg(test)]
 mod disk_tests {
     use super::*;
@@ -146,5 +171,26 @@ mod disk_tests {
         assert!(parse_disk("path=").is_err());
         assert!(parse_disk("path=/a,ro").is_err());
         assert!(parse_disk("path=/a,readonly=maybe").is_err());
+    }
+
+    #[test]
+    fn net_options() {
+        assert_eq!(
+            parse_net("tap=tap0"),
+            Ok(NetConfig {
+                tap: "tap0".into(),
+                mac: None
+            })
+        );
+        assert_eq!(
+            parse_net("tap=tap0,mac=02:00:00:00:00:01"),
+            Ok(NetConfig {
+                tap: "tap0".into(),
+                mac: Some([2, 0, 0, 0, 0, 1])
+            })
+        );
+        assert!(parse_net("mac=02:00:00:00:00:01").is_err());
+        assert!(parse_net("tap=tap0,mac=zz").is_err());
+        assert!(parse_net("tap=tap0,queues=2").is_err());
     }
 }

@@ -16,6 +16,8 @@ use ember_devices::i8042::{self, I8042};
 use ember_devices::serial::{self, SerialConsole};
 use ember_devices::virtio::block::{Block, BlockConfig, BlockError};
 use ember_devices::virtio::mmio::MmioTransport;
+use ember_devices::virtio::net::{Net, NetError};
+use ember_devices::virtio::VirtioDevice;
 use ember_devices::{Bus, BusError};
 use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
@@ -113,6 +115,8 @@ pub enum VmmError {
     Bus(#[from] BusError),
     #[error("cannot attach a disk")]
     Disk(#[source] BlockError),
+    #[error("cannot attach a network device")]
+    Net(#[source] NetError),
     #[error(transparent)]
     Virtio(#[from] VirtioError),
     #[error("cannot wire a device interrupt")]
@@ -167,7 +171,7 @@ impl Vm {
         };
         let mut cmdline = boot::build_cmdline(&config.cmdline, &extra)?;
         let mut mmio = Bus::new();
-        let virtio = attach_disks(config, &vm_fd, &guest_memory, &mut mmio, &mut cmdline)?;
+        let virtio = attach_virtio_devices(config, &vm_fd, &guest_memory, &mut mmio, &mut cmdline)?;
         log::info!(
             "cmdline: {}",
             cmdline
@@ -432,8 +436,9 @@ fn load_kernel_and_initrd(
     Ok((kernel, Some(placed)))
 }
 
-/// One virtio-blk device per `--disk`, in order: /dev/vda, /dev/vdb, …
-fn attach_disks(
+/// One virtio-blk device per `--disk`, in order (/dev/vda, /dev/vdb, …), then one virtio-net
+/// device per `--net` (eth0, eth1, …).
+fn attach_virtio_devices(
     config: &VmConfig,
     vm_fd: &VmFd,
     guest_memory: &GuestMemoryMmap,
@@ -441,7 +446,7 @@ fn attach_disks(
     cmdline: &mut linux_loader::cmdline::Cmdline,
 ) -> Result<Vec<Arc<Mutex<MmioTransport>>>, VmmError> {
     let mut slots = DeviceSlots::default();
-    let mut virtio = Vec::with_capacity(config.disks.len());
+    let mut devices: Vec<Box<dyn VirtioDevice>> = Vec::new();
     for disk in &config.disks {
         let block = Block::new(BlockConfig {
             path: disk.path.clone(),
@@ -449,16 +454,18 @@ fn attach_disks(
             id: disk.id.clone(),
         })
         .map_err(VmmError::Disk)?;
-        virtio.push(virtio_devices::attach(
-            Box::new(block),
-            vm_fd,
-            guest_memory,
-            &mut slots,
-            mmio,
-            cmdline,
-        )?);
+        devices.push(Box::new(block));
     }
-    Ok(virtio)
+    for net in &config.nets {
+        devices.push(Box::new(Net::new(net.clone()).map_err(VmmError::Net)?));
+    }
+    devices
+        .into_iter()
+        .map(|device| {
+            virtio_devices::attach(device, vm_fd, guest_memory, &mut slots, mmio, cmdline)
+                .map_err(VmmError::from)
+        })
+        .collect()
 }
 
 /// The MP table and ACPI tables that tell the guest about its CPUs, interrupt routing and power
