@@ -11,7 +11,8 @@ run_with() {
         . "$1/lib/cmdline.sh"
         pass=0 fail=0
         check() { # WANT CMDLINE
-            got=$(cmdline_mode "$2")
+            cmdline_mode "$2"; got="$mode${arg:+ $arg}"
+            [ "$mode" = error ] && got="error $arg"
             if [ "$got" = "$1" ]; then pass=$((pass + 1)); else
                 fail=$((fail + 1)); printf "FAIL: cmdline [%s]: want [%s], got [%s]\n" "$2" "$1" "$got"; fi
         }

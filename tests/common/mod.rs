@@ -208,3 +208,52 @@ pub fn send_signal(child: &Child, signal: i32) {
     let rc = unsafe { libc::kill(child.id() as i32, signal) };
     assert_eq!(rc, 0, "kill({signal})");
 }
+
+/// The default Linux guest (kernel, initramfs), built by `resources/build-guest.sh` if the cache
+/// does not hold it yet (a few minutes, once).
+pub fn linux_guest() -> &'static (PathBuf, PathBuf) {
+    static GUEST: OnceLock<(PathBuf, PathBuf)> = OnceLock::new();
+    GUEST.get_or_init(|| {
+        let script = workspace_root().join("resources").join("build-guest.sh");
+        let status = Command::new("flock")
+            .arg(workspace_root().join("target").join(".linux-guest.lock"))
+            .arg(&script)
+            .stdout(Stdio::null())
+            .status()
+            .expect("run resources/build-guest.sh");
+        assert!(
+            status.success(),
+            "building the Linux guest failed; run {} to see why",
+            script.display()
+        );
+        let dir = cache_dir().join("default");
+        let guest = (dir.join("vmlinux"), dir.join("initramfs.cpio.gz"));
+        assert!(guest.0.exists() && guest.1.exists(), "no guest in {}", dir.display());
+        guest
+    })
+}
+
+fn cache_dir() -> PathBuf {
+    std::env::var_os("XDG_CACHE_HOME")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache"))
+        .join("ember")
+}
+
+/// A Linux boot on software KVM takes tens of seconds; allow for a loaded machine.
+pub const LINUX_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// Command-line arguments that boot the Linux guest with `cmdline` appended to the usual one.
+pub fn linux_args(extra_cmdline: &str) -> Vec<String> {
+    let (kernel, initrd) = linux_guest();
+    vec![
+        "run".into(),
+        "--kernel".into(),
+        kernel.display().to_string(),
+        "--initrd".into(),
+        initrd.display().to_string(),
+        "--cmdline".into(),
+        format!("console=ttyS0 reboot=k panic=-1 quiet tsc=reliable {extra_cmdline}"),
+    ]
+}

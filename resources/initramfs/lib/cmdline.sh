@@ -45,21 +45,25 @@ cmdline_get() {
     return $_found
 }
 
-# cmdline_mode CMDLINE: prints what /init should do, as "MODE ARGUMENT":
-#   "test NAME"   ember.test=NAME: run /tests/NAME.sh, then exit with its status
-#   "cmd COMMAND" ember.cmd=COMMAND: run `sh -c COMMAND`, then exit with its status
-#   "shell"       neither: an interactive shell on the console, reboot when it exits
-# ember.test wins over ember.cmd. A test NAME may only hold letters, digits, '.', '_' and '-'
-# (mode "error MESSAGE" otherwise).
+# cmdline_mode CMDLINE: sets $mode and $arg to what /init should do (no subshell: every process
+# costs here, fork included):
+#   mode=test  arg=NAME      ember.test=NAME: run /tests/NAME.sh, then exit with its status
+#   mode=cmd   arg=COMMAND   ember.cmd=COMMAND: run `sh -c COMMAND`, then exit with its status
+#   mode=shell arg=          neither: an interactive shell on the console, reboot when it exits
+#   mode=error arg=MESSAGE   a bad value
+# ember.test wins over ember.cmd. A test NAME may only hold letters, digits, '.', '_' and '-',
+# and may not start with '.'.
 cmdline_mode() {
-    if _t=$(cmdline_get ember.test "$1"); then
-        case $_t in
-            '' | *[!A-Za-z0-9._-]* | .*) printf 'error bad test name: %s\n' "$_t" ;;
-            *) printf 'test %s\n' "$_t" ;;
+    arg=
+    # cmdline_get sets $_value too; a redirected function call runs in this shell.
+    if cmdline_get ember.test "$1" >/dev/null; then
+        case $_value in
+            '' | *[!A-Za-z0-9._-]* | .*) mode=error arg="bad test name: $_value" ;;
+            *) mode=test arg=$_value ;;
         esac
-    elif _t=$(cmdline_get ember.cmd "$1"); then
-        if [ -n "$_t" ]; then printf 'cmd %s\n' "$_t"; else echo "error empty ember.cmd"; fi
+    elif cmdline_get ember.cmd "$1" >/dev/null; then
+        if [ -n "$_value" ]; then mode=cmd arg=$_value; else mode=error arg="empty ember.cmd"; fi
     else
-        echo shell
+        mode=shell
     fi
 }

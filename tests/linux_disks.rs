@@ -1,0 +1,146 @@
+//! virtio-blk under Linux: an ext4 image made on the host, read and written by the guest, a
+//! read-only disk, discard giving space back, and a root filesystem on virtio-blk.
+
+mod common;
+
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::{kvm_available, linux_args, LINUX_TIMEOUT};
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("ember-linux-disks-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// An ext4 image of `size_mib` MiB holding the contents of `from`.
+fn mkfs_ext4(image: &Path, from: &Path, size_mib: u32) {
+    let status = Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0", "-d"])
+        .arg(from)
+        .arg(image)
+        .arg(format!("{size_mib}M"))
+        .status()
+        .expect("mkfs.ext4 (e2fsprogs)");
+    assert!(status.success());
+}
+
+/// Reads a file out of an ext4 image on the host, with debugfs (no mount needed).
+fn ext4_cat(image: &Path, file: &str) -> String {
+    let out = Command::new("debugfs")
+        .args(["-R", &format!("cat {file}")])
+        .arg(image)
+        .output()
+        .expect("debugfs (e2fsprogs)");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn as_strs(args: &[String]) -> Vec<&str> {
+    args.iter().map(String::as_str).collect()
+}
+
+#[test]
+fn ext4_disks_read_write_readonly_and_discard() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = scratch("data");
+    let content = dir.join("content");
+    std::fs::create_dir_all(&content).unwrap();
+    std::fs::write(content.join("hello.txt"), "hello from the host\n").unwrap();
+    let data = dir.join("data.img");
+    let readonly = dir.join("readonly.img");
+    mkfs_ext4(&data, &content, 64);
+    mkfs_ext4(&readonly, &content, 16);
+    let readonly_before = std::fs::read(&readonly).unwrap();
+
+    // In the guest: read the host's file, write one and sync; fill and delete 16 MiB, then
+    // fstrim so the host file gets its blocks back; try to write the read-only disk.
+    let script = [
+        "mkdir -p /mnt/data /mnt/ro",
+        "mount -t ext4 /dev/vda /mnt/data",
+        "echo EMBER-TEST hello=$(cat /mnt/data/hello.txt | tr ' ' _)",
+        "echo EMBER-TEST serial=$(cat /sys/block/vda/serial)",
+        "echo written-by-the-guest > /mnt/data/guest.txt",
+        "dd if=/dev/urandom of=/mnt/data/big bs=1M count=16 2>/dev/null",
+        "sync",
+        "rm /mnt/data/big; sync; fstrim -v /mnt/data",
+        "echo EMBER-TEST ro=$(cat /sys/block/vdb/ro)",
+        "mount -t ext4 -o ro /dev/vdb /mnt/ro && echo EMBER-TEST ro_hello=$(cat /mnt/ro/hello.txt | tr ' ' _)",
+        "dd if=/dev/zero of=/dev/vdb bs=512 count=1 oflag=direct 2>/dev/null && echo EMBER-TEST ro_write=allowed || echo EMBER-TEST ro_write=refused",
+        "umount /mnt/data; exit 7",
+    ]
+    .join("; ");
+    let mut args = linux_args(&format!("ember.cmd=\"{script}\""));
+    args.extend([
+        "--memory".into(),
+        "256M".into(),
+        "--disk".into(),
+        format!("path={},id=data-disk", data.display()),
+        "--disk".into(),
+        format!("path={},readonly=on", readonly.display()),
+    ]);
+    let blocks_before = std::fs::metadata(&data).unwrap().blocks();
+    let r = common::run(&as_strs(&args), LINUX_TIMEOUT);
+    let blocks_after = std::fs::metadata(&data).unwrap().blocks();
+
+    assert_eq!(r.code(), 7, "{r:?}");
+    let tag = |key: &str| r.lines_with(&format!("EMBER-TEST {key}=")).join("");
+    assert_eq!(tag("hello"), "hello_from_the_host");
+    assert_eq!(tag("serial"), "data-disk");
+    assert_eq!(tag("ro"), "1");
+    assert_eq!(tag("ro_hello"), "hello_from_the_host");
+    assert_eq!(tag("ro_write"), "refused");
+    // The guest's write is in the host file after ember exits.
+    assert_eq!(ext4_cat(&data, "/guest.txt"), "written-by-the-guest\n");
+    assert_eq!(std::fs::read(&readonly).unwrap(), readonly_before);
+    // The guest wrote 16 MiB (32768 512-byte blocks) and discarded it: without hole punching the
+    // host file would have grown by that much; allow 4 MiB for the journal and metadata.
+    assert!(
+        blocks_after < blocks_before + 8192,
+        "discard did not give blocks back: {blocks_before} -> {blocks_after} blocks"
+    );
+    std::fs::remove_dir_all(dir).ok();
+}
+
+#[test]
+fn rootfs_on_virtio_blk() {
+    if !kvm_available() {
+        return;
+    }
+    // The root filesystem is the default guest's initramfs, unpacked onto an ext4 image.
+    let dir = scratch("rootfs");
+    let tree = dir.join("tree");
+    std::fs::create_dir_all(&tree).unwrap();
+    let (kernel, initrd) = common::linux_guest();
+    let status = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "gzip -dc {} | (cd {} && cpio -id --quiet)",
+            initrd.display(),
+            tree.display()
+        ))
+        .status()
+        .unwrap();
+    assert!(status.success(), "unpacking the initramfs");
+    let rootfs = dir.join("rootfs.img");
+    mkfs_ext4(&rootfs, &tree, 64);
+    let cmd = "echo EMBER-TEST rootfs=$(awk -v m=/ '$2==m {print $3}' /proc/mounts); echo rootfs-was-here > /root-note; sync; exit 3";
+    let args = [
+        "run".to_string(),
+        "--kernel".into(),
+        kernel.display().to_string(),
+        "--rootfs".into(),
+        rootfs.display().to_string(),
+        "--cmdline".into(),
+        format!("console=ttyS0 reboot=k panic=-1 quiet tsc=reliable init=/init ember.cmd=\"{cmd}\""),
+    ];
+    let r = common::run(&as_strs(&args), LINUX_TIMEOUT);
+    assert_eq!(r.code(), 3, "{r:?}");
+    assert_eq!(r.lines_with("EMBER-TEST rootfs="), vec!["ext4".to_string()]);
+    assert_eq!(ext4_cat(&rootfs, "/root-note"), "rootfs-was-here\n");
+    std::fs::remove_dir_all(dir).ok();
+}
