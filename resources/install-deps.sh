@@ -7,6 +7,7 @@ packages=(
     build-essential   # gcc, as, ld, make: micro-guests and the guest kernel
     flex bison bc libelf-dev libssl-dev  # the Linux kernel build
     cpio              # packing the initramfs
+    lz4               # the kernel build compresses the bzImage with it
     linux-source-6.1  # the guest kernel's source
     busybox-static    # the default guest's userland
     util-linux        # script(1), unshare, setpriv: terminal and /dev/kvm error tests

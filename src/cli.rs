@@ -95,7 +95,7 @@ impl RunArgs {
                 }
                 let initrd = self
                     .initrd
-                    .or_else(|| Some(dir.join("initramfs.cpio.gz")).filter(|p| p.exists()));
+                    .or_else(|| Some(dir.join("initramfs.cpio")).filter(|p| p.exists()));
                 (kernel, initrd)
             }
         };

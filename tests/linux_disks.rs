@@ -19,7 +19,13 @@ fn scratch(name: &str) -> PathBuf {
 /// An ext4 image of `size_mib` MiB holding the contents of `from`.
 fn mkfs_ext4(image: &Path, from: &Path, size_mib: u32) {
     let status = Command::new("mkfs.ext4")
-        .args(["-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0", "-d"])
+        .args([
+            "-q",
+            "-F",
+            "-E",
+            "lazy_itable_init=0,lazy_journal_init=0",
+            "-d",
+        ])
         .arg(from)
         .arg(image)
         .arg(format!("{size_mib}M"))
@@ -136,7 +142,9 @@ fn rootfs_on_virtio_blk() {
         "--rootfs".into(),
         rootfs.display().to_string(),
         "--cmdline".into(),
-        format!("console=ttyS0 reboot=k panic=-1 quiet tsc=reliable init=/init ember.cmd=\"{cmd}\""),
+        format!(
+            "console=ttyS0 reboot=k panic=-1 quiet tsc=reliable init=/init ember.cmd=\"{cmd}\""
+        ),
     ];
     let r = common::run(&as_strs(&args), LINUX_TIMEOUT);
     assert_eq!(r.code(), 3, "{r:?}");

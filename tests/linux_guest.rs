@@ -15,7 +15,13 @@ fn as_strs(args: &[String]) -> Vec<&str> {
 /// `EMBER-TEST key=value` lines.
 fn value(r: &common::Run, key: &str) -> String {
     let found = r.lines_with(&format!("EMBER-TEST {key}="));
-    assert_eq!(found.len(), 1, "EMBER-TEST {key} in:\n{}\n{}", r.stdout, r.stderr);
+    assert_eq!(
+        found.len(),
+        1,
+        "EMBER-TEST {key} in:\n{}\n{}",
+        r.stdout,
+        r.stderr
+    );
     found[0].clone()
 }
 
@@ -33,8 +39,14 @@ fn guest_sees_its_machine_and_its_status_comes_back() {
     assert_eq!(value(&r, "online"), "0-1");
     let memtotal: u64 = value(&r, "memtotal_kib").parse().unwrap();
     // MemTotal is RAM minus what the kernel reserves for itself: most of 256 MiB.
-    assert!((200 * 1024..=256 * 1024).contains(&memtotal), "MemTotal {memtotal} KiB");
-    assert!(value(&r, "cmdline").contains("noxsave") || !std::path::Path::new("/sys/module/kvm_pvm").exists());
+    assert!(
+        (200 * 1024..=256 * 1024).contains(&memtotal),
+        "MemTotal {memtotal} KiB"
+    );
+    assert!(
+        value(&r, "cmdline").contains("noxsave")
+            || !std::path::Path::new("/sys/module/kvm_pvm").exists()
+    );
     assert_eq!(value(&r, "userland"), "ok");
     r.assert_line("EMBER-EXIT status=42");
     assert_eq!(r.code(), 42, "{r:?}");

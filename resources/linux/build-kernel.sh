@@ -58,6 +58,15 @@ hash=$(
 )
 out=$cache/kernel-$hash
 
+# One build at a time (test binaries, CI steps and people may call this at once): the others wait
+# here, then find the result cached.
+mkdir -p "$cache"
+exec 9>"$cache/.kernel.lock"
+if ! flock -n 9; then
+    log "waiting for another kernel build to finish"
+    flock 9
+fi
+
 publish() {
     mkdir -p "$cache/default"
     ln -sfn "../kernel-$hash/vmlinux" "$cache/default/vmlinux"

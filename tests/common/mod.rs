@@ -227,8 +227,12 @@ pub fn linux_guest() -> &'static (PathBuf, PathBuf) {
             script.display()
         );
         let dir = cache_dir().join("default");
-        let guest = (dir.join("vmlinux"), dir.join("initramfs.cpio.gz"));
-        assert!(guest.0.exists() && guest.1.exists(), "no guest in {}", dir.display());
+        let guest = (dir.join("vmlinux"), dir.join("initramfs.cpio"));
+        assert!(
+            guest.0.exists() && guest.1.exists(),
+            "no guest in {}",
+            dir.display()
+        );
         guest
     })
 }
@@ -256,4 +260,44 @@ pub fn linux_args(extra_cmdline: &str) -> Vec<String> {
         "--cmdline".into(),
         format!("console=ttyS0 reboot=k panic=-1 quiet tsc=reliable {extra_cmdline}"),
     ]
+}
+
+/// Like [`spawn_until`], for a prepared command (e.g. one run inside a network namespace); also
+/// returns the output read so far.
+pub fn spawn_command_until(
+    mut command: Command,
+    marker: &str,
+    timeout: Duration,
+) -> (Child, String) {
+    let mut child = command.spawn().expect("start ember");
+    let mut stdout = child.stdout.take().expect("piped stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    let marker = marker.to_string();
+    // Read on a thread so a guest that never prints the marker cannot hang the test.
+    let reader = std::thread::spawn(move || {
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 256];
+        loop {
+            match stdout.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => seen.extend_from_slice(&buf[..n]),
+            }
+            if String::from_utf8_lossy(&seen).contains(&marker) {
+                let _ = tx.send(());
+                break;
+            }
+        }
+        (stdout, seen)
+    });
+    if rx.recv_timeout(timeout).is_err() {
+        let _ = child.kill();
+        let (_, seen) = reader.join().expect("reader thread");
+        panic!(
+            "guest never printed the marker:\n{}",
+            String::from_utf8_lossy(&seen)
+        );
+    }
+    let (stdout, seen) = reader.join().expect("reader thread");
+    child.stdout = Some(stdout);
+    (child, String::from_utf8_lossy(&seen).into_owned())
 }
