@@ -125,9 +125,9 @@ fn rootfs_on_virtio_blk() {
     let status = Command::new("sh")
         .arg("-c")
         .arg(format!(
-            "gzip -dc {} | (cd {} && cpio -id --quiet)",
-            initrd.display(),
-            tree.display()
+            "cd {} && cpio -id --quiet < {}",
+            tree.display(),
+            initrd.display()
         ))
         .status()
         .unwrap();

@@ -7,6 +7,7 @@
 #   ${XDG_CACHE_HOME:-~/.cache}/ember/kernel-<hash>/{vmlinux,bzImage,config,System.map}
 #   ${XDG_CACHE_HOME:-~/.cache}/ember/default/{vmlinux,bzImage} -> the latest build
 # When the cached build exists, it only prints where it is.
+# `build-kernel.sh --key` prints the cache key and builds nothing.
 # Environment: EMBER_KERNEL_JOBS (make -j, default 2), EMBER_KEEP_BUILD=1 keeps the build tree.
 set -euo pipefail
 
@@ -56,6 +57,10 @@ hash=$(
         done
     } | sha256sum | cut -c1-16
 )
+if [ "${1:-}" = --key ]; then
+    echo "$hash"
+    exit 0
+fi
 out=$cache/kernel-$hash
 
 # One build at a time (test binaries, CI steps and people may call this at once): the others wait
