@@ -1,5 +1,5 @@
 //! virtio-blk under Linux: an ext4 image made on the host, read and written by the guest, a
-//! read-only disk, discard giving space back, and a root filesystem on virtio-blk.
+//! read-only disk, discard punching holes in the image file, and a root filesystem on virtio-blk.
 
 mod common;
 
@@ -62,6 +62,9 @@ fn ext4_disks_read_write_readonly_and_discard() {
     mkfs_ext4(&data, &content, 64);
     mkfs_ext4(&readonly, &content, 16);
     let readonly_before = std::fs::read(&readonly).unwrap();
+    // A raw disk full of data, every block allocated, for the guest to discard.
+    let raw = dir.join("raw.img");
+    std::fs::write(&raw, vec![0xaau8; 4 << 20]).unwrap();
 
     // In the guest: read the host's file, write one and sync; fill and delete 16 MiB, then
     // fstrim so the host file gets its blocks back; try to write the read-only disk.
@@ -71,9 +74,8 @@ fn ext4_disks_read_write_readonly_and_discard() {
         "echo EMBER-TEST hello=$(cat /mnt/data/hello.txt | tr ' ' _)",
         "echo EMBER-TEST serial=$(cat /sys/block/vda/serial)",
         "echo written-by-the-guest > /mnt/data/guest.txt",
-        "dd if=/dev/urandom of=/mnt/data/big bs=1M count=16 2>/dev/null",
         "sync",
-        "rm /mnt/data/big; sync; fstrim -v /mnt/data",
+        "blkdiscard /dev/vdc && echo EMBER-TEST discard=ok",
         "echo EMBER-TEST ro=$(cat /sys/block/vdb/ro)",
         "mount -t ext4 -o ro /dev/vdb /mnt/ro && echo EMBER-TEST ro_hello=$(cat /mnt/ro/hello.txt | tr ' ' _)",
         "dd if=/dev/zero of=/dev/vdb bs=512 count=1 oflag=direct 2>/dev/null && echo EMBER-TEST ro_write=allowed || echo EMBER-TEST ro_write=refused",
@@ -88,10 +90,12 @@ fn ext4_disks_read_write_readonly_and_discard() {
         format!("path={},id=data-disk", data.display()),
         "--disk".into(),
         format!("path={},readonly=on", readonly.display()),
+        "--disk".into(),
+        format!("path={}", raw.display()),
     ]);
-    let blocks_before = std::fs::metadata(&data).unwrap().blocks();
+    let raw_blocks_before = std::fs::metadata(&raw).unwrap().blocks();
     let r = common::run(&as_strs(&args), LINUX_TIMEOUT);
-    let blocks_after = std::fs::metadata(&data).unwrap().blocks();
+    let raw_blocks_after = std::fs::metadata(&raw).unwrap().blocks();
 
     assert_eq!(r.code(), 7, "{r:?}");
     let tag = |key: &str| r.lines_with(&format!("EMBER-TEST {key}=")).join("");
@@ -103,12 +107,17 @@ fn ext4_disks_read_write_readonly_and_discard() {
     // The guest's write is in the host file after ember exits.
     assert_eq!(ext4_cat(&data, "/guest.txt"), "written-by-the-guest\n");
     assert_eq!(std::fs::read(&readonly).unwrap(), readonly_before);
-    // The guest wrote 16 MiB (32768 512-byte blocks) and discarded it: without hole punching the
-    // host file would have grown by that much; allow 4 MiB for the journal and metadata.
+    // The guest discarded the whole raw disk: the host file keeps its size but gives its blocks
+    // back (holes punched), and reads as zeros.
+    assert_eq!(tag("discard"), "ok");
+    assert!(raw_blocks_before >= 8192, "{raw_blocks_before}");
     assert!(
-        blocks_after < blocks_before + 8192,
-        "discard did not give blocks back: {blocks_before} -> {blocks_after} blocks"
+        raw_blocks_after < raw_blocks_before / 8,
+        "discard did not give blocks back: {raw_blocks_before} -> {raw_blocks_after} blocks"
     );
+    let raw_after = std::fs::read(&raw).unwrap();
+    assert_eq!(raw_after.len(), 4 << 20);
+    assert!(raw_after.iter().all(|&b| b == 0));
     std::fs::remove_dir_all(dir).ok();
 }
 
