@@ -57,16 +57,25 @@ fn serial_input_reaches_the_shell_and_reboot_exits_zero() {
     if !kvm_available() {
         return;
     }
-    // The interactive default mode: a shell on the console.
+    // The interactive default mode: a shell on the console. Type once its prompt is up (as a
+    // person would): busybox's line editor queries the terminal before each prompt and would take
+    // typed-ahead bytes for the answer.
     let args = linux_args("");
-    let mut child = common::spawn(&as_strs(&args), Stdio::piped());
+    let mut command = std::process::Command::new(common::ember());
+    command
+        .args(&args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let (mut child, before) = common::spawn_command_until(command, "ember:/# ", LINUX_TIMEOUT);
+    std::thread::sleep(std::time::Duration::from_secs(1));
     let mut stdin = child.stdin.take().unwrap();
-    // Typed ahead: the tty buffers it until the shell reads it.
     stdin
         .write_all(b"echo \"shell-got-$((6 * 7))\"\nreboot -f\n")
         .unwrap();
     let r = common::finish(child, LINUX_TIMEOUT);
     drop(stdin);
+    assert!(before.contains("EMBER-INIT"), "{before}");
     assert!(r.stdout.contains("shell-got-42"), "{r:?}");
     assert_eq!(r.code(), 0, "reboot ends the VM with 0: {r:?}");
 }
