@@ -433,6 +433,7 @@ class Bench:
                     log(f"  ERROR: {e}")
                 runs.append(r)
         summary = self.summarize(runs)
+        facts["loadavg_at_end"] = Path("/proc/loadavg").read_text().split()[:3]
         doc = {"machine": facts, "config": self.config(), "summary": summary, "runs": runs}
         md = self.markdown(facts, summary, runs)
         print(md)
@@ -465,6 +466,15 @@ class Bench:
                                 "values": vals}
             if "ember" in row and "qemu" in row and row["qemu"]["median"]:
                 row["ratio_ember_qemu"] = row["ember"]["median"] / row["qemu"]["median"]
+            # Run i of Ember against run i of QEMU, booted right after it: the pairs share the
+            # host's load of the moment, so their spread shows how noisy the host was.
+            pairs = []
+            for i in range(1, self.args.runs + 1):
+                e, q = ([r["metrics"].get(key) for r in runs if r["monitor"] == m and r["run"] == i]
+                        for m in MONITORS)
+                if e and q and e[0] is not None and q[0]:
+                    pairs.append(e[0] / q[0])
+            row["paired_ratios"] = pairs
             out[key] = row
         return out
 
@@ -475,8 +485,9 @@ class Bench:
             f"{facts['cpu']} ({facts['host_cpus']} host CPUs), {facts['qemu']}, "
             f"{facts['ember']}; guest: 1 vCPU, {a.memory}; {facts['date']}.",
             "",
-            "| metric | unit | Ember median (min–max) | QEMU median (min–max) | Ember/QEMU |",
-            "|---|---|---|---|---|",
+            "| metric | unit | Ember median (min–max) | QEMU median (min–max) | Ember/QEMU "
+            "| per run |",
+            "|---|---|---|---|---|---|",
         ]
         for key, row in summary.items():
             cells = []
@@ -487,7 +498,8 @@ class Bench:
             ratio = row.get("ratio_ember_qemu")
             better = "higher" if row["higher_is_better"] else "lower"
             lines.append(f"| {row['label']} | {row['unit']} ({better} is better) | {cells[0]} | "
-                         f"{cells[1]} | {f'{ratio:.2f}' if ratio else '–'} |")
+                         f"{cells[1]} | {f'{ratio:.2f}' if ratio else '–'} | "
+                         f"{' '.join(f'{x:.2f}' for x in row['paired_ratios']) or '–'} |")
         bad = [f"{r['monitor']} run {r['run']}: {'; '.join(r['errors'])}" for r in runs
                if r["errors"]]
         if bad:
