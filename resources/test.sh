@@ -9,4 +9,4 @@ resources/build-guest.sh
 # One test thread per core at most: guests are slow to boot here and tests time them out.
 cargo test --workspace --release -- --test-threads="$(nproc)"
 # The real-TAP unit tests create interfaces, so they run in a network namespace of their own.
-unshare --net --map-root-user cargo test --release -p ember-devices -- --ignored
+unshare --net --map-root-user cargo test --release -p ember-devices --lib -- --ignored
