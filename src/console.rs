@@ -3,6 +3,7 @@
 
 use std::fs::File;
 use std::io::{self, Read, Write};
+use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
@@ -80,20 +81,78 @@ impl EscapeFilter {
     }
 }
 
-/// Feeds `input` into `serial`, waiting for the guest to drain the FIFO whenever it is full.
-pub fn pump_into_serial(
-    mut input: &[u8],
+/// Host input read ahead of the guest is held here, up to this much; past it, stdin is left
+/// unread (the pipe or tty holds the rest), so memory stays bounded and nothing is dropped.
+const MAX_PENDING_INPUT: usize = 1 << 20;
+
+/// Forwards `input` (stdin) into `serial` until `input` ends or the VM stops.
+///
+/// Bytes the 64-byte FIFO cannot take wait in a bounded buffer until the guest drains it
+/// (`fifo_drained`). Meanwhile `input` is still read, so Ctrl-A x works even when the guest is not
+/// reading its console.
+pub fn forward_input(
+    input: &mut (impl Read + AsRawFd),
     serial: &Mutex<SerialConsole>,
     fifo_drained: &EventFd,
     control: &VmControl,
+    escapes: bool,
 ) -> io::Result<()> {
-    while !input.is_empty() && !control.is_stopping() {
-        let taken = lock(serial).push_input(input);
-        input = &input[taken..];
-        if !input.is_empty() {
-            // Blocks until the guest has read the FIFO empty. A drain that happened before this
-            // read left the counter non-zero, so no wake-up is lost.
+    let mut filter = EscapeFilter::default();
+    let mut pending: Vec<u8> = Vec::new();
+    let mut buf = [0u8; 4096];
+    let mut input_open = true;
+    while !control.is_stopping() {
+        if !pending.is_empty() {
+            let taken = lock(serial).push_input(&pending);
+            pending.drain(..taken);
+        }
+        if !input_open && pending.is_empty() {
+            return Ok(());
+        }
+        let want_input = input_open && pending.len() < MAX_PENDING_INPUT;
+        let mut fds = [
+            libc::pollfd {
+                fd: if want_input { input.as_raw_fd() } else { -1 },
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: if pending.is_empty() {
+                    -1
+                } else {
+                    fifo_drained.as_raw_fd()
+                },
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        // SAFETY: `fds` is a valid array of two pollfd structs for the duration of the call.
+        let ready = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
+        if ready < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if fds[1].revents != 0 {
+            // The guest read the FIFO empty: clear the event and push more on the next turn.
             fifo_drained.read()?;
+        }
+        if fds[0].revents != 0 {
+            let n = match input.read(&mut buf) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            };
+            if n == 0 {
+                input_open = false;
+            } else if !escapes {
+                pending.extend_from_slice(&buf[..n]);
+            } else if filter.feed(&buf[..n], &mut pending) {
+                control.request_stop(VmOutcome::ConsoleQuit);
+                return Ok(());
+            }
         }
     }
     Ok(())
@@ -109,35 +168,9 @@ pub fn spawn_input_thread(
     std::thread::Builder::new()
         .name("console-in".into())
         .spawn(move || {
-            let mut stdin = io::stdin().lock();
-            let mut filter = EscapeFilter::default();
-            let mut buf = [0u8; 4096];
-            let mut to_guest = Vec::with_capacity(buf.len());
-            loop {
-                let n = match stdin.read(&mut buf) {
-                    Ok(0) => return,
-                    Ok(n) => n,
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                    Err(e) => {
-                        log::warn!("console: stdin: {e}");
-                        return;
-                    }
-                };
-                to_guest.clear();
-                let quit = if escapes {
-                    filter.feed(&buf[..n], &mut to_guest)
-                } else {
-                    to_guest.extend_from_slice(&buf[..n]);
-                    false
-                };
-                if let Err(e) = pump_into_serial(&to_guest, &serial, &fifo_drained, &control) {
-                    log::warn!("console: {e}");
-                    return;
-                }
-                if quit {
-                    control.request_stop(VmOutcome::ConsoleQuit);
-                    return;
-                }
+            let mut stdin = io::stdin();
+            if let Err(e) = forward_input(&mut stdin, &serial, &fifo_drained, &control, escapes) {
+                log::warn!("console: {e}");
             }
         })
         .map(|_| ())
@@ -146,6 +179,7 @@ pub fn spawn_input_thread(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::fd::FromRawFd;
 
     #[test]
     fn parses_console_configs() {
@@ -172,17 +206,31 @@ mod tests {
         assert_eq!(out, b"q");
     }
 
-    #[test]
-    fn pump_waits_for_the_guest_and_loses_nothing() {
+    /// A pipe with `bytes` written into it and its write end closed.
+    fn pipe_with(bytes: &[u8]) -> File {
+        let mut fds = [0; 2];
+        // SAFETY: `fds` has room for the two descriptors pipe(2) returns.
+        assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+        // SAFETY: both descriptors are fresh and owned by nobody else.
+        let (read, mut write) = unsafe { (File::from_raw_fd(fds[0]), File::from_raw_fd(fds[1])) };
+        let bytes = bytes.to_vec();
+        std::thread::spawn(move || write.write_all(&bytes).unwrap());
+        read
+    }
+
+    fn serial() -> (Arc<Mutex<SerialConsole>>, EventFd) {
         let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
         let drained = EventFd::new(0).unwrap();
-        let serial = Arc::new(Mutex::new(SerialConsole::new(
-            irq,
-            drained.try_clone().unwrap(),
-            Box::new(io::sink()),
-        )));
+        let serial = SerialConsole::new(irq, drained.try_clone().unwrap(), Box::new(io::sink()));
+        (Arc::new(Mutex::new(serial)), drained)
+    }
+
+    #[test]
+    fn input_waits_for_the_guest_and_loses_nothing() {
+        let (serial, drained) = serial();
         let control = Arc::new(VmControl::new().unwrap());
         let input: Vec<u8> = (0..1000u32).map(|i| (i % 251) as u8).collect();
+        let mut pipe = pipe_with(&input);
 
         // A "guest" that drains the FIFO by polling LSR, like the echo micro-guest.
         let guest_serial = serial.clone();
@@ -202,7 +250,19 @@ mod tests {
             }
             got
         });
-        pump_into_serial(&input, &serial, &drained, &control).unwrap();
+        forward_input(&mut pipe, &serial, &drained, &control, false).unwrap();
         assert_eq!(guest.join().unwrap(), input);
+    }
+
+    #[test]
+    fn escape_is_seen_while_the_guest_reads_nothing() {
+        let (serial, drained) = serial();
+        let control = Arc::new(VmControl::new().unwrap());
+        // Far more than the FIFO holds, then Ctrl-A x; the guest never reads.
+        let mut input = vec![b'a'; 5000];
+        input.extend_from_slice(b"\x01x");
+        let mut pipe = pipe_with(&input);
+        forward_input(&mut pipe, &serial, &drained, &control, true).unwrap();
+        assert_eq!(control.take_outcome(), Some(VmOutcome::ConsoleQuit));
     }
 }

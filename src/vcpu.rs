@@ -197,7 +197,29 @@ impl VcpuThread {
     }
 }
 
+/// Stops the VM if a vCPU thread ends without having asked to (a panic): the main thread must
+/// never wait for a vCPU that is gone.
+struct StopOnUnwind<'a> {
+    cpu: u8,
+    control: &'a VmControl,
+}
+
+impl Drop for StopOnUnwind<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.control.request_stop(VmOutcome::MonitorFailed {
+                cpu: self.cpu,
+                what: "its thread panicked".into(),
+            });
+        }
+    }
+}
+
 fn run_loop(index: u8, mut vcpu: VcpuFd, buses: &IoBuses, control: &VmControl) {
+    let _stop_on_unwind = StopOnUnwind {
+        cpu: index,
+        control,
+    };
     KVM_RUN.with(|run| run.set(vcpu.get_kvm_run() as *mut kvm_run));
     while !control.is_stopping() {
         let action = match vcpu.run() {

@@ -211,6 +211,8 @@ fn run_loop(
     transports: &[Arc<Mutex<MmioTransport>>],
     queue_events: &QueueEvents,
 ) {
+    // Even if a device panics below, every device still gets to flush its data on the way out.
+    let _shutdown = ShutdownOnExit(transports);
     let mut events = vec![EpollEvent::default(); 32];
     'outer: loop {
         let ready = match epoll.wait(-1, &mut events) {
@@ -246,8 +248,16 @@ fn run_loop(
             }
         }
     }
-    for transport in transports {
-        lock(transport).shutdown();
+}
+
+/// Shuts every device down when the event loop ends, however it ends.
+struct ShutdownOnExit<'a>(&'a [Arc<Mutex<MmioTransport>>]);
+
+impl Drop for ShutdownOnExit<'_> {
+    fn drop(&mut self) {
+        for transport in self.0 {
+            lock(transport).shutdown();
+        }
     }
 }
 

@@ -206,8 +206,9 @@ impl MmioTransport {
             }
             reg::QUEUE_SEL => self.queue_sel = value,
             reg::QUEUE_NUM if self.queue_setup_allowed() => {
-                if let Some(q) = self.selected_queue() {
-                    q.set_size(value as u16);
+                // A size that does not fit in 16 bits is invalid; leave the queue as it was.
+                if let (Some(q), Ok(size)) = (self.selected_queue(), u16::try_from(value)) {
+                    q.set_size(size);
                 }
             }
             reg::QUEUE_READY if self.queue_setup_allowed() => {
