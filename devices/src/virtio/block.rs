@@ -319,16 +319,7 @@ impl VirtioDevice for Block {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        data.fill(0);
-        let Some(field) = usize::try_from(offset)
-            .ok()
-            .and_then(|start| self.config_space.get(start..))
-        else {
-            return;
-        };
-        for (byte, value) in data.iter_mut().zip(field) {
-            *byte = *value;
-        }
+        super::read_config_space(&self.config_space, offset, data);
     }
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {

@@ -83,6 +83,19 @@ impl Interrupt {
     }
 }
 
+/// Copies device configuration space `config` at `offset` into `data`; bytes past its end (or an
+/// offset past it) read as zero.
+pub fn read_config_space(config: &[u8], offset: u64, data: &mut [u8]) {
+    data.fill(0);
+    let field = usize::try_from(offset)
+        .ok()
+        .and_then(|start| config.get(start..))
+        .unwrap_or_default();
+    for (byte, value) in data.iter_mut().zip(field) {
+        *byte = *value;
+    }
+}
+
 /// A request the guest made that the device cannot recover from; the transport then sets
 /// DEVICE_NEEDS_RESET and tells the driver.
 #[derive(Debug, thiserror::Error)]

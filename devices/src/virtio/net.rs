@@ -313,17 +313,8 @@ impl VirtioDevice for Net {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        data.fill(0);
         let config: [u8; CONFIG_SPACE_LEN] = self.mac;
-        let Some(field) = usize::try_from(offset)
-            .ok()
-            .and_then(|start| config.get(start..))
-        else {
-            return;
-        };
-        for (byte, value) in data.iter_mut().zip(field) {
-            *byte = *value;
-        }
+        super::read_config_space(&config, offset, data);
     }
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {
