@@ -39,6 +39,7 @@ fn kernel_cache_key_follows_config_and_patches() {
     std::fs::create_dir_all(&scratch).unwrap();
     let linux = scratch.join("linux");
     copy_dir(&resources().join("linux"), &linux);
+    copy_dir(&resources().join("lib"), &scratch.join("lib"));
 
     let key = kernel_key(&linux);
     assert_eq!(key.len(), 16, "{key}");
