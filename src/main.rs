@@ -2,6 +2,7 @@
 
 use std::error::Error;
 use std::process::ExitCode;
+use std::time::Instant;
 
 use clap::Parser;
 use ember::cli::{Cli, Command};
@@ -9,6 +10,8 @@ use ember::outcome::{EXIT_SETUP_FAILED, EXIT_USAGE};
 use ember::vmm;
 
 fn main() -> ExitCode {
+    // The boot timer's zero: as early as ember can take it.
+    let started = Instant::now();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => return usage_error(e),
@@ -19,7 +22,7 @@ fn main() -> ExitCode {
         Ok(config) => config,
         Err(e) => return fail(&e),
     };
-    match vmm::run(&config) {
+    match vmm::run(&config, started) {
         Ok(outcome) => {
             if outcome.is_clean() {
                 log::info!("{outcome}");

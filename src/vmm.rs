@@ -9,8 +9,10 @@ use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use ember_devices::acpi_sleep::{self, AcpiSleep};
+use ember_devices::boot_timer::BootTimer;
 use ember_devices::debug_exit::DebugExit;
 use ember_devices::i8042::{self, I8042};
 use ember_devices::serial::{self, SerialConsole};
@@ -30,8 +32,8 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::arch::x86_64::boot::{self, BootError};
 use crate::arch::x86_64::cpuid::{self, CpuidTopology};
 use crate::arch::x86_64::layout::{
-    ACPI_SLEEP_PORT, ACPI_START, COM1_IRQ, COM1_PORT, DEBUG_EXIT_PORT, EBDA_START, I8042_PORT,
-    KVM_TSS_ADDRESS,
+    ACPI_SLEEP_PORT, ACPI_START, BOOT_TIMER_PORT, COM1_IRQ, COM1_PORT, DEBUG_EXIT_PORT, EBDA_START,
+    I8042_PORT, KVM_TSS_ADDRESS,
 };
 use crate::arch::x86_64::memory::{self, MIN_RAM_BYTES};
 use crate::arch::x86_64::regs::{self, EntryMode};
@@ -145,7 +147,8 @@ pub struct Vm {
 
 impl Vm {
     /// Builds the VM `config` describes, up to the point where its vCPUs could run.
-    pub fn build(config: &VmConfig) -> Result<Self, VmmError> {
+    /// `started` is when ember started: the boot timer measures from it.
+    pub fn build(config: &VmConfig, started: Instant) -> Result<Self, VmmError> {
         let kvm = kvm::open()?;
         check_resources(&kvm, config)?;
         let software_kvm = match config.software_kvm {
@@ -184,7 +187,7 @@ impl Vm {
         let entry = boot::write_boot_info(&guest_memory, &kernel, &cmdline, initrd, &memory_map)?;
         write_firmware_tables(&guest_memory, config.cpus)?;
 
-        let (pio, serial, serial_fifo_drained) = legacy_devices(&vm_fd, &config.console)?;
+        let (pio, serial, serial_fifo_drained) = legacy_devices(&vm_fd, &config.console, started)?;
         let buses = Arc::new(IoBuses { pio, mmio });
         let vcpus = create_vcpus(
             &kvm,
@@ -310,9 +313,10 @@ impl Vm {
     }
 }
 
-/// Builds and runs the VM `config` describes.
-pub fn run(config: &VmConfig) -> Result<VmOutcome, VmmError> {
-    let vm = Vm::build(config);
+/// Builds and runs the VM `config` describes; `started` is when ember started (see
+/// [`Vm::build`]).
+pub fn run(config: &VmConfig, started: Instant) -> Result<VmOutcome, VmmError> {
+    let vm = Vm::build(config, started);
     // Building may have put nothing on the terminal, but restore anyway on every error path.
     let outcome = vm.and_then(Vm::run);
     terminal::restore();
@@ -485,11 +489,12 @@ fn write_firmware_tables(guest_memory: &GuestMemoryMmap, cpus: u8) -> Result<(),
     Ok(())
 }
 
-/// The port-I/O devices: COM1 (its interrupt through an irqfd), the i8042, the debug-exit port
-/// and the ACPI sleep registers.
+/// The port-I/O devices: COM1 (its interrupt through an irqfd), the i8042, the debug-exit port,
+/// the boot timer and the ACPI sleep registers.
 fn legacy_devices(
     vm_fd: &VmFd,
     console: &ConsoleConfig,
+    started: Instant,
 ) -> Result<(Bus, Arc<Mutex<SerialConsole>>, EventFd), VmmError> {
     let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(VmmError::Irq)?;
     vm_fd
@@ -506,6 +511,11 @@ fn legacy_devices(
     pio.insert(serial.clone(), COM1_PORT, serial::RANGE_LEN)?;
     pio.insert(Arc::new(Mutex::new(I8042)), I8042_PORT, i8042::RANGE_LEN)?;
     pio.insert(Arc::new(Mutex::new(DebugExit)), DEBUG_EXIT_PORT, 1)?;
+    pio.insert(
+        Arc::new(Mutex::new(BootTimer::new(started))),
+        BOOT_TIMER_PORT,
+        1,
+    )?;
     pio.insert(
         Arc::new(Mutex::new(AcpiSleep)),
         ACPI_SLEEP_PORT,

@@ -145,6 +145,49 @@ fn acpi_poweroff_exits_zero() {
     assert_eq!(r.code(), 0, "{r:?}");
 }
 
+/// `boot timer: guest wrote 0xNN at T ms` lines of ember's log, as (value, milliseconds).
+fn boot_timer_marks(stderr: &str) -> Vec<(u8, f64)> {
+    stderr
+        .lines()
+        .filter_map(|l| {
+            l.split_once("boot timer: guest wrote 0x")?
+                .1
+                .split_once(" at ")
+        })
+        .map(|(value, time)| {
+            let ms = time.strip_suffix(" ms").expect("milliseconds");
+            (u8::from_str_radix(value, 16).unwrap(), ms.parse().unwrap())
+        })
+        .collect()
+}
+
+#[test]
+fn boot_timer_logs_each_mark_with_the_time_since_start() {
+    if !kvm_available() {
+        return;
+    }
+    let kernel = micro_guest("boot-timer");
+    let r = run(
+        &["-v", "run", "--kernel", kernel.to_str().unwrap()],
+        TIMEOUT,
+    );
+    assert_eq!(r.code(), 0, "{r:?}");
+    r.assert_line("boot-timer: marked 0x42");
+    let marks = boot_timer_marks(&r.stderr);
+    assert_eq!(marks.len(), 2, "{r:?}");
+    assert_eq!((marks[0].0, marks[1].0), (0x41, 0x42), "{r:?}");
+    let (first, second) = (marks[0].1, marks[1].1);
+    assert!(first > 0.0 && first <= second, "{r:?}");
+    assert!(
+        second < r.elapsed.as_secs_f64() * 1000.0,
+        "a mark later than the whole run: {r:?}"
+    );
+    // Without -v the marks are not logged.
+    let quiet = run(&["run", "--kernel", kernel.to_str().unwrap()], TIMEOUT);
+    assert_eq!(quiet.code(), 0, "{quiet:?}");
+    assert!(boot_timer_marks(&quiet.stderr).is_empty(), "{quiet:?}");
+}
+
 #[test]
 fn debug_exit_status_becomes_the_exit_code() {
     if !kvm_available() {

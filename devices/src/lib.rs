@@ -6,6 +6,7 @@
 //! return value of its write, so that the vCPU exit handler stays a plain function.
 
 pub mod acpi_sleep;
+pub mod boot_timer;
 pub mod bus;
 pub mod debug_exit;
 pub mod i8042;

@@ -24,14 +24,12 @@ when it is missing and we are root. Python 3.11 standard library only.
 """
 
 import argparse
-import datetime
 import json
 import os
 import re
 import shutil
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -39,20 +37,12 @@ import threading
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ember"
+from benchlib import (BASE_CMDLINE, CACHE, IS_PVM, MONITORS, PVM_CMDLINE, QEMU_CPU, QEMU_CPU_PVM,
+                      QEMU_MACHINE, ROOT, BenchError, check_kvm, find_ember, find_qemu, fmt,
+                      log, machine_facts, median_min_max, run)
+
 HOST_IP, GUEST_IP = "10.0.2.1", "10.0.2.2"
 RX_PORT, TX_PORT = 8080, 8081
-BASE_CMDLINE = "console=ttyS0 reboot=k panic=-1 quiet tsc=reliable"
-# What Ember appends on software KVM (kvm_pvm), given to QEMU by hand.
-PVM_CMDLINE = "noxsave clearcpuid=151,59,308,298,534"
-# QEMU's CPU: the host's, minus what kvm_pvm cannot do (Ember hides the same on kvm_pvm).
-QEMU_CPU = "host,-arch-capabilities,-kvm-pv-ipi,-kvm-pv-unhalt,-kvm-pv-sched-yield"
-QEMU_CPU_PVM = QEMU_CPU + ",-cx16"
-# microvm without ACPI (the guest kernel has none): QEMU then lists its virtio-mmio devices on
-# the kernel command line, as Ember does.
-QEMU_MACHINE = "microvm,x-option-roms=off,isa-serial=on,rtc=off,pit=on,pic=on,acpi=off"
-MONITORS = ("ember", "qemu")
 
 # (key, label, unit, higher is better)
 METRICS = [
@@ -67,14 +57,6 @@ METRICS = [
 ]
 DISK_METRICS = {"blk_write_mibs", "blk_flush_ms", "blk_read_mibs", "blk_randread_iops"}
 NET_METRICS = {"ping_avg_ms", "net_rx_mibs", "net_tx_mibs"}
-
-
-def log(msg):
-    print(f"[bench] {msg}", file=sys.stderr, flush=True)
-
-
-class BenchError(Exception):
-    pass
 
 
 # ---------------------------------------------------------------------------------------------
@@ -114,24 +96,6 @@ def fetch(ip, port, timeout=120.0):
 # ---------------------------------------------------------------------------------------------
 
 
-def run(argv, check=True, **kw):
-    return subprocess.run(argv, check=check, text=True, capture_output=True, **kw)
-
-
-def median_min_max(values):
-    return statistics.median(values), min(values), max(values)
-
-
-def fmt(v):
-    if v is None:
-        return "–"
-    if v >= 100:
-        return f"{v:.0f}"
-    if v >= 10:
-        return f"{v:.1f}"
-    return f"{v:.2f}"
-
-
 class Bench:
     def __init__(self, args):
         self.args = args
@@ -140,7 +104,7 @@ class Bench:
         self.lock = threading.Lock()
         self.ns = None
         self.tmp = None
-        self.pvm = os.path.exists("/sys/module/kvm_pvm")
+        self.pvm = IS_PVM
 
     # -- setup -------------------------------------------------------------------------------
 
@@ -149,24 +113,9 @@ class Bench:
         if os.geteuid() != 0 and "net" in self.parts:
             raise BenchError("the net benchmark needs root (network namespace, TAP): use sudo, "
                              "or --only disk")
-        if not os.access("/dev/kvm", os.R_OK | os.W_OK):
-            raise BenchError("/dev/kvm is missing or not readable and writable")
-        self.ember = Path(a.ember)
-        if not os.access(self.ember, os.X_OK):
-            raise BenchError(f"{self.ember} not found: build it with `cargo build --release`")
-        self.qemu = shutil.which(a.qemu)
-        if not self.qemu:
-            if os.geteuid() != 0 or a.no_install:
-                raise BenchError(f"{a.qemu} not found: install it with "
-                                 "`apt-get install qemu-system-x86` (QEMU 7.2 on Debian 12)")
-            log("installing qemu-system-x86 (apt-get)")
-            env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-            subprocess.run(["apt-get", "update", "-qq"], check=True, env=env)
-            subprocess.run(["apt-get", "install", "-y", "-qq", "--no-install-recommends",
-                            "qemu-system-x86"], check=True, env=env)
-            self.qemu = shutil.which(a.qemu)
-            if not self.qemu:
-                raise BenchError(f"{a.qemu} still not found after installing qemu-system-x86")
+        check_kvm()
+        self.ember = find_ember(a.ember)
+        self.qemu = find_qemu(a.qemu, a.no_install)
         if a.kernel is None or a.initrd is None:
             log("resources/build-guest.sh (builds what is missing)")
             r = subprocess.run([str(ROOT / "resources/build-guest.sh")], text=True,
@@ -185,28 +134,8 @@ class Bench:
                              ".cpio is needed)")
 
     def machine(self):
-        cpu = "?"
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-        qemu_version = run([self.qemu, "--version"]).stdout.splitlines()[0]
-        ember_version = run([str(self.ember), "--version"], check=False).stdout.strip()
-        commit = run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
-                     check=False).stdout.strip()
-        return {
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "kvm": "kvm_pvm (software KVM)" if self.pvm else "hardware KVM",
-            "kvm_pvm": self.pvm,
-            "cpu": cpu,
-            "host_cpus": os.cpu_count(),
-            "host_kernel": os.uname().release,
-            "loadavg_at_start": Path("/proc/loadavg").read_text().split()[:3],
-            "qemu": qemu_version,
-            "ember": f"{ember_version} ({commit})" if commit else ember_version,
-            "kernel": str(self.kernel),
-            "initrd": str(self.initrd),
-        }
+        return {**machine_facts(self.ember, self.qemu), "kernel": str(self.kernel),
+                "initrd": str(self.initrd)}
 
     def setup(self):
         a = self.args

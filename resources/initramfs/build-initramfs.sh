@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Builds Ember's default initramfs: a newc cpio holding Debian's static busybox with its
-# applet symlinks, /init (init), its command line parsing (lib/cmdline.sh), the test scripts
+# applet symlinks, /init (ember-init.c: marks the boot timer, then runs init.sh), the init script
+# (init.sh -> /lib/ember/init.sh) and its command line parsing (lib/cmdline.sh), the test scripts
 # (tests/*.sh -> /tests), ember-exit (ember-exit.c), which ends the VM through port 0xf4, and
 # ember-bench (ember-bench.c), the guest half of resources/bench/bench.py.
 # It is written twice, uncompressed (.cpio) and gzip'ed (.cpio.gz). Boot the uncompressed one on
@@ -24,8 +25,8 @@ log() { printf '[initramfs] %s\n' "$*" >&2; }
 
 install_missing busybox-static cpio gzip build-essential
 
-inputs=("$here/build-initramfs.sh" "$here/init" "$here/lib/cmdline.sh" "$here/ember-exit.c"
-    "$here/ember-bench.c" "$here"/tests/*.sh)
+inputs=("$here/build-initramfs.sh" "$here/init.sh" "$here/lib/cmdline.sh" "$here/freestanding.h"
+    "$here/ember-init.c" "$here/ember-exit.c" "$here/ember-bench.c" "$here"/tests/*.sh)
 hash=$(
     {
         echo "busybox-static $(dpkg-query -W -f='${Version}' busybox-static)"
@@ -65,14 +66,15 @@ cp "$busybox" "$root/bin/busybox"
 done
 
 # Freestanding helpers (no libc); no loop may become a memset/memcpy call there is no libc for.
-for helper in ember-exit ember-bench; do
+for helper in ember-init ember-exit ember-bench; do
     gcc -static -nostdlib -ffreestanding -Os -fno-stack-protector -fno-pie -no-pie \
         -fno-asynchronous-unwind-tables -fno-tree-loop-distribute-patterns \
         -Wl,--build-id=none -Wl,-n -Wl,-z,norelro -Wl,-z,noexecstack -Wall -Wextra -Werror -s \
         -o "$root/bin/$helper" "$here/$helper.c"
 done
 
-install -m 755 "$here/init" "$root/init"
+mv "$root/bin/ember-init" "$root/init"
+install -m 755 "$here/init.sh" "$root/lib/ember/init.sh"
 install -m 644 "$here/lib/cmdline.sh" "$root/lib/ember/cmdline.sh"
 install -m 755 "$here"/tests/*.sh "$root/tests/"
 printf 'root:x:0:0:root:/root:/bin/sh\n' >"$root/etc/passwd"

@@ -18,21 +18,7 @@
  * Freestanding (no libc), like ember-exit: every system call is emulated kernel work on software
  * KVM, so the tool makes as few as it can, and its start-up is outside every timed window.
  */
-#define SYS_read 0
-#define SYS_write 1
-#define SYS_open 2
-#define SYS_close 3
-#define SYS_pread64 17
-#define SYS_socket 41
-#define SYS_connect 42
-#define SYS_accept 43
-#define SYS_shutdown 48
-#define SYS_bind 49
-#define SYS_listen 50
-#define SYS_setsockopt 54
-#define SYS_exit 60
-#define SYS_fdatasync 75
-#define SYS_clock_gettime 228
+#include "freestanding.h"
 
 #define O_RDONLY 0
 #define O_RDWR 2
@@ -47,42 +33,7 @@
 #define MIB (1UL << 20)
 #define SMALL 4096UL
 
-typedef unsigned long u64;
-
 static unsigned char buf[MIB] __attribute__((aligned(4096)));
-
-static long sys6(long nr, long a, long b, long c, long d, long e, long f)
-{
-	long ret;
-	register long r10 asm("r10") = d;
-	register long r8 asm("r8") = e;
-	register long r9 asm("r9") = f;
-	asm volatile("syscall"
-		     : "=a"(ret)
-		     : "a"(nr), "D"(a), "S"(b), "d"(c), "r"(r10), "r"(r8), "r"(r9)
-		     : "rcx", "r11", "memory");
-	return ret;
-}
-#define sys3(nr, a, b, c) sys6(nr, (long)(a), (long)(b), (long)(c), 0, 0, 0)
-
-static u64 slen(const char *s)
-{
-	u64 n = 0;
-	while (s[n])
-		n++;
-	return n;
-}
-
-static void put(int fd, const char *s)
-{
-	sys3(SYS_write, fd, s, slen(s));
-}
-
-static __attribute__((noreturn)) void quit(int status)
-{
-	sys3(SYS_exit, status, 0, 0);
-	__builtin_unreachable();
-}
 
 static __attribute__((noreturn)) void fail(const char *what, long err)
 {
@@ -381,10 +332,3 @@ __attribute__((used, noreturn)) static void cmain(long *sp)
 		usage();
 	quit(0);
 }
-
-asm(".text\n"
-    ".globl _start\n"
-    "_start:\n"
-    "	mov %rsp, %rdi\n"
-    "	and $-16, %rsp\n"
-    "	call cmain\n");

@@ -63,6 +63,9 @@ pub const COM1_IRQ: u32 = 4;
 pub const I8042_PORT: u64 = 0x60;
 /// The debug-exit port: a one-byte OUT here ends the VM with that byte as exit status.
 pub const DEBUG_EXIT_PORT: u64 = 0xf4;
+/// The boot timer: a one-byte OUT here logs the time since ember started (the "POST code" port,
+/// as Cloud Hypervisor uses it).
+pub const BOOT_TIMER_PORT: u64 = 0x80;
 /// ACPI sleep control (this port) and sleep status (the next) registers.
 pub const ACPI_SLEEP_PORT: u64 = 0x600;
 

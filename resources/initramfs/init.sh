@@ -1,5 +1,6 @@
 #!/bin/busybox sh
-# Ember's default guest /init (busybox ash). What it does depends on the kernel command line:
+# Ember's default guest init script, /lib/ember/init.sh (busybox ash), run by /init (ember-init.c)
+# once it has marked the boot timer. What it does depends on the kernel command line:
 #   ember.test=NAME   runs /tests/NAME.sh, then ends the VM with the script's exit status
 #   ember.cmd="CMD"   runs `sh -c "CMD"`, then ends the VM with its exit status
 #   (neither)         an interactive shell on the console; the VM resets when it exits

@@ -1,0 +1,107 @@
+//! The boot timer: a guest marks a point of its boot (say, "/init reached") by writing one byte
+//! to an I/O port, and Ember logs how long after its own start that happened.
+//!
+//! Serial output is a poor clock for this: the console may be quiet, buffered or slow. A single
+//! OUT is one VM exit with no driver in between. Cloud Hypervisor uses port 0x80 for the same job
+//! (Firecracker an MMIO byte); Ember uses port 0x80 too, so one guest image can mark its boot under
+//! either. The byte written is logged with the time: the guest chooses what each value means
+//! (Ember's default guest writes 0x60 when /init starts).
+//!
+//! Port 0x80 is also the PC's "POST code" port, which old drivers write to as a short delay
+//! (`outb_p`). Ember's guest kernel is built with `CONFIG_IO_DELAY_NONE`, so its marks are the
+//! only writes there; a guest that writes it in a loop can only fill the log up to a bound.
+
+use std::time::{Duration, Instant};
+
+use crate::{BusDevice, VmRequest};
+
+/// Marks logged before the timer goes quiet: enough for any boot, and a guest writing the port in
+/// a loop cannot flood the host's log.
+const MAX_LOGGED_MARKS: u32 = 64;
+
+/// One mark: what the guest wrote and when.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BootMark {
+    pub value: u8,
+    pub since_start: Duration,
+}
+
+/// The boot-timer device (one write-only byte; reads as 0xff, like a port with nothing on it).
+#[derive(Debug)]
+pub struct BootTimer {
+    start: Instant,
+    logged: u32,
+}
+
+impl BootTimer {
+    /// A boot timer that measures from `start` (Ember takes it first thing in `main`).
+    pub fn new(start: Instant) -> Self {
+        BootTimer { start, logged: 0 }
+    }
+
+    /// Records a mark and returns it, or `None` once the log bound is reached.
+    fn mark(&mut self, value: u8, now: Instant) -> Option<BootMark> {
+        if self.logged >= MAX_LOGGED_MARKS {
+            return None;
+        }
+        self.logged += 1;
+        if self.logged == MAX_LOGGED_MARKS {
+            log::info!("boot timer: {MAX_LOGGED_MARKS} marks logged, ignoring further writes");
+        }
+        Some(BootMark {
+            value,
+            since_start: now.saturating_duration_since(self.start),
+        })
+    }
+}
+
+impl BusDevice for BootTimer {
+    fn read(&mut self, _offset: u64, data: &mut [u8]) {
+        data.fill(0xff);
+    }
+
+    fn write(&mut self, _offset: u64, data: &[u8]) -> Option<VmRequest> {
+        // A wider OUT still carries the mark in its low byte.
+        let value = *data.first()?;
+        if let Some(mark) = self.mark(value, Instant::now()) {
+            log::info!(
+                "boot timer: guest wrote 0x{:02x} at {:.3} ms",
+                mark.value,
+                mark.since_start.as_secs_f64() * 1000.0
+            );
+        }
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_mark_is_the_value_and_the_time_since_start() {
+        let start = Instant::now();
+        let mut timer = BootTimer::new(start);
+        let mark = timer.mark(0x60, start + Duration::from_millis(12));
+        assert_eq!(
+            mark,
+            Some(BootMark {
+                value: 0x60,
+                since_start: Duration::from_millis(12)
+            })
+        );
+        assert_eq!(timer.write(0, &[0x41, 0]), None);
+        assert_eq!(timer.write(0, &[]), None);
+        let mut data = [0; 2];
+        timer.read(0, &mut data);
+        assert_eq!(data, [0xff, 0xff]);
+    }
+
+    #[test]
+    fn a_guest_writing_in_a_loop_is_logged_a_bounded_number_of_times() {
+        let start = Instant::now();
+        let mut timer = BootTimer::new(start);
+        let logged = (0..1000).filter_map(|i| timer.mark(i as u8, start)).count();
+        assert_eq!(logged, MAX_LOGGED_MARKS as usize);
+    }
+}
