@@ -7,4 +7,4 @@ cd "$(dirname "$0")/.."
 resources/install-deps.sh
 resources/build-guest.sh
 cargo build --release --quiet
-exec target/release/ember run "$@"
+exec target/x86_64-unknown-linux-gnu/release/ember run "$@"

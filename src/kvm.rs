@@ -23,7 +23,6 @@ const REQUIRED: &[(Cap, &str)] = &[
     (Cap::Irqchip, "KVM_CAP_IRQCHIP"),
     (Cap::UserMemory, "KVM_CAP_USER_MEMORY"),
     (Cap::SetTssAddr, "KVM_CAP_SET_TSS_ADDR"),
-    (Cap::Pit2, "KVM_CAP_PIT2"),
     (Cap::Irqfd, "KVM_CAP_IRQFD"),
     (Cap::ExtCpuid, "KVM_CAP_EXT_CPUID"),
     (Cap::ImmediateExit, "KVM_CAP_IMMEDIATE_EXIT"),

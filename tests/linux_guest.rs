@@ -32,9 +32,25 @@ fn guest_sees_its_machine_and_its_status_comes_back() {
     }
     // 2 vCPUs, 256 MiB; run the info and userland checks, then exit with 42.
     let mut args = linux_args(r#"ember.cmd="sh /tests/info.sh; sh /tests/userland.sh && exit 42""#);
-    args.extend(["--cpus", "2", "--memory", "256M"].map(String::from));
+    // -v: ember logs the boot-timer mark /init writes.
+    args.extend(["--cpus", "2", "--memory", "256M", "-v"].map(String::from));
     let r = common::run(&as_strs(&args), LINUX_TIMEOUT);
     r.assert_line("EMBER-INIT");
+    let init_mark_ms: f64 = r
+        .stderr
+        .lines()
+        .find_map(|l| {
+            l.split_once("boot timer: guest wrote 0x60 at ")?
+                .1
+                .strip_suffix(" ms")
+        })
+        .unwrap_or_else(|| panic!("no boot-timer mark from /init: {r:?}"))
+        .parse()
+        .unwrap();
+    assert!(
+        init_mark_ms > 0.0 && init_mark_ms < r.elapsed.as_secs_f64() * 1000.0,
+        "{init_mark_ms} ms: {r:?}"
+    );
     assert_eq!(value(&r, "cpus"), "2");
     assert_eq!(value(&r, "online"), "0-1");
     let memtotal: u64 = value(&r, "memtotal_kib").parse().unwrap();

@@ -11,10 +11,12 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
+# Where `cargo build --release` puts ember (.cargo/config.toml names the target).
+EMBER = ROOT / "target/x86_64-unknown-linux-gnu/release/ember"
 CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ember"
 BASE_CMDLINE = "console=ttyS0 reboot=k panic=-1 quiet tsc=reliable"
 # What Ember appends on software KVM (kvm_pvm), given to QEMU by hand.
-PVM_CMDLINE = "noxsave clearcpuid=151,59,308,298,534"
+PVM_CMDLINE = "noxsave clearcpuid=151,59,308,298,534,297,580"
 # QEMU's CPU: the host's, minus what kvm_pvm cannot do (Ember hides the same on kvm_pvm).
 QEMU_CPU = "host,-arch-capabilities,-kvm-pv-ipi,-kvm-pv-unhalt,-kvm-pv-sched-yield"
 QEMU_CPU_PVM = QEMU_CPU + ",-cx16"

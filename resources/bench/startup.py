@@ -44,9 +44,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchlib import (BASE_CMDLINE, CACHE, IS_PVM, MONITORS, PVM_CMDLINE, QEMU_CPU, QEMU_CPU_PVM,
-                      QEMU_MACHINE, ROOT, BenchError, check_kvm, find_ember, find_qemu, fmt,
-                      log, machine_facts, median_min_max)
+from benchlib import (BASE_CMDLINE, CACHE, EMBER, IS_PVM, MONITORS, PVM_CMDLINE, QEMU_CPU,
+                      QEMU_CPU_PVM, QEMU_MACHINE, ROOT, BenchError, check_kvm, find_ember,
+                      find_qemu, fmt, log, machine_facts, median_min_max)
 
 GUEST_LINE = b"ember-startup: guest up\n"
 PIO_COUNT = 20000  # the pio-loop.elf build's -DPIO_COUNT (resources/guests/Makefile)
@@ -428,7 +428,7 @@ def main():
     p.add_argument("--timeout", type=float, default=30, help="seconds per micro-guest VM (30)")
     p.add_argument("--linux-timeout", type=float, default=300,
                    help="seconds per Linux boot (300)")
-    p.add_argument("--ember", default=str(ROOT / "target/release/ember"))
+    p.add_argument("--ember", default=str(EMBER))
     p.add_argument("--qemu", default="qemu-system-x86_64")
     p.add_argument("--no-install", action="store_true", help="never apt-get install QEMU")
     p.add_argument("--markdown", default=str(ROOT / "target/bench/startup.md"))

@@ -26,6 +26,8 @@ typedef unsigned long u64;
 #define SYS_execve 59
 #define SYS_exit 60
 #define SYS_fdatasync 75
+#define SYS_mkdir 83
+#define SYS_mount 165
 #define SYS_ioperm 173
 #define SYS_clock_gettime 228
 

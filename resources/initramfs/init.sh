@@ -1,6 +1,7 @@
 #!/bin/busybox sh
 # Ember's default guest init script, /lib/ember/init.sh (busybox ash), run by /init (ember-init.c)
-# once it has marked the boot timer. What it does depends on the kernel command line:
+# once it has marked the boot timer, mounted /proc, /dev, /sys and /dev/pts and brought up the
+# loopback interface. What it does depends on the kernel command line:
 #   ember.test=NAME   runs /tests/NAME.sh, then ends the VM with the script's exit status
 #   ember.cmd="CMD"   runs `sh -c "CMD"`, then ends the VM with its exit status
 #   (neither)         an interactive shell on the console; the VM resets when it exits
@@ -9,15 +10,8 @@
 # Markers on the console, for tests: "EMBER-INIT", "EMBER-EXIT status=N".
 # Every process costs ~0.3-0.6 s on software KVM (each page fault and system call is emulated
 # kernel code), so this script uses shell builtins wherever it can.
+# Busybox runs its applets without a link per applet (its standalone shell, through /proc/self/exe).
 export PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root TERM=${TERM:-linux}
-
-mount -t devtmpfs devtmpfs /dev
-mount -t proc proc /proc
-mount -t sysfs sysfs /sys
-mkdir -p /dev/pts /dev/shm
-mount -t devpts -o gid=5,mode=620,ptmxmode=666 devpts /dev/pts
-# / is already a tmpfs (the initramfs), so /tmp and /run need no mounts.
-ip link set lo up
 
 echo "EMBER-INIT"
 

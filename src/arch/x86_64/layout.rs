@@ -45,6 +45,10 @@ pub const MMIO_HOLE_START: u64 = 0xc000_0000;
 pub const MMIO_HOLE_END: u64 = 0x1_0000_0000;
 /// virtio-mmio device windows, one 4 KiB page each, from here up.
 pub const VIRTIO_MMIO_START: u64 = 0xd000_0000;
+/// An MMIO address with nothing behind it (in the hole, below the virtio devices) where Ember
+/// briefly registers an ioeventfd at start-up to settle KVM's grace periods (see
+/// `vmm::settle_grace_periods`). A guest write there is ignored either way.
+pub const GRACE_PERIOD_PROBE_ADDRESS: u64 = 0xcfff_f000;
 /// The end of the virtio-mmio area.
 pub const VIRTIO_MMIO_END: u64 = 0xe000_0000;
 /// The in-kernel IOAPIC.
