@@ -7,9 +7,10 @@
 //! either. The byte written is logged with the time: the guest chooses what each value means
 //! (Ember's default guest writes 0x60 when /init starts).
 //!
-//! Port 0x80 is also the PC's "POST code" port, which old drivers write to as a short delay
-//! (`outb_p`). Ember's guest kernel is built with `CONFIG_IO_DELAY_NONE`, so its marks are the
-//! only writes there; a guest that writes it in a loop can only fill the log up to a bound.
+//! Port 0x80 is also the PC's "POST code" port, which some drivers write to as a short delay
+//! (`outb_p`); Ember's guest kernel writes nothing there while it boots (with `ember -v`, the only
+//! mark logged is the one /init writes). A guest that writes it in a loop fills the log only up to
+//! a bound.
 
 use std::time::{Duration, Instant};
 

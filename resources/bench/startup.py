@@ -24,9 +24,13 @@ min/median/max with the Ember/QEMU ratio of the medians:
                   uncompressed initramfs of resources/build-guest.sh), --linux-runs times;
                   for Ember also the boot-timer mark /init writes (port 0x80, logged by `ember -v`)
 
-As a yardstick for what spawning costs at all, spawn -> exit of /bin/true is measured the same
-way. Prints a Markdown table, writes it to --markdown and the raw samples and machine facts to
---json. Needs /dev/kvm; installs qemu-system-x86 with apt-get when it is missing and we are
+Two yardsticks are measured the same way: spawn -> exit of /bin/true (what spawning costs at
+all), and "bare KVM": resources/bench/pio-floor.c (built with gcc), the least a monitor can do
+(one memory slot, one vCPU, no irqchip, no threads, each exit straight back into KVM_RUN) booting
+the same guests. Its pio_exit_us is the floor the kernel sets, reported with the Ember/bare ratio.
+
+Prints a Markdown table, writes it to --markdown and the raw samples and machine facts to
+--json. Needs /dev/kvm and gcc; installs qemu-system-x86 with apt-get when it is missing and we are
 root. Python 3.11 standard library only.
 
   resources/bench/startup.py [--runs 30] [--no-linux]
@@ -51,6 +55,8 @@ from benchlib import (BASE_CMDLINE, CACHE, EMBER, IS_PVM, MONITORS, PVM_CMDLINE,
 GUEST_LINE = b"ember-startup: guest up\n"
 PIO_COUNT = 20000  # the pio-loop.elf build's -DPIO_COUNT (resources/guests/Makefile)
 MEMORY_MIB = 128
+BARE = "bare"  # the bare-KVM yardstick, resources/bench/pio-floor.c
+BARE_METRICS = ("first_line_ms", "exit_ms", "pio_exit_us")
 BOOT_TIMER_RE = re.compile(rb"boot timer: guest wrote 0x60 at ([\d.]+) ms")
 
 # (key, label, unit)
@@ -155,6 +161,7 @@ class StartupBench:
         self.tmp = Path(tempfile.mkdtemp(prefix="ember-startup-"))
         self.live = []
         self.samples = {m: {k: [] for k, _, _ in METRICS} for m in MONITORS}
+        self.samples[BARE] = {k: [] for k in BARE_METRICS}
         self.samples["true"] = {"exit_ms": []}
         self.errors = []
 
@@ -169,6 +176,13 @@ class StartupBench:
                            capture_output=True)
         if r.returncode:
             raise BenchError("building the micro-guests failed:\n" + r.stderr[-2000:])
+        self.bare = ROOT / "target/bench/pio-floor"
+        self.bare.parent.mkdir(parents=True, exist_ok=True)
+        r = subprocess.run(["gcc", "-O2", "-Wall", "-Werror", "-o", str(self.bare),
+                            str(ROOT / "resources/bench/pio-floor.c")], text=True,
+                           capture_output=True)
+        if r.returncode:
+            raise BenchError("building resources/bench/pio-floor.c failed:\n" + r.stderr[-2000:])
         guests = ROOT / "target/guests"
         self.guests = {g: guests / f"{g}.elf" for g in ("startup", "startup-hold", "pio-loop")}
         if a.linux_runs:
@@ -181,6 +195,8 @@ class StartupBench:
 
     def argv(self, monitor, kernel, linux=False):
         memory = f"{MEMORY_MIB}M"
+        if monitor == BARE:
+            return [str(self.bare), str(kernel)]
         if monitor == "ember":
             argv = [str(self.ember)]
             if linux:
@@ -218,7 +234,7 @@ class StartupBench:
         return stderr
 
     def check(self, monitor, what, p, stderr, want_status=0):
-        if p.status != want_status or GUEST_LINE.strip() not in p.output and what != "true":
+        if p.status != want_status or GUEST_LINE.strip() not in p.output:
             self.errors.append(f"{monitor} {what}: exit status {p.status} (wanted "
                                f"{want_status}), stdout {p.output[-200:]!r}, "
                                f"stderr {stderr[-300:]!r}")
@@ -311,22 +327,23 @@ class StartupBench:
                 self.one_boot(monitor, "startup", record=False)
         log(f"start-up: {a.runs} boot(s) per monitor, interleaved")
         for _ in range(a.runs):
-            for monitor in MONITORS:
+            for monitor in (*MONITORS, BARE):
                 r = self.one_boot(monitor, "startup", record=True)
                 if r:
                     self.add(monitor, "first_line_ms", r[0])
                     self.add(monitor, "exit_ms", r[1])
             self.spawn_true()
         log(f"memory, {a.concurrent} concurrent VMs, port I/O: {a.other_runs} run(s) each")
-        pio_exit_ms = {m: [] for m in MONITORS}
+        pio_exit_ms = {m: [] for m in (*MONITORS, BARE)}
         for _ in range(a.other_runs):
             for monitor in MONITORS:
                 self.add(monitor, "rss_mib", self.rss(monitor))
                 self.add(monitor, "concurrent_ms", self.concurrent(monitor))
+            for monitor in (*MONITORS, BARE):
                 r = self.one_boot(monitor, "pio-loop", record=True)
                 if r:
                     pio_exit_ms[monitor].append(r[1])
-        for monitor in MONITORS:
+        for monitor in (*MONITORS, BARE):
             base = self.samples[monitor]["exit_ms"]
             if base:
                 base_median = median_min_max(base)[0]
@@ -356,7 +373,8 @@ class StartupBench:
                 "concurrent": a.concurrent, "linux_runs": a.linux_runs,
                 "memory_mib": MEMORY_MIB, "pio_count": PIO_COUNT,
                 "ember_argv": self.argv("ember", self.guests["startup"]),
-                "qemu_argv": self.argv("qemu", self.guests["startup"])}
+                "qemu_argv": self.argv("qemu", self.guests["startup"]),
+                "bare_argv": self.argv(BARE, self.guests["startup"])}
 
     def summarize(self):
         out = {}
@@ -369,6 +387,12 @@ class StartupBench:
                     row[monitor] = {"median": med, "min": lo, "max": hi, "n": len(vals)}
             if "ember" in row and "qemu" in row and row["qemu"]["median"]:
                 row["ratio_ember_qemu"] = row["ember"]["median"] / row["qemu"]["median"]
+            bare = self.samples[BARE].get(key)
+            if bare:
+                med, lo, hi = median_min_max(bare)
+                row[BARE] = {"median": med, "min": lo, "max": hi, "n": len(bare)}
+                if "ember" in row and med:
+                    row["ratio_ember_bare"] = row["ember"]["median"] / med
             if "ember" in row or "qemu" in row:
                 out[key] = row
         true_ms = self.samples["true"]["exit_ms"]
@@ -387,20 +411,22 @@ class StartupBench:
             f"{facts['kvm']}, {facts['cpu']} ({facts['host_cpus']} host CPUs), "
             f"{facts['qemu']}, {facts['ember']}; 1 vCPU, {MEMORY_MIB} MiB; {facts['date']}.",
             "",
-            "| metric | unit | Ember median (min–max) | QEMU median (min–max) | Ember/QEMU |",
-            "|---|---|---|---|---|",
+            "| metric | unit | Ember median (min–max) | QEMU median (min–max) | Ember/QEMU "
+            "| bare KVM median (min–max) | Ember/bare |",
+            "|---|---|---|---|---|---|---|",
         ]
         for key, row in summary.items():
             if key == "spawn_true_ms":
                 s = row["true"]
                 lines.append(f"| {row['label']} | ms | {fmt(s['median'])} "
-                             f"({fmt(s['min'])}–{fmt(s['max'])}) | | |")
+                             f"({fmt(s['min'])}–{fmt(s['max'])}) | | | | |")
                 continue
             cells = [f"{fmt(s['median'])} ({fmt(s['min'])}–{fmt(s['max'])})"
-                     if (s := row.get(m)) else "–" for m in MONITORS]
-            ratio = row.get("ratio_ember_qemu")
+                     if (s := row.get(m)) else "–" for m in (*MONITORS, BARE)]
+            ratios = [f"{r:.2f}" if (r := row.get(k)) else "–"
+                      for k in ("ratio_ember_qemu", "ratio_ember_bare")]
             lines.append(f"| {row['label']} | {row['unit']} | {cells[0]} | {cells[1]} | "
-                         f"{f'{ratio:.2f}' if ratio else '–'} |")
+                         f"{ratios[0]} | {cells[2]} | {ratios[1]} |")
         if self.errors:
             lines += ["", "Errors:", *[f"- {e}" for e in self.errors]]
         return "\n".join(lines) + "\n"
