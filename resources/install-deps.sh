@@ -4,7 +4,7 @@
 set -euo pipefail
 
 packages=(
-    build-essential   # gcc, as, ld, make: micro-guests and the guest kernel
+    build-essential   # gcc, as, ld, make, libc6-dev (static glibc for ember): guests, kernel
     flex bison bc libelf-dev libssl-dev  # the Linux kernel build
     cpio              # packing the initramfs
     lz4               # the kernel build compresses the bzImage with it
