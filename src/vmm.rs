@@ -331,7 +331,8 @@ impl Vm {
 /// Taking a device off a bus waits for an expedited grace period, which also ends the ones in
 /// flight, in ~5-7 ms. So the main thread, idle once the vCPUs run, adds and removes an ioeventfd
 /// at an address with nothing behind it; by the time the guest stops, nothing is left to wait for.
-/// Elsewhere this costs one quick grace period of the otherwise idle main thread.
+/// Elsewhere this costs one quick grace period of the otherwise idle main thread. Meanwhile a stop
+/// request or signal waits for the main thread: at most that grace period.
 fn settle_grace_periods(vm_fd: &VmFd) {
     let probe = IoEventAddress::Mmio(GRACE_PERIOD_PROBE_ADDRESS);
     let settled = EventFd::new(libc::EFD_NONBLOCK).and_then(|event| {
