@@ -11,6 +11,7 @@ pub mod arch;
 pub mod cli;
 pub mod config;
 pub mod console;
+pub mod irqchip;
 pub mod kvm;
 pub mod outcome;
 pub mod terminal;

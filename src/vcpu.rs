@@ -63,8 +63,11 @@ pub fn handle_exit(exit: VcpuExit, buses: &IoBuses) -> ExitAction {
             ExitAction::Continue
         }
         VcpuExit::MmioWrite(addr, data) => bus_write(&buses.mmio, addr, data),
-        // With the in-kernel irqchip HLT stays in KVM; a stray one just means "run again".
-        VcpuExit::Hlt | VcpuExit::Intr | VcpuExit::IrqWindowOpen => ExitAction::Continue,
+        // With in-kernel local APICs HLT stays in KVM; a stray one just means "run again". The
+        // userspace IOAPIC delivers every pin as an edge, so there is no EOI to act on either.
+        VcpuExit::Hlt | VcpuExit::Intr | VcpuExit::IrqWindowOpen | VcpuExit::IoapicEoi(_) => {
+            ExitAction::Continue
+        }
         VcpuExit::Shutdown => ExitAction::Stop(StopCause::TripleFault),
         VcpuExit::FailEntry(reason, _) => ExitAction::Stop(StopCause::FailedEntry(reason)),
         VcpuExit::InternalError => ExitAction::Stop(StopCause::InternalError),

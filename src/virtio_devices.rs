@@ -2,14 +2,15 @@
 //!
 //! Each device gets a 4 KiB MMIO window and an interrupt line from [`DeviceSlots`]; its
 //! QueueNotify writes reach an ioeventfd (KVM completes the guest's write without leaving the
-//! kernel), and its interrupts leave through an irqfd. The queue work runs on one event-loop
-//! thread, never on a vCPU thread.
+//! kernel), and it raises its interrupt on a pin of the userspace IOAPIC. The queue work runs on
+//! one event-loop thread, never on a vCPU thread.
 
 use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use ember_devices::bus::lock;
+use ember_devices::ioapic::{Ioapic, IoapicPin};
 use ember_devices::virtio::mmio::{MmioTransport, QUEUE_NOTIFY_OFFSET, WINDOW_SIZE};
 use ember_devices::virtio::VirtioDevice;
 use ember_devices::{Bus, BusError};
@@ -70,22 +71,20 @@ impl DeviceSlots {
     }
 }
 
-/// Wires `device` into the VM: MMIO window, ioeventfds, irqfd, and the kernel command line entry
-/// (`virtio_mmio.device=4K@<addr>:<irq>`) that tells Linux where it is.
+/// Wires `device` into the VM: MMIO window, ioeventfds, interrupt pin, and the kernel command
+/// line entry (`virtio_mmio.device=4K@<addr>:<irq>`) that tells Linux where it is.
 pub fn attach(
     device: Box<dyn VirtioDevice>,
     vm_fd: &VmFd,
+    ioapic: &Arc<Mutex<Ioapic>>,
     mem: &GuestMemoryMmap,
     slots: &mut DeviceSlots,
     mmio: &mut Bus,
     cmdline: &mut Cmdline,
 ) -> Result<Arc<Mutex<MmioTransport>>, VirtioError> {
     let (base, irq) = slots.allocate()?;
-    let irqfd = EventFd::new(libc::EFD_NONBLOCK).map_err(VirtioError::EventFd)?;
-    vm_fd
-        .register_irqfd(&irqfd, irq)
-        .map_err(VirtioError::Kvm)?;
-    let transport = MmioTransport::new(device, mem.clone(), irqfd).map_err(VirtioError::EventFd)?;
+    let pin = IoapicPin::new(ioapic.clone(), irq as usize);
+    let transport = MmioTransport::new(device, mem.clone(), pin).map_err(VirtioError::EventFd)?;
     for (index, event) in transport.queue_events().iter().enumerate() {
         vm_fd
             .register_ioevent(

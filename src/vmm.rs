@@ -15,6 +15,7 @@ use ember_devices::acpi_sleep::{self, AcpiSleep};
 use ember_devices::boot_timer::BootTimer;
 use ember_devices::debug_exit::DebugExit;
 use ember_devices::i8042::{self, I8042};
+use ember_devices::ioapic::{self, Ioapic, IoapicPin};
 use ember_devices::serial::{self, SerialConsole};
 use ember_devices::virtio::block::{Block, BlockConfig, BlockError};
 use ember_devices::virtio::mmio::MmioTransport;
@@ -33,13 +34,14 @@ use crate::arch::x86_64::boot::{self, BootError};
 use crate::arch::x86_64::cpuid::{self, CpuidTopology};
 use crate::arch::x86_64::layout::{
     ACPI_SLEEP_PORT, ACPI_START, BOOT_TIMER_PORT, COM1_IRQ, COM1_PORT, DEBUG_EXIT_PORT, EBDA_START,
-    GRACE_PERIOD_PROBE_ADDRESS, I8042_PORT, KVM_TSS_ADDRESS,
+    GRACE_PERIOD_PROBE_ADDRESS, I8042_PORT, IOAPIC_START,
 };
 use crate::arch::x86_64::memory::{self, MIN_RAM_BYTES};
 use crate::arch::x86_64::regs::{self, EntryMode};
 use crate::arch::x86_64::{acpi, mptable};
 use crate::config::{SoftwareKvmMode, VmConfig};
 use crate::console::{self, ConsoleConfig};
+use crate::irqchip::{self, KvmMsi};
 use crate::kvm::{self, KvmError};
 use crate::outcome::VmOutcome;
 use crate::terminal;
@@ -136,8 +138,9 @@ pub enum VmmError {
 
 /// A VM ready to run.
 pub struct Vm {
-    /// Kept open for the VM's lifetime: the vCPU and device file descriptors belong to it.
-    vm_fd: VmFd,
+    /// Kept open for the VM's lifetime: the vCPU and device file descriptors belong to it (the
+    /// IOAPIC holds it too, to send its interrupts).
+    vm_fd: Arc<VmFd>,
     /// Must outlive the vCPUs: KVM maps guest RAM from these host mappings.
     _guest_memory: GuestMemoryMmap,
     vcpus: Vec<VcpuFd>,
@@ -166,13 +169,13 @@ impl Vm {
             );
         }
 
-        let vm_fd = kvm.create_vm().map_err(KvmError::CreateVm)?;
-        // Guest RAM is registered before the irqchip exists: creating the irqchip puts devices on
-        // KVM's I/O buses, which leaves an SRCU grace period in flight on some host kernels, and
-        // registering memory after that waits it out (~7 ms measured here, against ~0.2 ms).
+        let vm_fd = Arc::new(kvm.create_vm().map_err(KvmError::CreateVm)?);
+        // Guest RAM is registered first: a memory slot waits for any SRCU grace period a device
+        // registration left in flight (~7 ms measured here after KVM's in-kernel irqchip).
         let guest_memory = map_guest_memory(config.memory_bytes)?;
         register_guest_memory(&vm_fd, &guest_memory)?;
-        create_irqchip(&vm_fd)?;
+        irqchip::create(&vm_fd).map_err(VmmError::Irqchip)?;
+        let ioapic = Arc::new(Mutex::new(Ioapic::new(Box::new(KvmMsi(vm_fd.clone())))));
         let (kernel, initrd) = load_kernel_and_initrd(&guest_memory, config)?;
 
         let extra: Vec<String> = if software_kvm {
@@ -182,7 +185,15 @@ impl Vm {
         };
         let mut cmdline = boot::build_cmdline(&config.cmdline, &extra)?;
         let mut mmio = Bus::new();
-        let virtio = attach_virtio_devices(config, &vm_fd, &guest_memory, &mut mmio, &mut cmdline)?;
+        mmio.insert(ioapic.clone(), IOAPIC_START, ioapic::MMIO_LEN)?;
+        let virtio = attach_virtio_devices(
+            config,
+            &vm_fd,
+            &ioapic,
+            &guest_memory,
+            &mut mmio,
+            &mut cmdline,
+        )?;
         log::info!(
             "cmdline: {}",
             cmdline
@@ -195,7 +206,7 @@ impl Vm {
         let entry = boot::write_boot_info(&guest_memory, &kernel, &cmdline, initrd, &memory_map)?;
         write_firmware_tables(&guest_memory, config.cpus)?;
 
-        let (pio, serial, serial_fifo_drained) = legacy_devices(&vm_fd, &config.console, started)?;
+        let (pio, serial, serial_fifo_drained) = legacy_devices(&ioapic, &config.console, started)?;
         let buses = Arc::new(IoBuses { pio, mmio });
         let vcpus = create_vcpus(
             &kvm,
@@ -281,7 +292,11 @@ impl Vm {
             }
         }
 
-        settle_grace_periods(&self.vm_fd);
+        // Only the virtio devices' ioeventfds leave grace periods in flight (the split irqchip
+        // leaves none): without them, settling would start one of its own.
+        if device_loop.is_some() {
+            settle_grace_periods(&self.vm_fd);
+        }
         let mut events = vec![EpollEvent::default(); 2];
         while !control.is_stopping() {
             let ready = match epoll.wait(-1, &mut events) {
@@ -324,7 +339,7 @@ impl Vm {
 
 /// Waits, while the guest runs, for the SRCU grace periods that setting up the VM left in flight.
 ///
-/// On recent host kernels, putting a device on one of KVM's I/O buses (the irqchip, each
+/// On recent host kernels, putting a device on one of KVM's I/O buses (each virtio queue's
 /// ioeventfd) frees the old bus after a grace period instead of waiting for one. Nothing waits
 /// for those grace periods while the VM runs, but destroying the VM does: measured here, a guest
 /// that ends within ~14 ms of start-up made ember's exit wait ~12 ms in the final close of the VM.
@@ -423,19 +438,6 @@ fn register_guest_memory(vm_fd: &VmFd, guest_memory: &GuestMemoryMmap) -> Result
     Ok(())
 }
 
-/// KVM's in-kernel interrupt controllers (PIC, IOAPIC, and a local APIC per vCPU). The irqchip
-/// must exist before the vCPUs, which then get in-kernel local APICs.
-///
-/// No i8254 PIT: a Linux guest with kvm-clock and the TSC-deadline local APIC timer never uses
-/// it (`apic_needs_pit()` is false), and KVM's PIT costs a kernel worker thread whose start and
-/// stop took ~3.6 ms and ~13 ms of every run here (KVM_CREATE_PIT2 and the VM's teardown).
-fn create_irqchip(vm_fd: &VmFd) -> Result<(), VmmError> {
-    vm_fd
-        .set_tss_address(KVM_TSS_ADDRESS as usize)
-        .map_err(VmmError::Irqchip)?;
-    vm_fd.create_irq_chip().map_err(VmmError::Irqchip)
-}
-
 fn load_kernel_and_initrd(
     guest_memory: &GuestMemoryMmap,
     config: &VmConfig,
@@ -482,6 +484,7 @@ fn load_kernel_and_initrd(
 fn attach_virtio_devices(
     config: &VmConfig,
     vm_fd: &VmFd,
+    ioapic: &Arc<Mutex<Ioapic>>,
     guest_memory: &GuestMemoryMmap,
     mmio: &mut Bus,
     cmdline: &mut linux_loader::cmdline::Cmdline,
@@ -503,8 +506,16 @@ fn attach_virtio_devices(
     devices
         .into_iter()
         .map(|device| {
-            virtio_devices::attach(device, vm_fd, guest_memory, &mut slots, mmio, cmdline)
-                .map_err(VmmError::from)
+            virtio_devices::attach(
+                device,
+                vm_fd,
+                ioapic,
+                guest_memory,
+                &mut slots,
+                mmio,
+                cmdline,
+            )
+            .map_err(VmmError::from)
         })
         .collect()
 }
@@ -529,14 +540,11 @@ fn write_firmware_tables(guest_memory: &GuestMemoryMmap, cpus: u8) -> Result<(),
 /// The port-I/O devices: COM1 (its interrupt through an irqfd), the i8042, the debug-exit port,
 /// the boot timer and the ACPI sleep registers.
 fn legacy_devices(
-    vm_fd: &VmFd,
+    ioapic: &Arc<Mutex<Ioapic>>,
     console: &ConsoleConfig,
     started: Instant,
 ) -> Result<(Bus, Arc<Mutex<SerialConsole>>, EventFd), VmmError> {
-    let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(VmmError::Irq)?;
-    vm_fd
-        .register_irqfd(&serial_irq, COM1_IRQ)
-        .map_err(|e| VmmError::Irq(e.into()))?;
+    let serial_irq = IoapicPin::new(ioapic.clone(), COM1_IRQ as usize);
     let serial_fifo_drained = EventFd::new(0).map_err(VmmError::Irq)?;
     let output = console::output(console).map_err(VmmError::ConsoleOutput)?;
     let serial = Arc::new(Mutex::new(SerialConsole::new(

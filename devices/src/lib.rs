@@ -10,6 +10,8 @@ pub mod boot_timer;
 pub mod bus;
 pub mod debug_exit;
 pub mod i8042;
+pub mod interrupt;
+pub mod ioapic;
 pub mod serial;
 pub mod tap;
 pub mod virtio;

@@ -1,4 +1,4 @@
-//! The COM1 console: a 16550A UART (vm-superio) wired to an interrupt eventfd.
+//! The COM1 console: a 16550A UART (vm-superio) wired to an interrupt line.
 //!
 //! Output goes straight to the console writer. Input is pushed in by the console pump, which must
 //! respect the 64-byte receive FIFO: [`SerialConsole::push_input`] says how much it took, and
@@ -11,19 +11,20 @@ use vm_superio::serial::SerialEvents;
 use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::interrupt::InterruptLine;
 use crate::{BusDevice, VmRequest};
 
 /// Number of registers the UART answers (one I/O port each).
 pub const RANGE_LEN: u64 = 8;
 
-/// Raises the UART's interrupt line by signalling an irqfd.
-pub struct IrqTrigger(pub EventFd);
+/// Raises the UART's interrupt line.
+pub struct IrqTrigger(Box<dyn InterruptLine>);
 
 impl Trigger for IrqTrigger {
     type E = io::Error;
 
     fn trigger(&self) -> io::Result<()> {
-        self.0.write(1)
+        self.0.trigger()
     }
 }
 
@@ -48,9 +49,13 @@ pub struct SerialConsole {
 
 impl SerialConsole {
     /// A UART that raises `irq` and writes the guest's output to `out`.
-    pub fn new(irq: EventFd, fifo_drained: EventFd, out: Box<dyn Write + Send>) -> Self {
+    pub fn new(
+        irq: impl InterruptLine + 'static,
+        fifo_drained: EventFd,
+        out: Box<dyn Write + Send>,
+    ) -> Self {
         Self {
-            uart: Serial::with_events(IrqTrigger(irq), FifoDrained(fifo_drained), out),
+            uart: Serial::with_events(IrqTrigger(Box::new(irq)), FifoDrained(fifo_drained), out),
         }
     }
 

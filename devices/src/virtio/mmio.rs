@@ -11,6 +11,7 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{status, Interrupt, Queue, QueueT, VirtioDevice, VIRTIO_F_VERSION_1};
+use crate::interrupt::InterruptLine;
 use crate::{BusDevice, VmRequest};
 
 /// Size of one device's MMIO window.
@@ -66,11 +67,11 @@ pub struct MmioTransport {
 }
 
 impl MmioTransport {
-    /// Wraps `device`; `irqfd` raises its interrupt line.
+    /// Wraps `device`, which raises `irq`.
     pub fn new(
         device: Box<dyn VirtioDevice>,
         mem: GuestMemoryMmap,
-        irqfd: EventFd,
+        irq: impl InterruptLine + 'static,
     ) -> std::io::Result<Self> {
         let mut queues = Vec::new();
         let mut queue_events = Vec::new();
@@ -86,7 +87,7 @@ impl MmioTransport {
         Ok(Self {
             device,
             mem,
-            interrupt: Arc::new(Interrupt::new(irqfd)),
+            interrupt: Arc::new(Interrupt::new(irq)),
             queue_events,
             queues,
             status: 0,

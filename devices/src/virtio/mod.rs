@@ -11,8 +11,8 @@ pub mod net;
 
 use std::sync::atomic::{AtomicU32, Ordering};
 
+use crate::interrupt::InterruptLine;
 use vm_memory::GuestMemoryMmap;
-use vmm_sys_util::eventfd::EventFd;
 
 pub use virtio_queue::{Queue, QueueT};
 
@@ -36,17 +36,17 @@ pub const INTERRUPT_USED_BUFFER: u32 = 1;
 /// The device configuration changed (or the device needs a reset).
 pub const INTERRUPT_CONFIG_CHANGE: u32 = 2;
 
-/// The device's interrupt: the InterruptStatus register plus the irqfd that raises the line.
+/// The device's interrupt: the InterruptStatus register plus the line it raises.
 pub struct Interrupt {
     status: AtomicU32,
-    irqfd: EventFd,
+    line: Box<dyn InterruptLine>,
 }
 
 impl Interrupt {
-    pub fn new(irqfd: EventFd) -> Self {
+    pub fn new(line: impl InterruptLine + 'static) -> Self {
         Self {
             status: AtomicU32::new(0),
-            irqfd,
+            line: Box::new(line),
         }
     }
 
@@ -62,7 +62,7 @@ impl Interrupt {
 
     fn signal(&self, bits: u32) {
         self.status.fetch_or(bits, Ordering::SeqCst);
-        if let Err(e) = self.irqfd.write(1) {
+        if let Err(e) = self.line.trigger() {
             log::warn!("virtio: cannot raise the interrupt: {e}");
         }
     }

@@ -51,7 +51,7 @@ pub const VIRTIO_MMIO_START: u64 = 0xd000_0000;
 pub const GRACE_PERIOD_PROBE_ADDRESS: u64 = 0xcfff_f000;
 /// The end of the virtio-mmio area.
 pub const VIRTIO_MMIO_END: u64 = 0xe000_0000;
-/// The in-kernel IOAPIC.
+/// The IOAPIC (emulated in userspace, `ember_devices::ioapic`).
 pub const IOAPIC_START: u64 = 0xfec0_0000;
 /// The in-kernel local APICs.
 pub const LAPIC_START: u64 = 0xfee0_0000;

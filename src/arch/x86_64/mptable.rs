@@ -49,7 +49,7 @@ pub fn build(address: u32, cpus: u8) -> Vec<u8> {
     entries.extend_from_slice(&[ENTRY_IOAPIC, ioapic_id, IOAPIC_VERSION, 1]);
     entries.extend_from_slice(&(IOAPIC_START as u32).to_le_bytes());
     count += 2;
-    // ISA IRQ n is IOAPIC pin n (KVM's default routing); pin 0 carries the 8259's ExtINT.
+    // ISA IRQ n is IOAPIC pin n; pin 0 is listed as the (absent) 8259's ExtINT, as on a PC.
     for pin in 0..IOAPIC_PINS {
         let kind = if pin == 0 { INT_EXTINT } else { INT_VECTORED };
         entries.extend_from_slice(&[ENTRY_IO_INTERRUPT, kind, 0, 0, 0, pin, ioapic_id, pin]);

@@ -1,0 +1,303 @@
+//! The I/O APIC, emulated in userspace (KVM's "split irqchip": the local APICs stay in the kernel).
+//!
+//! Why not KVM's in-kernel IOAPIC and PIC: creating them puts devices on KVM's I/O buses, which on
+//! recent host kernels leaves an SRCU grace period in flight that the VM's destruction then waits
+//! out (~12 ms for a short-lived VM, measured with resources/bench/startup.py). The IOAPIC is a
+//! small device, and Ember's interrupt sources are all in userspace anyway.
+//!
+//! The model: 24 pins, each with a redirection entry the guest programs through the indirect
+//! IOREGSEL/IOWIN register pair. A raised pin whose entry is unmasked becomes an MSI to the local
+//! APICs ([`MsiSink`]); a pin raised while masked is remembered (its IRR bit) and delivered when
+//! the guest unmasks it, as the hardware and KVM's IOAPIC do for edges. Ember's devices raise
+//! edges and its MP table declares every ISA interrupt edge-triggered, so an entry programmed
+//! level-triggered is delivered as an edge too (Remote IRR stays clear; nothing waits for an EOI).
+//! Every guest access is checked: unknown registers read as zero, writes to read-only ones and
+//! odd-sized accesses are ignored.
+
+use std::io;
+use std::sync::{Arc, Mutex};
+
+use crate::bus::lock;
+use crate::interrupt::InterruptLine;
+use crate::{BusDevice, VmRequest};
+
+/// Number of pins (redirection entries), as on KVM's and QEMU's IOAPIC.
+pub const PINS: usize = 24;
+/// Size of the MMIO window (registers at 0x00 and 0x10, EOI at 0x40).
+pub const MMIO_LEN: u64 = 0x100;
+
+const IOREGSEL: u64 = 0x00;
+const IOWIN: u64 = 0x10;
+
+const REG_ID: u32 = 0x00;
+const REG_VERSION: u32 = 0x01;
+const REG_ARBITRATION: u32 = 0x02;
+const REG_REDIRECTION_FIRST: u32 = 0x10;
+/// Version 0x11 (an 82093AA, like KVM's), highest entry index in bits 16-23.
+const VERSION: u32 = 0x11 | ((PINS as u32 - 1) << 16);
+
+/// Redirection entry fields (82093AA datasheet, 3.2.4).
+const ENTRY_VECTOR: u64 = 0xff;
+const ENTRY_DELIVERY_MODE_SHIFT: u32 = 8;
+const ENTRY_DELIVERY_MODE: u64 = 0x7 << ENTRY_DELIVERY_MODE_SHIFT;
+const ENTRY_DEST_MODE_LOGICAL: u64 = 1 << 11;
+const ENTRY_MASKED: u64 = 1 << 16;
+const ENTRY_DEST_SHIFT: u32 = 56;
+/// Bits the guest may set: vector, delivery mode, destination mode, polarity, trigger mode, mask,
+/// destination. Delivery status (12) and Remote IRR (14) are read-only and stay clear.
+const ENTRY_WRITABLE: u64 = 0xff00_0000_0001_afff;
+/// Delivery mode ExtINT (the 8259's interrupt): there is no 8259 to ask for a vector.
+const DELIVERY_EXTINT: u64 = 7;
+
+/// The local APICs' MSI window; the destination APIC ID goes in bits 12-19, the destination mode
+/// in bit 2 (Intel SDM vol. 3, 11.11.1).
+const MSI_ADDRESS_BASE: u64 = 0xfee0_0000;
+const MSI_ADDRESS_DEST_SHIFT: u32 = 12;
+const MSI_ADDRESS_DEST_MODE_LOGICAL: u64 = 1 << 2;
+
+/// Where the IOAPIC's messages go: the local APICs (KVM_SIGNAL_MSI in Ember).
+pub trait MsiSink: Send {
+    fn send(&self, address: u64, data: u32) -> io::Result<()>;
+}
+
+/// The I/O APIC.
+pub struct Ioapic {
+    selected: u32,
+    id: u32,
+    entries: [u64; PINS],
+    /// Pins raised while masked (the IRR), delivered on unmask.
+    pending: u32,
+    sink: Box<dyn MsiSink>,
+}
+
+impl Ioapic {
+    /// An IOAPIC with every entry masked (its reset state), sending its messages to `sink`.
+    pub fn new(sink: Box<dyn MsiSink>) -> Self {
+        Self {
+            selected: 0,
+            id: 0,
+            entries: [ENTRY_MASKED; PINS],
+            pending: 0,
+            sink,
+        }
+    }
+
+    /// Raises `pin` once. Pins past the last one are ignored.
+    pub fn raise(&mut self, pin: usize) -> io::Result<()> {
+        let Some(&entry) = self.entries.get(pin) else {
+            return Ok(());
+        };
+        if entry & ENTRY_MASKED != 0 {
+            self.pending |= 1 << pin;
+            return Ok(());
+        }
+        self.deliver(entry)
+    }
+
+    fn deliver(&self, entry: u64) -> io::Result<()> {
+        let delivery_mode = (entry & ENTRY_DELIVERY_MODE) >> ENTRY_DELIVERY_MODE_SHIFT;
+        if delivery_mode == DELIVERY_EXTINT {
+            return Ok(());
+        }
+        let dest = (entry >> ENTRY_DEST_SHIFT) & 0xff;
+        let mut address = MSI_ADDRESS_BASE | (dest << MSI_ADDRESS_DEST_SHIFT);
+        if entry & ENTRY_DEST_MODE_LOGICAL != 0 {
+            address |= MSI_ADDRESS_DEST_MODE_LOGICAL;
+        }
+        // Vector and delivery mode; trigger mode edge (bit 15 clear), see the module comment.
+        let data = (entry & (ENTRY_VECTOR | ENTRY_DELIVERY_MODE)) as u32;
+        self.sink.send(address, data)
+    }
+
+    fn read_register(&self) -> u32 {
+        match self.selected {
+            REG_ID | REG_ARBITRATION => self.id,
+            REG_VERSION => VERSION,
+            reg => match redirection_index(reg) {
+                Some((pin, high)) if high => (self.entries[pin] >> 32) as u32,
+                Some((pin, _)) => self.entries[pin] as u32,
+                None => 0,
+            },
+        }
+    }
+
+    fn write_register(&mut self, value: u32) {
+        match self.selected {
+            REG_ID => self.id = value & 0x0f00_0000,
+            reg => {
+                let Some((pin, high)) = redirection_index(reg) else {
+                    return; // version, arbitration and unknown registers are read-only
+                };
+                let old = self.entries[pin];
+                let new = if high {
+                    (old & 0xffff_ffff) | (u64::from(value) << 32)
+                } else {
+                    (old & !0xffff_ffff) | u64::from(value)
+                };
+                self.entries[pin] = new & ENTRY_WRITABLE;
+                let unmasked = self.entries[pin] & ENTRY_MASKED == 0;
+                if unmasked && self.pending & (1 << pin) != 0 {
+                    self.pending &= !(1 << pin);
+                    if let Err(e) = self.deliver(self.entries[pin]) {
+                        log::warn!("ioapic: cannot deliver pin {pin}: {e}");
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The pin and half (high = bits 32-63) a redirection register index names.
+fn redirection_index(reg: u32) -> Option<(usize, bool)> {
+    let index = usize::try_from(reg.checked_sub(REG_REDIRECTION_FIRST)?).ok()?;
+    (index < 2 * PINS).then_some((index / 2, index % 2 == 1))
+}
+
+impl BusDevice for Ioapic {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        let value = match (offset, data.len()) {
+            (IOREGSEL, 4) => self.selected,
+            (IOWIN, 4) => self.read_register(),
+            _ => 0,
+        };
+        if data.len() == 4 {
+            data.copy_from_slice(&value.to_le_bytes());
+        } else {
+            data.fill(0);
+        }
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) -> Option<VmRequest> {
+        let value = u32::from_le_bytes(data.try_into().ok()?);
+        match offset {
+            IOREGSEL => self.selected = value & 0xff,
+            IOWIN => self.write_register(value),
+            _ => {} // the EOI register (0x40) of newer IOAPICs: every pin is edge here
+        }
+        None
+    }
+}
+
+/// One IOAPIC pin as a device's interrupt line.
+pub struct IoapicPin {
+    ioapic: Arc<Mutex<Ioapic>>,
+    pin: usize,
+}
+
+impl IoapicPin {
+    pub fn new(ioapic: Arc<Mutex<Ioapic>>, pin: usize) -> Self {
+        Self { ioapic, pin }
+    }
+}
+
+impl InterruptLine for IoapicPin {
+    fn trigger(&self) -> io::Result<()> {
+        lock(&self.ioapic).raise(self.pin)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Records the messages sent.
+    #[derive(Clone, Default)]
+    struct Recorder(Arc<Mutex<Vec<(u64, u32)>>>);
+
+    impl MsiSink for Recorder {
+        fn send(&self, address: u64, data: u32) -> io::Result<()> {
+            self.0.lock().unwrap().push((address, data));
+            Ok(())
+        }
+    }
+
+    fn ioapic() -> (Ioapic, Recorder) {
+        let recorder = Recorder::default();
+        (Ioapic::new(Box::new(recorder.clone())), recorder)
+    }
+
+    fn write_reg(ioapic: &mut Ioapic, reg: u32, value: u32) {
+        ioapic.write(IOREGSEL, &reg.to_le_bytes());
+        ioapic.write(IOWIN, &value.to_le_bytes());
+    }
+
+    fn read_reg(ioapic: &mut Ioapic, reg: u32) -> u32 {
+        ioapic.write(IOREGSEL, &reg.to_le_bytes());
+        let mut data = [0; 4];
+        ioapic.read(IOWIN, &mut data);
+        u32::from_le_bytes(data)
+    }
+
+    #[test]
+    fn identifies_itself_and_starts_masked() {
+        let (mut ioapic, _) = ioapic();
+        assert_eq!(read_reg(&mut ioapic, REG_VERSION), 0x0017_0011);
+        write_reg(&mut ioapic, REG_ID, 0x0100_0000);
+        assert_eq!(read_reg(&mut ioapic, REG_ID), 0x0100_0000);
+        write_reg(&mut ioapic, REG_VERSION, 0);
+        assert_eq!(read_reg(&mut ioapic, REG_VERSION), 0x0017_0011);
+        for pin in 0..PINS as u32 {
+            assert_eq!(read_reg(&mut ioapic, 0x10 + 2 * pin), 1 << 16);
+        }
+    }
+
+    #[test]
+    fn an_unmasked_pin_becomes_an_msi_to_its_destination() {
+        let (mut ioapic, sent) = ioapic();
+        // Pin 4: vector 0x24, fixed, physical destination APIC 1.
+        write_reg(&mut ioapic, 0x10 + 2 * 4 + 1, 1 << 24);
+        write_reg(&mut ioapic, 0x10 + 2 * 4, 0x24);
+        ioapic.raise(4).unwrap();
+        // Pin 5: vector 0x30, lowest priority, logical destination 0x3.
+        write_reg(&mut ioapic, 0x10 + 2 * 5 + 1, 3 << 24);
+        write_reg(&mut ioapic, 0x10 + 2 * 5, 0x30 | (1 << 8) | (1 << 11));
+        ioapic.raise(5).unwrap();
+        assert_eq!(
+            *sent.0.lock().unwrap(),
+            [(0xfee0_1000, 0x24), (0xfee0_3004, 0x130)]
+        );
+    }
+
+    #[test]
+    fn a_pin_raised_while_masked_is_delivered_on_unmask_once() {
+        let (mut ioapic, sent) = ioapic();
+        write_reg(&mut ioapic, 0x10 + 2 * 7, 0x41 | (1 << 16));
+        ioapic.raise(7).unwrap();
+        ioapic.raise(7).unwrap();
+        assert!(sent.0.lock().unwrap().is_empty());
+        write_reg(&mut ioapic, 0x10 + 2 * 7, 0x41);
+        write_reg(&mut ioapic, 0x10 + 2 * 7, 0x41);
+        assert_eq!(*sent.0.lock().unwrap(), [(0xfee0_0000, 0x41)]);
+    }
+
+    #[test]
+    fn hostile_accesses_are_ignored() {
+        let (mut ioapic, sent) = ioapic();
+        // Read-only bits (delivery status, Remote IRR) stay clear; registers past the table are 0.
+        write_reg(&mut ioapic, 0x10, 0xffff_ffff);
+        assert_eq!(read_reg(&mut ioapic, 0x10), 0x0001_afff);
+        write_reg(&mut ioapic, 0x10 + 2 * PINS as u32, 0x55);
+        assert_eq!(read_reg(&mut ioapic, 0x10 + 2 * PINS as u32), 0);
+        assert_eq!(read_reg(&mut ioapic, 0xff), 0);
+        // Odd sizes and offsets.
+        ioapic.write(IOREGSEL, &[1, 2]);
+        ioapic.write(0x20, &[0; 4]);
+        let mut byte = [0xaa];
+        ioapic.read(IOWIN, &mut byte);
+        assert_eq!(byte, [0]);
+        // Pins that do not exist, and ExtINT (no 8259 behind it), send nothing.
+        ioapic.raise(PINS).unwrap();
+        write_reg(&mut ioapic, 0x10 + 2 * 2, 0x7 << 8);
+        ioapic.raise(2).unwrap();
+        assert!(sent.0.lock().unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_pin_is_an_interrupt_line() {
+        let (ioapic, sent) = ioapic();
+        let ioapic = Arc::new(Mutex::new(ioapic));
+        write_reg(&mut lock(&ioapic), 0x10 + 2 * 9, 0x59);
+        IoapicPin::new(ioapic.clone(), 9).trigger().unwrap();
+        assert_eq!(*sent.0.lock().unwrap(), [(0xfee0_0000, 0x59)]);
+    }
+}
