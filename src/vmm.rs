@@ -256,20 +256,12 @@ impl Vm {
             )
             .map_err(VmmError::EventLoop)?;
 
-        if self.console == ConsoleConfig::Stdio {
-            let interactive = terminal::is_tty(libc::STDIN_FILENO);
-            if interactive {
-                if let Err(e) = terminal::enter_raw_mode() {
-                    log::warn!("cannot put the terminal in raw mode: {e}");
-                }
+        let interactive =
+            self.console == ConsoleConfig::Stdio && terminal::is_tty(libc::STDIN_FILENO);
+        if interactive {
+            if let Err(e) = terminal::enter_raw_mode() {
+                log::warn!("cannot put the terminal in raw mode: {e}");
             }
-            console::spawn_input_thread(
-                self.serial.clone(),
-                self.serial_fifo_drained,
-                control.clone(),
-                interactive,
-            )
-            .map_err(VmmError::Thread)?;
         }
 
         let device_loop = if self.virtio.is_empty() {
@@ -289,6 +281,22 @@ impl Vm {
                     });
                     break;
                 }
+            }
+        }
+
+        // The console's input thread after the vCPUs: the guest's first instructions need not wait
+        // for it, and input written before it runs stays in the pipe or terminal until it does.
+        if self.console == ConsoleConfig::Stdio {
+            if let Err(e) = console::spawn_input_thread(
+                self.serial.clone(),
+                self.serial_fifo_drained,
+                control.clone(),
+                interactive,
+            ) {
+                control.request_stop(VmOutcome::MonitorFailed {
+                    cpu: 0,
+                    what: format!("cannot start the console input thread: {e}"),
+                });
             }
         }
 
