@@ -39,7 +39,7 @@ from pathlib import Path
 
 from benchlib import (BASE_CMDLINE, CACHE, EMBER, IS_PVM, MONITORS, PVM_CMDLINE, QEMU_CPU,
                       QEMU_CPU_PVM, QEMU_MACHINE, ROOT, BenchError, check_kvm, find_ember,
-                      find_qemu, fmt, log, machine_facts, median_min_max, run)
+                      find_qemu, fmt, log, machine_facts, median_min_max, run, run_bench)
 
 HOST_IP, GUEST_IP = "10.0.2.1", "10.0.2.2"
 RX_PORT, TX_PORT = 8080, 8081
@@ -472,23 +472,7 @@ def main():
         p.error("--disk-mib must not exceed --image-mib")
     args.timeout = max(args.timeout, 240)
 
-    bench = Bench(args)
-
-    def on_signal(signum, _frame):
-        raise KeyboardInterrupt(signal.Signals(signum).name)
-
-    for s in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(s, on_signal)
-    try:
-        return bench.run()
-    except BenchError as e:
-        log(f"error: {e}")
-        return 2
-    except KeyboardInterrupt:
-        log("interrupted: stopping the VMs, deleting the namespace")
-        return 130
-    finally:
-        bench.cleanup()
+    return run_bench(Bench(args), "stopping the VMs, deleting the namespace")
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ Python 3.11 standard library only."""
 import datetime
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -105,3 +106,24 @@ def machine_facts(ember, qemu):
         "qemu": qemu_version,
         "ember": f"{ember_version} ({commit})" if commit else ember_version,
     }
+
+
+def run_bench(bench, interrupted_message):
+    """Runs `bench.run()` and returns its exit status; SIGTERM and SIGHUP stop it like Ctrl-C, and
+    `bench.cleanup()` runs on every way out (2: a BenchError, 130: interrupted)."""
+
+    def on_signal(signum, _frame):
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    for s in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(s, on_signal)
+    try:
+        return bench.run()
+    except BenchError as e:
+        log(f"error: {e}")
+        return 2
+    except KeyboardInterrupt:
+        log(f"interrupted: {interrupted_message}")
+        return 130
+    finally:
+        bench.cleanup()

@@ -50,7 +50,7 @@ from pathlib import Path
 
 from benchlib import (BASE_CMDLINE, CACHE, EMBER, IS_PVM, MONITORS, PVM_CMDLINE, QEMU_CPU,
                       QEMU_CPU_PVM, QEMU_MACHINE, ROOT, BenchError, check_kvm, find_ember,
-                      find_qemu, fmt, log, machine_facts, median_min_max)
+                      find_qemu, fmt, log, machine_facts, median_min_max, run_bench)
 
 GUEST_LINE = b"ember-startup: guest up\n"
 PIO_COUNT = 20000  # the pio-loop.elf build's -DPIO_COUNT (resources/guests/Makefile)
@@ -467,23 +467,7 @@ def main():
     if args.runs < 1 or args.other_runs < 1 or args.concurrent < 1 or args.warmup < 0 \
             or args.linux_runs < 0:
         p.error("--runs, --other-runs and --concurrent must be at least 1")
-
-    def on_signal(signum, _frame):
-        raise KeyboardInterrupt(signal.Signals(signum).name)
-
-    for s in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(s, on_signal)
-    bench = StartupBench(args)
-    try:
-        return bench.run()
-    except BenchError as e:
-        log(f"error: {e}")
-        return 2
-    except KeyboardInterrupt:
-        log("interrupted: stopping the VMs")
-        return 130
-    finally:
-        bench.cleanup()
+    return run_bench(StartupBench(args), "stopping the VMs")
 
 
 if __name__ == "__main__":

@@ -3,6 +3,21 @@
 #define SEL_DATA   0x10
 #define SEL_CODE64 0x18
 
+/* XEN_ELFNOTE_PHYS32_ENTRY (18): the note that makes an ELF a PVH kernel, naming its 32-bit
+ * physical entry point. */
+.macro PVH_ENTRY_NOTE entry
+    .pushsection .note.Xen, "a", @note
+    .balign 4
+    .long 4                         /* namesz: "Xen\0" */
+    .long 4                         /* descsz */
+    .long 18                        /* type: XEN_ELFNOTE_PHYS32_ENTRY */
+    .asciz "Xen"
+    .balign 4
+    .long \entry
+    .balign 4
+    .popsection
+.endm
+
 /* From 32-bit protected mode with flat segments and page tables built:
  * enable PAE + long mode + paging and far-jump to a 64-bit label. */
 .macro ENTER_LONG_MODE target

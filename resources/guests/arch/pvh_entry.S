@@ -1,16 +1,7 @@
 /* PVH entry: 32-bit protected mode, paging off, EBX = struct hvm_start_info. */
 #include "asm.h"
 
-    /* XEN_ELFNOTE_PHYS32_ENTRY (18): the 32-bit physical entry point. */
-    .section .note.Xen, "a", @note
-    .balign 4
-    .long 4                         /* namesz: "Xen\0" */
-    .long 4                         /* descsz */
-    .long 18                        /* type: XEN_ELFNOTE_PHYS32_ENTRY */
-    .asciz "Xen"
-    .balign 4
-    .long pvh_start32
-    .balign 4
+    PVH_ENTRY_NOTE pvh_start32
 
     .section .text.head, "ax"
     .code32

@@ -18,14 +18,9 @@
 #define I8042_CMD    0x64
 #define I8042_RESET  0xfe
 
-    /* XEN_ELFNOTE_PHYS32_ENTRY (18): the 32-bit physical entry point. */
-    .section .note.Xen, "a", @note
-    .balign 4
-    .long 4, 4, 18
-    .asciz "Xen"
-    .balign 4
-    .long pvh_start32
-    .balign 4
+#include "asm.h"
+
+    PVH_ENTRY_NOTE pvh_start32
 
     .section .text.head, "ax"
     .code32
