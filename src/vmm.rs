@@ -170,8 +170,8 @@ impl Vm {
         }
 
         let vm_fd = Arc::new(kvm.create_vm().map_err(KvmError::CreateVm)?);
-        // Guest RAM is registered first: a memory slot waits for any SRCU grace period a device
-        // registration left in flight (~7 ms measured here after KVM's in-kernel irqchip).
+        // Guest RAM is registered before any device reaches KVM's I/O buses: a memory slot waits
+        // for any SRCU grace period such a registration left in flight (~7 ms measured here).
         let guest_memory = map_guest_memory(config.memory_bytes)?;
         register_guest_memory(&vm_fd, &guest_memory)?;
         irqchip::create(&vm_fd).map_err(VmmError::Irqchip)?;
@@ -545,7 +545,7 @@ fn write_firmware_tables(guest_memory: &GuestMemoryMmap, cpus: u8) -> Result<(),
     Ok(())
 }
 
-/// The port-I/O devices: COM1 (its interrupt through an irqfd), the i8042, the debug-exit port,
+/// The port-I/O devices: COM1 (its interrupt on an IOAPIC pin), the i8042, the debug-exit port,
 /// the boot timer and the ACPI sleep registers.
 fn legacy_devices(
     ioapic: &Arc<Mutex<Ioapic>>,

@@ -37,9 +37,10 @@ import threading
 import time
 from pathlib import Path
 
-from benchlib import (BASE_CMDLINE, CACHE, EMBER, IS_PVM, MONITORS, PVM_CMDLINE, QEMU_CPU,
-                      QEMU_CPU_PVM, QEMU_MACHINE, ROOT, BenchError, check_kvm, find_ember,
-                      find_qemu, fmt, log, machine_facts, median_min_max, run, run_bench)
+from benchlib import (BASE_CMDLINE, CACHE, IS_PVM, MONITORS, PVM_CMDLINE, QEMU_CPU,
+                      QEMU_CPU_PVM, QEMU_MACHINE, ROOT, BenchError, add_common_arguments,
+                      check_kvm, find_ember, find_qemu, fmt, log, machine_facts, median_min_max,
+                      run, run_bench)
 
 HOST_IP, GUEST_IP = "10.0.2.1", "10.0.2.2"
 RX_PORT, TX_PORT = 8080, 8081
@@ -451,16 +452,11 @@ def main():
     p.add_argument("--net-mib", type=int, default=4, help="MiB each way over TCP (4)")
     p.add_argument("--memory", default="256M", help="guest RAM (256M)")
     p.add_argument("--timeout", type=int, default=420, help="seconds per boot (420, min 240)")
-    p.add_argument("--ember", default=str(EMBER))
-    p.add_argument("--qemu", default="qemu-system-x86_64")
-    p.add_argument("--no-install", action="store_true", help="never apt-get install QEMU")
     p.add_argument("--kernel", help="guest kernel (default: the default guest's vmlinux)")
     p.add_argument("--initrd", help="guest initramfs (default: the default guest's .cpio)")
-    p.add_argument("--markdown", default=str(ROOT / "target/bench/results.md"))
-    p.add_argument("--json", default=str(ROOT / "target/bench/results.json"))
     p.add_argument("--logs", default=str(ROOT / "target/bench/logs"),
                    help="console logs, one per boot")
-    p.add_argument("--help-long", action="store_true", help="print the full description")
+    add_common_arguments(p, "results")
     args = p.parse_args()
     if args.help_long:
         print(__doc__)

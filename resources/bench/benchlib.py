@@ -108,6 +108,17 @@ def machine_facts(ember, qemu):
     }
 
 
+def add_common_arguments(parser, results_name):
+    """The options both benchmarks take: the binaries, and where the results go
+    (target/bench/RESULTS_NAME.{md,json})."""
+    parser.add_argument("--ember", default=str(EMBER))
+    parser.add_argument("--qemu", default="qemu-system-x86_64")
+    parser.add_argument("--no-install", action="store_true", help="never apt-get install QEMU")
+    parser.add_argument("--markdown", default=str(ROOT / f"target/bench/{results_name}.md"))
+    parser.add_argument("--json", default=str(ROOT / f"target/bench/{results_name}.json"))
+    parser.add_argument("--help-long", action="store_true", help="print the full description")
+
+
 def run_bench(bench, interrupted_message):
     """Runs `bench.run()` and returns its exit status; SIGTERM and SIGHUP stop it like Ctrl-C, and
     `bench.cleanup()` runs on every way out (2: a BenchError, 130: interrupted)."""

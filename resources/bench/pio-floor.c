@@ -53,8 +53,9 @@ static uint64_t load_elf(const char *path, uint8_t *ram)
 	for (int i = 0; i < eh->e_phnum; i++) {
 		if (ph[i].p_type != PT_LOAD)
 			continue;
-		if (ph[i].p_paddr + ph[i].p_memsz > RAM_SIZE || ph[i].p_filesz > ph[i].p_memsz ||
-		    ph[i].p_offset + ph[i].p_filesz > (uint64_t)st.st_size) {
+		if (ph[i].p_paddr > RAM_SIZE || ph[i].p_memsz > RAM_SIZE - ph[i].p_paddr ||
+		    ph[i].p_filesz > ph[i].p_memsz || ph[i].p_offset > (uint64_t)st.st_size ||
+		    ph[i].p_filesz > (uint64_t)st.st_size - ph[i].p_offset) {
 			fprintf(stderr, "%s: segment %d does not fit\n", path, i);
 			exit(1);
 		}

@@ -48,9 +48,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchlib import (BASE_CMDLINE, CACHE, EMBER, IS_PVM, MONITORS, PVM_CMDLINE, QEMU_CPU,
-                      QEMU_CPU_PVM, QEMU_MACHINE, ROOT, BenchError, check_kvm, find_ember,
-                      find_qemu, fmt, log, machine_facts, median_min_max, run_bench)
+from benchlib import (BASE_CMDLINE, CACHE, IS_PVM, MONITORS, PVM_CMDLINE, QEMU_CPU,
+                      QEMU_CPU_PVM, QEMU_MACHINE, ROOT, BenchError, add_common_arguments,
+                      check_kvm, find_ember, find_qemu, fmt, log, machine_facts, median_min_max,
+                      run_bench)
 
 GUEST_LINE = b"ember-startup: guest up\n"
 PIO_COUNT = 20000  # the pio-loop.elf build's -DPIO_COUNT (resources/guests/Makefile)
@@ -454,19 +455,15 @@ def main():
     p.add_argument("--timeout", type=float, default=30, help="seconds per micro-guest VM (30)")
     p.add_argument("--linux-timeout", type=float, default=300,
                    help="seconds per Linux boot (300)")
-    p.add_argument("--ember", default=str(EMBER))
-    p.add_argument("--qemu", default="qemu-system-x86_64")
-    p.add_argument("--no-install", action="store_true", help="never apt-get install QEMU")
-    p.add_argument("--markdown", default=str(ROOT / "target/bench/startup.md"))
-    p.add_argument("--json", default=str(ROOT / "target/bench/startup.json"))
-    p.add_argument("--help-long", action="store_true", help="print the full description")
+    add_common_arguments(p, "startup")
     args = p.parse_args()
     if args.help_long:
         print(__doc__)
         return 0
     if args.runs < 1 or args.other_runs < 1 or args.concurrent < 1 or args.warmup < 0 \
             or args.linux_runs < 0:
-        p.error("--runs, --other-runs and --concurrent must be at least 1")
+        p.error("--runs, --other-runs and --concurrent must be at least 1, --warmup and "
+                "--linux-runs at least 0")
     return run_bench(StartupBench(args), "stopping the VMs")
 
 
