@@ -15,6 +15,7 @@ use kvm_ioctls::{VcpuExit, VcpuFd};
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
+use crate::arch::x86_64::xstate::{XstateRequest, XstateSwitch};
 use crate::outcome::VmOutcome;
 
 /// The port-I/O and MMIO buses every vCPU dispatches to.
@@ -38,6 +39,9 @@ pub enum StopCause {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ExitAction {
     Continue,
+    /// The guest kernel asked for its task's extended state to be switched (software KVM); the
+    /// loop does it on this vCPU before it runs again.
+    SwitchXstate(XstateRequest),
     Stop(StopCause),
 }
 
@@ -54,6 +58,15 @@ pub fn handle_exit(exit: VcpuExit, buses: &IoBuses) -> ExitAction {
                 data.fill(0xff);
             }
             ExitAction::Continue
+        }
+        VcpuExit::IoOut(port, data) if XstateRequest::is_switch_port(u64::from(port)) => {
+            match XstateRequest::decode(u64::from(port), data) {
+                Some(request) => ExitAction::SwitchXstate(request),
+                None => {
+                    log::trace!("{}-byte write to the xstate port {port:#x}", data.len());
+                    ExitAction::Continue
+                }
+            }
         }
         VcpuExit::IoOut(port, data) => bus_write(&buses.pio, u64::from(port), data),
         VcpuExit::MmioRead(addr, data) => {
@@ -170,16 +183,18 @@ pub struct VcpuThread {
 }
 
 impl VcpuThread {
-    /// Starts the KVM_RUN loop for `vcpu` on its own thread.
+    /// Starts the KVM_RUN loop for `vcpu` on its own thread. `xstate` is the extended-state
+    /// switch, when the guest is offered one (software KVM).
     pub fn spawn(
         index: u8,
         vcpu: VcpuFd,
         buses: Arc<IoBuses>,
+        xstate: Option<XstateSwitch>,
         control: Arc<VmControl>,
     ) -> std::io::Result<Self> {
         let handle = std::thread::Builder::new()
             .name(format!("vcpu{index}"))
-            .spawn(move || run_loop(index, vcpu, &buses, &control))?;
+            .spawn(move || run_loop(index, vcpu, &buses, xstate.as_ref(), &control))?;
         Ok(Self { handle })
     }
 
@@ -218,11 +233,18 @@ impl Drop for StopOnUnwind<'_> {
     }
 }
 
-fn run_loop(index: u8, mut vcpu: VcpuFd, buses: &IoBuses, control: &VmControl) {
+fn run_loop(
+    index: u8,
+    mut vcpu: VcpuFd,
+    buses: &IoBuses,
+    xstate: Option<&XstateSwitch>,
+    control: &VmControl,
+) {
     let _stop_on_unwind = StopOnUnwind {
         cpu: index,
         control,
     };
+    let mut xstate_failed = false;
     KVM_RUN.with(|run| run.set(vcpu.get_kvm_run() as *mut kvm_run));
     while !control.is_stopping() {
         let action = match vcpu.run() {
@@ -233,9 +255,24 @@ fn run_loop(index: u8, mut vcpu: VcpuFd, buses: &IoBuses, control: &VmControl) {
             }
             Err(e) => ExitAction::Stop(StopCause::Unhandled(format!("KVM_RUN failed: {e}"))),
         };
-        if let ExitAction::Stop(cause) = action {
-            control.request_stop(describe_stop(index, &mut vcpu, cause));
-            break;
+        match action {
+            ExitAction::Continue => {}
+            ExitAction::SwitchXstate(request) => {
+                // Without a switch (hardware KVM) the port is not offered: a write is ignored.
+                // A failed request only leaves the guest's own task with stale registers; say
+                // so once per vCPU rather than let a guest flood the log.
+                let result = xstate.map(|switch| switch.handle(&vcpu, request));
+                if let Some(Err(e)) = result {
+                    if !xstate_failed {
+                        log::warn!("vCPU {index}: extended-state switch {request:?} failed: {e}");
+                        xstate_failed = true;
+                    }
+                }
+            }
+            ExitAction::Stop(cause) => {
+                control.request_stop(describe_stop(index, &mut vcpu, cause));
+                break;
+            }
         }
     }
     KVM_RUN.with(|run| run.set(std::ptr::null_mut()));

@@ -34,10 +34,11 @@ use crate::arch::x86_64::boot::{self, BootError};
 use crate::arch::x86_64::cpuid::{self, CpuidTopology};
 use crate::arch::x86_64::layout::{
     ACPI_SLEEP_PORT, ACPI_START, BOOT_TIMER_PORT, COM1_IRQ, COM1_PORT, DEBUG_EXIT_PORT, EBDA_START,
-    GRACE_PERIOD_PROBE_ADDRESS, I8042_PORT, IOAPIC_START,
+    GRACE_PERIOD_PROBE_ADDRESS, I8042_PORT, IOAPIC_START, XSTATE_SAVE_PORT,
 };
 use crate::arch::x86_64::memory::{self, MIN_RAM_BYTES};
 use crate::arch::x86_64::regs::{self, EntryMode};
+use crate::arch::x86_64::xstate::{XstateLayout, XstateSwitch};
 use crate::arch::x86_64::{acpi, mptable};
 use crate::config::{SoftwareKvmMode, VmConfig};
 use crate::console::{self, ConsoleConfig};
@@ -55,6 +56,12 @@ use crate::virtio_devices::{self, DeviceEventLoop, DeviceSlots, VirtioError};
 /// `rep stosb`, which the emulator steps one byte at a time; without, eight bytes at a time
 /// (unpacking the default guest's initramfs went from ~18 s to ~14 s).
 pub const SOFTWARE_KVM_CMDLINE: &str = "noxsave clearcpuid=151,59,308,298,534,297,580";
+
+/// How Ember's guest kernel learns of the extended-state switch (see `arch::x86_64::xstate`):
+/// with `noxsave` it cannot switch the AVX/AVX-512 registers its user space uses, so Ember does.
+fn xstate_cmdline() -> String {
+    format!("ember.xstate_port={XSTATE_SAVE_PORT:#x}")
+}
 
 /// Largest vCPU count: APIC IDs are 8-bit and 0xff is the broadcast ID.
 pub const MAX_CPUS: u8 = 254;
@@ -142,8 +149,10 @@ pub struct Vm {
     /// IOAPIC holds it too, to send its interrupts).
     vm_fd: Arc<VmFd>,
     /// Must outlive the vCPUs: KVM maps guest RAM from these host mappings.
-    _guest_memory: GuestMemoryMmap,
+    guest_memory: GuestMemoryMmap,
     vcpus: Vec<VcpuFd>,
+    /// What the extended-state switch carries, when the guest is offered one (software KVM).
+    xstate: Option<XstateLayout>,
     buses: Arc<IoBuses>,
     serial: Arc<Mutex<SerialConsole>>,
     serial_fifo_drained: EventFd,
@@ -178,11 +187,24 @@ impl Vm {
         let ioapic = Arc::new(Mutex::new(Ioapic::new(Box::new(KvmMsi(vm_fd.clone())))));
         let (kernel, initrd) = load_kernel_and_initrd(&guest_memory, config)?;
 
-        let extra: Vec<String> = if software_kvm {
-            vec![SOFTWARE_KVM_CMDLINE.to_string()]
-        } else {
-            Vec::new()
-        };
+        let supported_cpuid = kvm
+            .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+            .map_err(|source| VmmError::Vcpu { cpu: 0, source })?;
+        // On hardware KVM the guest kernel has XSAVE and switches every register itself.
+        let xstate = software_kvm
+            .then(|| XstateLayout::from_cpuid(supported_cpuid.as_slice()))
+            .filter(XstateLayout::has_extended_state);
+        let mut extra: Vec<String> = Vec::new();
+        if software_kvm {
+            extra.push(SOFTWARE_KVM_CMDLINE.to_string());
+        }
+        if let Some(layout) = &xstate {
+            log::info!(
+                "software KVM: Ember switches the guest's extended state (XSAVE features {:#x})",
+                layout.features
+            );
+            extra.push(xstate_cmdline());
+        }
         let mut cmdline = boot::build_cmdline(&config.cmdline, &extra)?;
         let mut mmio = Bus::new();
         mmio.insert(ioapic.clone(), IOAPIC_START, ioapic::MMIO_LEN)?;
@@ -209,9 +231,9 @@ impl Vm {
         let (pio, serial, serial_fifo_drained) = legacy_devices(&ioapic, &config.console, started)?;
         let buses = Arc::new(IoBuses { pio, mmio });
         let vcpus = create_vcpus(
-            &kvm,
             &vm_fd,
             &guest_memory,
+            &supported_cpuid,
             config.cpus,
             software_kvm,
             entry,
@@ -219,8 +241,9 @@ impl Vm {
 
         Ok(Vm {
             vm_fd,
-            _guest_memory: guest_memory,
+            guest_memory,
             vcpus,
+            xstate,
             buses,
             serial,
             serial_fifo_drained,
@@ -272,7 +295,16 @@ impl Vm {
 
         let mut threads = Vec::with_capacity(self.vcpus.len());
         for (index, vcpu) in self.vcpus.into_iter().enumerate() {
-            match VcpuThread::spawn(index as u8, vcpu, self.buses.clone(), control.clone()) {
+            let xstate = self
+                .xstate
+                .map(|layout| XstateSwitch::new(layout, self.guest_memory.clone()));
+            match VcpuThread::spawn(
+                index as u8,
+                vcpu,
+                self.buses.clone(),
+                xstate,
+                control.clone(),
+            ) {
                 Ok(thread) => threads.push(thread),
                 Err(e) => {
                     control.request_stop(VmOutcome::MonitorFailed {
@@ -578,16 +610,13 @@ fn legacy_devices(
 }
 
 fn create_vcpus(
-    kvm: &Kvm,
     vm_fd: &VmFd,
     guest_memory: &GuestMemoryMmap,
+    supported_cpuid: &kvm_bindings::CpuId,
     cpus: u8,
     software_kvm: bool,
     entry: EntryMode,
 ) -> Result<Vec<VcpuFd>, VmmError> {
-    let supported_cpuid = kvm
-        .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
-        .map_err(|source| VmmError::Vcpu { cpu: 0, source })?;
     (0..cpus)
         .map(|cpu| {
             let vcpu = vm_fd.create_vcpu(u64::from(cpu))?;
@@ -596,7 +625,7 @@ fn create_vcpus(
                 cpus,
                 software_kvm,
             };
-            configure_vcpu(&vcpu, guest_memory, &supported_cpuid, topology, entry)?;
+            configure_vcpu(&vcpu, guest_memory, supported_cpuid, topology, entry)?;
             Ok(vcpu)
         })
         .enumerate()

@@ -72,6 +72,12 @@ pub const DEBUG_EXIT_PORT: u64 = 0xf4;
 pub const BOOT_TIMER_PORT: u64 = 0x80;
 /// ACPI sleep control (this port) and sleep status (the next) registers.
 pub const ACPI_SLEEP_PORT: u64 = 0x600;
+/// The extended-state switch on software KVM (`xstate`): a 32-bit OUT here saves the vCPU's
+/// AVX/AVX-512 state into a guest task's image; to the restore port, 4 above, loads it. Named to
+/// the guest kernel as `ember.xstate_port=`; handled on the vCPU thread, not on the bus.
+pub const XSTATE_SAVE_PORT: u64 = 0x5e0;
+/// See [`XSTATE_SAVE_PORT`].
+pub const XSTATE_RESTORE_PORT: u64 = XSTATE_SAVE_PORT + 4;
 
 /// First interrupt line for virtio devices (0-4 are the PIT, keyboard, cascade, COM2, COM1).
 pub const VIRTIO_IRQ_FIRST: u32 = 5;

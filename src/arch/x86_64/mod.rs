@@ -8,3 +8,4 @@ pub mod layout;
 pub mod memory;
 pub mod mptable;
 pub mod regs;
+pub mod xstate;
