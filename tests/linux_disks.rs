@@ -151,9 +151,7 @@ fn rootfs_on_virtio_blk() {
         "--rootfs".into(),
         rootfs.display().to_string(),
         "--cmdline".into(),
-        format!(
-            "console=ttyS0 reboot=k panic=-1 quiet tsc=reliable init=/init ember.cmd=\"{cmd}\""
-        ),
+        format!("{} init=/init ember.cmd=\"{cmd}\"", common::TEST_CMDLINE),
     ];
     let r = common::run(&as_strs(&args), LINUX_TIMEOUT);
     assert_eq!(r.code(), 3, "{r:?}");

@@ -5,67 +5,11 @@
 
 mod common;
 
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::netns::{Namespace, GUEST_IP, HOST_IP};
 use common::{kvm_available, linux_args, micro_guest, LINUX_TIMEOUT};
-
-const HOST_IP: &str = "10.0.2.1";
-const GUEST_IP: &str = "10.0.2.2";
-
-/// A network namespace with one TAP, deleted on drop.
-struct Namespace {
-    name: String,
-}
-
-impl Namespace {
-    fn new() -> Self {
-        let name = format!("ember-test-{}", std::process::id());
-        let ns = Namespace { name };
-        ns.ip(&["netns", "add", &ns.name]);
-        ns.exec_ok(&["ip", "link", "set", "lo", "up"]);
-        ns.exec_ok(&["ip", "tuntap", "add", "tap0", "mode", "tap"]);
-        ns.exec_ok(&["ip", "addr", "add", &format!("{HOST_IP}/24"), "dev", "tap0"]);
-        ns.exec_ok(&["ip", "link", "set", "tap0", "up"]);
-        ns
-    }
-
-    fn ip(&self, args: &[&str]) {
-        let status = Command::new("ip")
-            .args(args)
-            .status()
-            .expect("ip (iproute2)");
-        assert!(status.success(), "ip {args:?}");
-    }
-
-    fn command(&self, args: &[&str]) -> Command {
-        let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", &self.name]).args(args);
-        cmd
-    }
-
-    fn exec_ok(&self, args: &[&str]) {
-        let status = self.command(args).status().expect("ip netns exec");
-        assert!(status.success(), "{args:?} in {}", self.name);
-    }
-}
-
-impl Drop for Namespace {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .status();
-    }
-}
-
-struct KillOnDrop(Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 fn md5(path: &std::path::Path) -> String {
     let out = Command::new("md5sum").arg(path).output().unwrap();
@@ -77,7 +21,7 @@ fn guest_pings_and_moves_data_both_ways() {
     if !kvm_available() {
         return;
     }
-    let ns = Namespace::new();
+    let ns = Namespace::new("net");
     let dir = std::env::temp_dir().join(format!("ember-net-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let blob = dir.join("blob");
@@ -86,19 +30,7 @@ fn guest_pings_and_moves_data_both_ways() {
         .collect();
     std::fs::write(&blob, &data).unwrap();
     let host_md5 = md5(&blob);
-    let _httpd = KillOnDrop(
-        ns.command(&[
-            "busybox",
-            "httpd",
-            "-f",
-            "-p",
-            &format!("{HOST_IP}:8080"),
-            "-h",
-        ])
-        .arg(&dir)
-        .spawn()
-        .expect("busybox httpd"),
-    );
+    let _httpd = ns.serve(&dir);
 
     let script = [
         format!("ip addr add {GUEST_IP}/24 dev eth0"),

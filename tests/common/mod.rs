@@ -3,6 +3,8 @@
 
 #![allow(dead_code)]
 
+pub mod netns;
+
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -86,6 +88,22 @@ pub struct Run {
     pub stdout: String,
     pub stderr: String,
     pub elapsed: Duration,
+}
+
+/// A failing test shows what the guest printed: any assertion that fails while a `Run` is alive
+/// prints its console output and ember's stderr on the way out.
+impl Drop for Run {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!(
+                "---- guest console ({:?}, {:.1} s) ----\n{}\n---- ember stderr ----\n{}\n----",
+                self.status,
+                self.elapsed.as_secs_f64(),
+                self.stdout,
+                self.stderr
+            );
+        }
+    }
 }
 
 impl Run {
@@ -259,9 +277,15 @@ pub fn linux_args(extra_cmdline: &str) -> Vec<String> {
         "--initrd".into(),
         initrd.display().to_string(),
         "--cmdline".into(),
-        format!("console=ttyS0 reboot=k panic=-1 quiet tsc=reliable {extra_cmdline}"),
+        format!("{TEST_CMDLINE} {extra_cmdline}"),
     ]
 }
+
+/// The kernel command line of every Linux test: the default guest's, plus a report on the
+/// console of any process killed by a signal (its registers and code bytes: loglevel=5 shows
+/// the kernel's warning-level messages, which that report is made of).
+pub const TEST_CMDLINE: &str =
+    "console=ttyS0 reboot=k panic=-1 quiet tsc=reliable print-fatal-signals=1 loglevel=5";
 
 /// Like [`spawn_until`], for a prepared command (e.g. one run inside a network namespace); also
 /// returns the output read so far.

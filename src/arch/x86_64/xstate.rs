@@ -389,7 +389,9 @@ mod tests {
         let memory = memory();
         let mut vcpu = filled_image(1);
         vcpu[XSTATE_BV..XSTATE_BV + 8].copy_from_slice(&0x2e7u64.to_le_bytes());
-        layout.restore(&mut vcpu, &memory, GuestAddress(0x4000)).unwrap();
+        layout
+            .restore(&mut vcpu, &memory, GuestAddress(0x4000))
+            .unwrap();
         // PKRU is spelled out as 0 (KVM would keep the last task's otherwise); the rest is in
         // its initial state.
         assert_eq!(read_u64(&vcpu, XSTATE_BV), 0x203);
@@ -403,7 +405,10 @@ mod tests {
         let at = GuestAddress(0x6000);
         // Every bit of the header set: unsupported components, compacted format, reserved bytes.
         memory
-            .write_slice(&[0xff; HEADER_SIZE], GuestAddress(at.0 + LEGACY_SIZE as u64))
+            .write_slice(
+                &[0xff; HEADER_SIZE],
+                GuestAddress(at.0 + LEGACY_SIZE as u64),
+            )
             .unwrap();
         let mut vcpu = [0u8; XSAVE_IMAGE_SIZE];
         layout.restore(&mut vcpu, &memory, at).unwrap();
