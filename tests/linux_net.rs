@@ -5,16 +5,11 @@
 
 mod common;
 
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use common::netns::{Namespace, GUEST_IP, HOST_IP};
+use common::netns::{md5, write_blob, Namespace, GUEST_IP, HOST_IP};
 use common::{kvm_available, linux_args, micro_guest, LINUX_TIMEOUT};
-
-fn md5(path: &std::path::Path) -> String {
-    let out = Command::new("md5sum").arg(path).output().unwrap();
-    String::from_utf8_lossy(&out.stdout)[..32].to_string()
-}
 
 #[test]
 fn guest_pings_and_moves_data_both_ways() {
@@ -25,10 +20,7 @@ fn guest_pings_and_moves_data_both_ways() {
     let dir = std::env::temp_dir().join(format!("ember-net-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let blob = dir.join("blob");
-    let data: Vec<u8> = (0..4u32 << 20)
-        .map(|i| (i.wrapping_mul(2654435761) >> 24) as u8)
-        .collect();
-    std::fs::write(&blob, &data).unwrap();
+    write_blob(&blob, 4 << 20);
     let host_md5 = md5(&blob);
     let _httpd = ns.serve(&dir);
 

@@ -7,20 +7,15 @@
 
 mod common;
 
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 
-use common::netns::{Namespace, GUEST_IP, HOST_IP};
+use common::netns::{md5, write_blob, Namespace, GUEST_IP, HOST_IP};
 use common::{kvm_available, linux_args, LINUX_TIMEOUT};
 
 /// Rounds per stream; each runs ~7 processes, so with the I/O loops and the register check the
 /// guest creates and ends several hundred (a few minutes on software KVM).
 const ITERATIONS: u32 = 20;
 const STREAMS: u32 = 2;
-
-fn md5(path: &std::path::Path) -> String {
-    let out = Command::new("md5sum").arg(path).output().unwrap();
-    String::from_utf8_lossy(&out.stdout)[..32].to_string()
-}
 
 #[test]
 fn hundreds_of_processes_with_io_and_isolated_registers() {
@@ -32,10 +27,7 @@ fn hundreds_of_processes_with_io_and_isolated_registers() {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     let blob = dir.join("blob");
-    let data: Vec<u8> = (0..64u32 << 10)
-        .map(|i| (i.wrapping_mul(2654435761) >> 24) as u8)
-        .collect();
-    std::fs::write(&blob, &data).unwrap();
+    write_blob(&blob, 64 << 10);
     let disk = dir.join("disk.img");
     std::fs::write(&disk, vec![0u8; 4 << 20]).unwrap();
     let _httpd = ns.serve(&dir);

@@ -69,6 +69,20 @@ impl Drop for Namespace {
     }
 }
 
+/// Writes `len` bytes of a fixed pseudo-random pattern to `path`: data for the guest to fetch.
+pub fn write_blob(path: &Path, len: u32) {
+    let data: Vec<u8> = (0..len)
+        .map(|i| (i.wrapping_mul(2654435761) >> 24) as u8)
+        .collect();
+    std::fs::write(path, data).unwrap();
+}
+
+/// The MD5 sum of a file, as hex (what the guest's `md5sum` prints).
+pub fn md5(path: &Path) -> String {
+    let out = Command::new("md5sum").arg(path).output().unwrap();
+    String::from_utf8_lossy(&out.stdout)[..32].to_string()
+}
+
 /// A child process killed (and reaped) when this is dropped.
 pub struct KillOnDrop(pub Child);
 
