@@ -365,6 +365,31 @@ mod tests {
     }
 
     #[test]
+    fn xstate_port_writes_become_switch_requests() {
+        use crate::arch::x86_64::layout::{XSTATE_RESTORE_PORT, XSTATE_SAVE_PORT};
+        use crate::arch::x86_64::xstate::XstateOp;
+        let b = buses();
+        let frame = 0x40u32.to_le_bytes();
+        for (port, op) in [
+            (XSTATE_SAVE_PORT, XstateOp::Save),
+            (XSTATE_RESTORE_PORT, XstateOp::Restore),
+        ] {
+            assert_eq!(
+                handle_exit(VcpuExit::IoOut(port as u16, &frame), &b),
+                ExitAction::SwitchXstate(XstateRequest {
+                    op,
+                    image: vm_memory::GuestAddress(0x1000)
+                })
+            );
+        }
+        // Any other width is not a request: ignored, the guest runs on.
+        assert_eq!(
+            handle_exit(VcpuExit::IoOut(XSTATE_SAVE_PORT as u16, &[1]), &b),
+            ExitAction::Continue
+        );
+    }
+
+    #[test]
     fn unassigned_reads_float_high() {
         let b = buses();
         let mut data = [0u8; 2];

@@ -8,14 +8,18 @@
 mod common;
 
 use std::process::Stdio;
+use std::time::Duration;
 
 use common::netns::{md5, write_blob, Namespace, GUEST_IP, HOST_IP};
-use common::{kvm_available, linux_args, LINUX_TIMEOUT};
+use common::{kvm_available, linux_args};
 
 /// Rounds per stream; each runs ~7 processes, so with the I/O loops and the register check the
-/// guest creates and ends several hundred (a few minutes on software KVM).
-const ITERATIONS: u32 = 20;
+/// guest creates and ends several hundred. Each costs ~1 s of emulated kernel code on software
+/// KVM: this keeps the test to a few minutes (resources/soak.sh runs the long version).
+const ITERATIONS: u32 = 10;
 const STREAMS: u32 = 2;
+/// A few minutes on an idle machine; a busy CI machine may take several times that.
+const TIMEOUT: Duration = Duration::from_secs(1800);
 
 #[test]
 fn hundreds_of_processes_with_io_and_isolated_registers() {
@@ -55,7 +59,7 @@ fn hundreds_of_processes_with_io_and_isolated_registers() {
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    let r = common::finish(ember.spawn().expect("start ember"), LINUX_TIMEOUT);
+    let r = common::finish(ember.spawn().expect("start ember"), TIMEOUT);
 
     let tag = |key: &str| r.lines_with(&format!("EMBER-TEST {key}=")).join(" ");
     assert_eq!(tag("streams"), "ok");
@@ -68,7 +72,7 @@ fn hundreds_of_processes_with_io_and_isolated_registers() {
         "the guest's copies of the host's file"
     );
     let processes: u32 = tag("processes").parse().unwrap();
-    assert!(processes >= 300, "only {processes} processes");
+    assert!(processes >= 200, "only {processes} processes");
     let disk_rounds: u32 = tag("disk_rounds").parse().unwrap();
     let net_rounds: u32 = tag("net_rounds").parse().unwrap();
     assert!(disk_rounds > 0 && net_rounds > 0);

@@ -35,7 +35,8 @@ stream() {
         [ "$got" = "$want" ] || { bad=$((bad + 1)); echo "stream $id: sh exited $got, want $want ($i)"; }
         i=$((i + 1))
     done
-    echo "stream $id: iterations=$i failures=$bad"
+    read -r up _ </proc/uptime
+    echo "stream $id: iterations=$i failures=$bad (done at ${up} s of uptime)"
     [ "$bad" = 0 ]
 }
 
