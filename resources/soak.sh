@@ -6,7 +6,7 @@
 # every failed boot. It is what the suite's stress test (tests/linux_stress.rs) does once, for
 # as long as you like.
 #
-#   resources/soak.sh [--minutes 30] [--guests 3] [--iterations 60] [--hogs N]
+#   resources/soak.sh [--minutes 30] [--guests 2] [--iterations 20] [--hogs N]
 #
 # --hogs: host processes spinning on a CPU (default: one per core). Output: one line per boot,
 # then a summary (also in target/soak/summary.txt); failed boots' consoles in target/soak/.
@@ -14,7 +14,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-minutes=30 guests=3 iterations=60 hogs=$(nproc)
+minutes=30 guests=2 iterations=20 hogs=$(nproc)
 while [ $# -gt 0 ]; do
     case $1 in
         --minutes) minutes=$2; shift 2 ;;
@@ -69,7 +69,7 @@ guest() {
         local log=$out/guest-$g-boot-$boot.console start status
         start=$(date +%s)
         status=0
-        timeout 1200 "${prefix[@]}" "$ember" run --kernel "$cache/vmlinux" --initrd "$cache/initramfs.cpio" \
+        timeout 3600 "${prefix[@]}" "$ember" run --kernel "$cache/vmlinux" --initrd "$cache/initramfs.cpio" \
             --cpus 2 --memory 256M --disk "path=$disk" "${extra[@]}" \
             --cmdline "console=ttyS0 reboot=k panic=-1 quiet tsc=reliable print-fatal-signals=1 loglevel=5 ember.cmd=\"$cmd\"" \
             >"$log" 2>&1 </dev/null &

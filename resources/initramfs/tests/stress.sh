@@ -59,21 +59,25 @@ disk_io() {
     [ "$n" -gt 0 ] && [ "$bad" = 0 ]
 }
 
-# Fetches the host's blob until told to stop; every copy must be the same.
+# Fetches the host's blob until told to stop; every copy must be the same. A fetch may fail
+# without anything being wrong: on a loaded host the guest can be too slow for the server's
+# request timeout (busybox httpd answered 408 after 60 s under a soak), so failed fetches are
+# counted and reported, and at least one must succeed.
 net_io() {
     ip addr add "$guest/24" dev eth0 && ip link set eth0 up || return 1
     ping -c 1 -W 10 "$host" >/dev/null || echo "net: first ping failed"
-    n=0 bad=0 first=
+    n=0 bad=0 failed=0 first=
     while [ ! -e "$stop" ]; do
         if wget -q -O /tmp/net.in "http://$host:8080/blob"; then
             sum=$(md5sum </tmp/net.in)
             sum=${sum%% *}
             [ -n "$first" ] || first=$sum
             [ "$sum" = "$first" ] || { bad=$((bad + 1)); echo "net: copy $n has md5 $sum"; }
+            n=$((n + 1))
         else
-            bad=$((bad + 1)); echo "net: fetch $n failed"
+            failed=$((failed + 1))
+            echo "net: a fetch failed ($failed so far)"
         fi
-        n=$((n + 1))
         sleep 1
     done
     echo "EMBER-TEST net_rounds=$n"
