@@ -166,13 +166,16 @@ impl XstateLayout {
         memory: &GuestMemoryMmap,
         at: GuestAddress,
     ) -> Result<(), XstateError> {
-        let mut part = image[LEGACY_SIZE..self.end].to_vec();
+        // On the stack: this runs at every guest context switch.
+        let mut buffer = [0u8; XSAVE_IMAGE_SIZE - LEGACY_SIZE];
+        let part = &mut buffer[..self.end - LEGACY_SIZE];
+        part.copy_from_slice(&image[LEGACY_SIZE..self.end]);
         let header = &mut part[..HEADER_SIZE];
         let xstate_bv = read_u64(header, 0) & self.features;
         header.fill(0);
         header[..8].copy_from_slice(&xstate_bv.to_le_bytes());
         memory
-            .write_slice(&part, extended_part(at)?)
+            .write_slice(part, extended_part(at)?)
             .map_err(|source| XstateError::OutOfGuestMemory {
                 address: at.0,
                 source,
@@ -187,15 +190,16 @@ impl XstateLayout {
         memory: &GuestMemoryMmap,
         at: GuestAddress,
     ) -> Result<(), XstateError> {
-        let mut part = vec![0u8; self.end - LEGACY_SIZE];
+        let mut buffer = [0u8; XSAVE_IMAGE_SIZE - LEGACY_SIZE];
+        let part = &mut buffer[..self.end - LEGACY_SIZE];
         memory
-            .read_slice(&mut part, extended_part(at)?)
+            .read_slice(part, extended_part(at)?)
             .map_err(|source| XstateError::OutOfGuestMemory {
                 address: at.0,
                 source,
             })?;
         let current_bv = read_u64(image, XSTATE_BV);
-        let saved_bv = read_u64(&part, 0);
+        let saved_bv = read_u64(part, 0);
         let carried = self.features & !LEGACY_FEATURES;
         let mut xstate_bv = (current_bv & !carried) | (saved_bv & carried);
         image[LEGACY_SIZE + HEADER_SIZE..self.end].copy_from_slice(&part[HEADER_SIZE..]);
