@@ -76,9 +76,10 @@ fn hundreds_of_processes_with_io_and_isolated_registers() {
     let disk_rounds: u32 = tag("disk_rounds").parse().unwrap();
     let net_rounds: u32 = tag("net_rounds").parse().unwrap();
     assert!(disk_rounds > 0 && net_rounds > 0);
-    // No process of the guest was killed by a signal (print-fatal-signals reports each one).
-    assert!(!r.stdout.contains("segfault"), "a guest process crashed");
-    assert!(!r.stdout.contains("Code: "), "a guest process crashed");
+    // No process of the guest was killed by a signal: print-fatal-signals reports each with its
+    // user-mode registers (CS 0x33). Kernel-mode reports (an RCU stall warning when the host is
+    // busy: CS 0x10) are not crashes.
+    assert!(!r.stdout.contains("RIP: 0033:"), "a guest process crashed");
     assert_eq!(r.code(), 0, "the stress script's status");
     eprintln!(
         "stress: {processes} processes, {disk_rounds} disk rounds, {net_rounds} network rounds, \
