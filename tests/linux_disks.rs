@@ -10,10 +10,7 @@ use std::process::Command;
 use common::{kvm_available, linux_args, LINUX_TIMEOUT};
 
 fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("ember-linux-disks-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+    common::scratch_dir(&format!("linux-disks-{name}"))
 }
 
 /// An ext4 image of `size_mib` MiB holding the contents of `from`.

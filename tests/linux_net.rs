@@ -17,8 +17,7 @@ fn guest_pings_and_moves_data_both_ways() {
         return;
     }
     let ns = Namespace::new("net");
-    let dir = std::env::temp_dir().join(format!("ember-net-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = common::scratch_dir("net");
     let blob = dir.join("blob");
     write_blob(&blob, 4 << 20);
     let host_md5 = md5(&blob);

@@ -27,9 +27,7 @@ fn hundreds_of_processes_with_io_and_isolated_registers() {
         return;
     }
     let ns = Namespace::new("stress");
-    let dir = std::env::temp_dir().join(format!("ember-stress-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = common::scratch_dir("stress");
     let blob = dir.join("blob");
     write_blob(&blob, 64 << 10);
     let disk = dir.join("disk.img");

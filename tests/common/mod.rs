@@ -16,6 +16,15 @@ pub fn ember() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_ember"))
 }
 
+/// A fresh, empty scratch directory for one test: `ember-<name>-<pid>` under the temp directory
+/// (the process ID keeps test binaries that run at once apart).
+pub fn scratch_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("ember-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
 /// Whether KVM tests can run here. With /dev/kvm they always run; without it they skip, and say
 /// so in `target/ember-kvm-tests-skipped`, which `.ci/run` checks.
 pub fn kvm_available() -> bool {
