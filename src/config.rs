@@ -2,7 +2,8 @@
 
 use std::path::PathBuf;
 
-pub use ember_devices::virtio::net::NetConfig;
+use ember_devices::virtio::block::BlockConfig;
+use ember_devices::virtio::net::NetDeviceConfig;
 
 use crate::console::ConsoleConfig;
 
@@ -122,6 +123,34 @@ pub fn parse_disk(text: &str) -> Result<DiskConfig, String> {
         read_only,
         id,
     })
+}
+
+/// A virtio network device on a host TAP: `tap=NAME[,mac=MAC]`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NetConfig {
+    /// The host TAP interface, normally made beforehand with `ip tuntap add NAME mode tap`.
+    pub tap: String,
+    /// The guest's MAC address; when absent, a locally administered one derived from `tap`.
+    pub mac: Option<[u8; 6]>,
+}
+
+impl From<&DiskConfig> for BlockConfig {
+    fn from(disk: &DiskConfig) -> Self {
+        BlockConfig {
+            path: disk.path.clone(),
+            read_only: disk.read_only,
+            id: disk.id.clone(),
+        }
+    }
+}
+
+impl From<&NetConfig> for NetDeviceConfig {
+    fn from(net: &NetConfig) -> Self {
+        NetDeviceConfig {
+            tap: net.tap.clone(),
+            mac: net.mac,
+        }
+    }
 }
 
 /// Parses the `--net` value: `tap=NAME[,mac=MAC]`.

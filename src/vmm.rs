@@ -17,7 +17,7 @@ use ember_devices::debug_exit::DebugExit;
 use ember_devices::i8042::{self, I8042};
 use ember_devices::ioapic::{self, Ioapic, IoapicPin};
 use ember_devices::serial::{self, SerialConsole};
-use ember_devices::virtio::block::{Block, BlockConfig, BlockError};
+use ember_devices::virtio::block::{Block, BlockError};
 use ember_devices::virtio::mmio::MmioTransport;
 use ember_devices::virtio::net::{Net, NetError};
 use ember_devices::virtio::VirtioDevice;
@@ -532,16 +532,11 @@ fn attach_virtio_devices(
     let mut slots = DeviceSlots::default();
     let mut devices: Vec<Box<dyn VirtioDevice>> = Vec::new();
     for disk in &config.disks {
-        let block = Block::new(BlockConfig {
-            path: disk.path.clone(),
-            read_only: disk.read_only,
-            id: disk.id.clone(),
-        })
-        .map_err(VmmError::Disk)?;
+        let block = Block::new(disk.into()).map_err(VmmError::Disk)?;
         devices.push(Box::new(block));
     }
     for net in &config.nets {
-        devices.push(Box::new(Net::new(net.clone()).map_err(VmmError::Net)?));
+        devices.push(Box::new(Net::new(net.into()).map_err(VmmError::Net)?));
     }
     devices
         .into_iter()

@@ -57,9 +57,9 @@ const NUM_BUFFERS_OFFSET: usize = offset_of!(virtio_net_hdr_v1, num_buffers);
 /// takes the link as always up, and the fields after `status` belong to features not offered.
 const CONFIG_SPACE_LEN: usize = 6;
 
-/// What the user asked for: one `--net`.
+/// How to build a virtio-net device: the TAP it uses and the guest's MAC address.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct NetConfig {
+pub struct NetDeviceConfig {
     /// The host TAP interface, normally made beforehand with `ip tuntap add NAME mode tap`.
     pub tap: String,
     /// The guest's MAC address; when absent, a locally administered one derived from `tap`.
@@ -152,7 +152,7 @@ struct Active {
 
 impl Net {
     /// Attaches to the TAP interface named in `config`.
-    pub fn new(config: NetConfig) -> Result<Self, NetError> {
+    pub fn new(config: NetDeviceConfig) -> Result<Self, NetError> {
         let mac = guest_mac(&config)?;
         let tap = Tap::open(&config.tap)?;
         Ok(Self::with_backend(Box::new(tap), mac))
@@ -187,7 +187,7 @@ impl Net {
 
 /// The MAC the guest gets for `config`: the configured one, which must be unicast, or the one
 /// derived from the TAP name.
-fn guest_mac(config: &NetConfig) -> Result<[u8; 6], NetError> {
+fn guest_mac(config: &NetDeviceConfig) -> Result<[u8; 6], NetError> {
     match config.mac {
         Some(mac) => {
             check_unicast(&mac).map_err(|reason| NetError::InvalidMac {
@@ -1222,7 +1222,7 @@ mod tests {
 
     #[test]
     fn default_mac_is_stable_local_and_unicast() {
-        let config = |tap: &str, mac| NetConfig {
+        let config = |tap: &str, mac| NetDeviceConfig {
             tap: tap.to_string(),
             mac,
         };
@@ -1697,7 +1697,7 @@ mod tests {
     #[test]
     #[ignore]
     fn a_real_tap_carries_arp_and_udp() {
-        let net = Net::new(NetConfig {
+        let net = Net::new(NetDeviceConfig {
             tap: "embertest1".to_string(),
             mac: None,
         })
