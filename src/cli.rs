@@ -5,10 +5,8 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 
 use crate::config::{
-    parse_disk, parse_memory_size, parse_net, DiskConfig, NetConfig, SoftwareKvmMode, VmConfig,
+    parse_memory_size, ConsoleConfig, DiskConfig, NetConfig, SoftwareKvmMode, VmConfig, MAX_CPUS,
 };
-use crate::console::ConsoleConfig;
-use crate::vmm::MAX_CPUS;
 
 /// Command line used when `--cmdline` is not given: console on COM1, reboot through the i8042
 /// (which ends the VM), reboot on panic, and a quiet boot (every console byte is a VM exit).
@@ -52,10 +50,10 @@ pub struct RunArgs {
     #[arg(long, value_name = "WHERE", default_value = "stdio")]
     pub console: ConsoleConfig,
     /// A virtio block device (repeatable): path=FILE[,readonly=on][,id=NAME]; the first is /dev/vda
-    #[arg(long = "disk", value_name = "SPEC", value_parser = parse_disk)]
+    #[arg(long = "disk", value_name = "SPEC")]
     pub disks: Vec<DiskConfig>,
     /// A virtio network device on a host TAP (repeatable): tap=NAME[,mac=MAC]
-    #[arg(long = "net", value_name = "SPEC", value_parser = parse_net)]
+    #[arg(long = "net", value_name = "SPEC")]
     pub nets: Vec<NetConfig>,
     /// Root filesystem image: the first disk, with root=/dev/vda rw on the command line
     #[arg(long, value_name = "FILE")]

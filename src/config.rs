@@ -1,14 +1,156 @@
-//! What the user asked for, as a plain value: the CLI parses into it, the builder reads it.
+//! What the user asked for, as plain data: the command line parses into it, the builder reads
+//! it, and (later) the control socket takes it as JSON.
+//!
+//! Every device option string goes through one parser, [`OptionParser`]: `key=value[,key=value]`
+//! checked against the keys the device accepts, in the manner of Cloud Hypervisor's
+//! `option_parser`. Device crates take their own constructor arguments, built from these types
+//! with `From`, so that nothing user-facing lives in `ember-devices`.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::str::FromStr;
 
 use ember_devices::virtio::block::BlockConfig;
 use ember_devices::virtio::net::NetDeviceConfig;
+use serde::{Deserialize, Serialize};
 
-use crate::console::ConsoleConfig;
+/// Largest vCPU count: APIC IDs are 8-bit and 0xff is the broadcast ID.
+pub const MAX_CPUS: u8 = 254;
+
+/// A configuration value the user gave that cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    /// A `key=value` item whose key the option does not know, or an item without `=`.
+    #[error("'{item}' is not {what} option: use {usage}")]
+    UnknownOption {
+        item: String,
+        what: &'static str,
+        usage: &'static str,
+    },
+    /// The same key twice.
+    #[error("'{key}' is given twice")]
+    Repeated { key: String },
+    /// A key the option cannot do without.
+    #[error("{what} needs {key}=…: use {usage}")]
+    Missing {
+        key: &'static str,
+        what: &'static str,
+        usage: &'static str,
+    },
+    /// A value that does not parse.
+    #[error("{key}={value}: {reason}")]
+    InvalidValue {
+        key: String,
+        value: String,
+        reason: String,
+    },
+}
+
+/// Parses a `key=value[,key=value]` option string against the keys one option accepts.
+///
+/// Values cannot contain commas; an empty value is no value. Unknown keys, repeated keys and
+/// items without `=` are errors that name the option's usage, so a typo never passes silently.
+#[derive(Debug)]
+pub struct OptionParser {
+    /// "a disk", "a network": what the option describes, for messages.
+    what: &'static str,
+    /// The syntax, for messages: `path=FILE[,readonly=on][,id=NAME]`.
+    usage: &'static str,
+    known: &'static [&'static str],
+    values: BTreeMap<&'static str, String>,
+}
+
+impl OptionParser {
+    /// A parser for an option describing `what` with the keys `known`.
+    pub fn new(what: &'static str, usage: &'static str, known: &'static [&'static str]) -> Self {
+        Self {
+            what,
+            usage,
+            known,
+            values: BTreeMap::new(),
+        }
+    }
+
+    /// Splits `text` into its items and checks each key.
+    pub fn parse(mut self, text: &str) -> Result<Self, ConfigError> {
+        for item in text.split(',') {
+            let key = item
+                .split_once('=')
+                .and_then(|(key, _)| self.known.iter().find(|known| **known == key));
+            let (Some(key), Some((_, value))) = (key, item.split_once('=')) else {
+                return Err(self.unknown(item));
+            };
+            if self.values.insert(key, value.to_string()).is_some() {
+                return Err(ConfigError::Repeated {
+                    key: key.to_string(),
+                });
+            }
+        }
+        Ok(self)
+    }
+
+    fn unknown(&self, item: &str) -> ConfigError {
+        ConfigError::UnknownOption {
+            item: item.to_string(),
+            what: self.what,
+            usage: self.usage,
+        }
+    }
+
+    /// The value of `key` as given, if given and not empty.
+    pub fn get(&self, key: &str) -> Option<&str> {
+        self.values
+            .get(key)
+            .map(String::as_str)
+            .filter(|v| !v.is_empty())
+    }
+
+    /// The value of `key`, which must be there.
+    pub fn required(&self, key: &'static str) -> Result<&str, ConfigError> {
+        self.get(key).ok_or(ConfigError::Missing {
+            key,
+            what: self.what,
+            usage: self.usage,
+        })
+    }
+
+    /// The value of `key` converted with `FromStr`, if given.
+    pub fn convert<T: FromStr>(&self, key: &str) -> Result<Option<T>, ConfigError>
+    where
+        T::Err: std::fmt::Display,
+    {
+        self.get(key)
+            .map(|value| {
+                value
+                    .parse()
+                    .map_err(|e: T::Err| ConfigError::InvalidValue {
+                        key: key.to_string(),
+                        value: value.to_string(),
+                        reason: e.to_string(),
+                    })
+            })
+            .transpose()
+    }
+
+    /// An on/off switch: `on|true|yes` or `off|false|no`; `default` when absent. An empty value
+    /// is an error here, not "absent": `readonly=` is more likely a mistake than a request.
+    pub fn toggle(&self, key: &str, default: bool) -> Result<bool, ConfigError> {
+        match self.values.get(key).map(String::as_str) {
+            None => Ok(default),
+            Some("on" | "true" | "yes") => Ok(true),
+            Some("off" | "false" | "no") => Ok(false),
+            Some(other) => Err(ConfigError::InvalidValue {
+                key: key.to_string(),
+                value: other.to_string(),
+                reason: "use on or off".into(),
+            }),
+        }
+    }
+}
 
 /// Whether to apply the workarounds for software KVM (`kvm_pvm`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum SoftwareKvmMode {
     /// Apply them when `/sys/module/kvm_pvm` exists.
     Auto,
@@ -18,11 +160,41 @@ pub enum SoftwareKvmMode {
     Off,
 }
 
+/// Where the guest console goes: `stdio`, `off` or `file=PATH`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ConsoleConfig {
+    /// Output to stdout, input from stdin (raw mode when stdin is a terminal).
+    Stdio,
+    /// No console at all.
+    Off,
+    /// Output to a file, no input.
+    File(PathBuf),
+}
+
+impl FromStr for ConsoleConfig {
+    type Err = ConfigError;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        const USAGE: &str = "stdio, off or file=PATH";
+        match text {
+            "stdio" => Ok(ConsoleConfig::Stdio),
+            "off" => Ok(ConsoleConfig::Off),
+            _ => {
+                let options = OptionParser::new("a console", USAGE, &["file"]).parse(text)?;
+                Ok(ConsoleConfig::File(options.required("file")?.into()))
+            }
+        }
+    }
+}
+
 /// A VM to boot.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VmConfig {
+    /// ELF vmlinux (PVH or 64-bit Linux entry) or bzImage.
     pub kernel: PathBuf,
     pub initrd: Option<PathBuf>,
+    /// What the user asked for; Ember appends its own options (devices, software KVM).
     pub cmdline: String,
     pub cpus: u8,
     pub memory_bytes: u64,
@@ -69,6 +241,86 @@ pub fn parse_memory_size(text: &str) -> Result<u64, String> {
     Ok(bytes)
 }
 
+/// A virtio block device: `path=FILE[,readonly=on][,id=NAME]`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskConfig {
+    pub path: PathBuf,
+    #[serde(default)]
+    pub read_only: bool,
+    /// The serial number the guest reads (`/sys/block/vdX/serial`); by default the file name.
+    #[serde(default)]
+    pub id: Option<String>,
+}
+
+impl FromStr for DiskConfig {
+    type Err = ConfigError;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        const USAGE: &str = "path=FILE[,readonly=on][,id=NAME]";
+        let options =
+            OptionParser::new("a disk", USAGE, &["path", "readonly", "id"]).parse(text)?;
+        Ok(DiskConfig {
+            path: options.required("path")?.into(),
+            read_only: options.toggle("readonly", false)?,
+            id: options.get("id").map(str::to_string),
+        })
+    }
+}
+
+impl From<&DiskConfig> for BlockConfig {
+    fn from(disk: &DiskConfig) -> Self {
+        BlockConfig {
+            path: disk.path.clone(),
+            read_only: disk.read_only,
+            id: disk.id.clone(),
+        }
+    }
+}
+
+/// A virtio network device on a host TAP: `tap=NAME[,mac=MAC]`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetConfig {
+    /// The host TAP interface, normally made beforehand with `ip tuntap add NAME mode tap`.
+    pub tap: String,
+    /// The guest's MAC address; when absent, a locally administered one derived from `tap`.
+    #[serde(default)]
+    pub mac: Option<[u8; 6]>,
+}
+
+impl FromStr for NetConfig {
+    type Err = ConfigError;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        const USAGE: &str = "tap=NAME[,mac=MAC]";
+        let options = OptionParser::new("a network", USAGE, &["tap", "mac"]).parse(text)?;
+        let mac = options
+            .get("mac")
+            .map(|value| {
+                ember_devices::virtio::net::parse_mac(value).map_err(|e| {
+                    ConfigError::InvalidValue {
+                        key: "mac".into(),
+                        value: value.into(),
+                        reason: e.to_string(),
+                    }
+                })
+            })
+            .transpose()?;
+        Ok(NetConfig {
+            tap: options.required("tap")?.to_string(),
+            mac,
+        })
+    }
+}
+
+impl From<&NetConfig> for NetDeviceConfig {
+    fn from(net: &NetConfig) -> Self {
+        NetDeviceConfig {
+            tap: net.tap.clone(),
+            mac: net.mac,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -89,99 +341,53 @@ mod tests {
         assert!(parse_memory_size("99999999999999999G").is_err());
         assert!(parse_memory_size("1K").is_err());
     }
-}
 
-/// A virtio block device: `path=FILE[,readonly=on][,id=NAME]`.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct DiskConfig {
-    pub path: PathBuf,
-    pub read_only: bool,
-    pub id: Option<String>,
-}
-
-/// Parses the `--disk` value.
-pub fn parse_disk(text: &str) -> Result<DiskConfig, String> {
-    let mut path = None;
-    let mut read_only = false;
-    let mut id = None;
-    for item in text.split(',') {
-        match item.split_once('=') {
-            Some(("path", value)) if !value.is_empty() => path = Some(PathBuf::from(value)),
-            Some(("readonly", "on" | "true" | "yes")) => read_only = true,
-            Some(("readonly", "off" | "false" | "no")) => read_only = false,
-            Some(("id", value)) if !value.is_empty() => id = Some(value.to_string()),
-            _ => {
-                return Err(format!(
-                    "'{item}' is not a disk option: use path=FILE[,readonly=on][,id=NAME]"
-                ))
+    #[test]
+    fn option_parser_checks_every_key() {
+        let parse = |text| OptionParser::new("a thing", "a=X[,b=Y]", &["a", "b"]).parse(text);
+        let options = parse("a=1,b=two").unwrap();
+        assert_eq!(options.get("a"), Some("1"));
+        assert_eq!(options.convert::<u32>("a"), Ok(Some(1)));
+        assert!(options.convert::<u32>("b").is_err());
+        assert_eq!(options.get("c"), None);
+        assert_eq!(
+            parse("a=1,c=2").unwrap_err(),
+            ConfigError::UnknownOption {
+                item: "c=2".into(),
+                what: "a thing",
+                usage: "a=X[,b=Y]"
             }
-        }
+        );
+        assert!(matches!(
+            parse("a=1,a=2"),
+            Err(ConfigError::Repeated { .. })
+        ));
+        assert!(matches!(parse("a"), Err(ConfigError::UnknownOption { .. })));
+        assert!(matches!(parse(""), Err(ConfigError::UnknownOption { .. })));
+        // An empty value is no value.
+        let options = parse("a=").unwrap();
+        assert!(matches!(
+            options.required("a"),
+            Err(ConfigError::Missing { key: "a", .. })
+        ));
     }
-    let path = path.ok_or("a disk needs path=FILE")?;
-    Ok(DiskConfig {
-        path,
-        read_only,
-        id,
-    })
-}
 
-/// A virtio network device on a host TAP: `tap=NAME[,mac=MAC]`.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct NetConfig {
-    /// The host TAP interface, normally made beforehand with `ip tuntap add NAME mode tap`.
-    pub tap: String,
-    /// The guest's MAC address; when absent, a locally administered one derived from `tap`.
-    pub mac: Option<[u8; 6]>,
-}
-
-impl From<&DiskConfig> for BlockConfig {
-    fn from(disk: &DiskConfig) -> Self {
-        BlockConfig {
-            path: disk.path.clone(),
-            read_only: disk.read_only,
-            id: disk.id.clone(),
-        }
+    #[test]
+    fn console_configs() {
+        assert_eq!("stdio".parse(), Ok(ConsoleConfig::Stdio));
+        assert_eq!("off".parse(), Ok(ConsoleConfig::Off));
+        assert_eq!(
+            "file=/tmp/x".parse(),
+            Ok(ConsoleConfig::File("/tmp/x".into()))
+        );
+        assert!("file=".parse::<ConsoleConfig>().is_err());
+        assert!("tty".parse::<ConsoleConfig>().is_err());
     }
-}
-
-impl From<&NetConfig> for NetDeviceConfig {
-    fn from(net: &NetConfig) -> Self {
-        NetDeviceConfig {
-            tap: net.tap.clone(),
-            mac: net.mac,
-        }
-    }
-}
-
-/// Parses the `--net` value: `tap=NAME[,mac=MAC]`.
-pub fn parse_net(text: &str) -> Result<NetConfig, String> {
-    let mut tap = None;
-    let mut mac = None;
-    for item in text.split(',') {
-        match item.split_once('=') {
-            Some(("tap", value)) if !value.is_empty() => tap = Some(value.to_string()),
-            Some(("mac", value)) => {
-                mac = Some(ember_devices::virtio::net::parse_mac(value).map_err(|e| e.to_string())?)
-            }
-            _ => {
-                return Err(format!(
-                    "'{item}' is not a network option: use tap=NAME[,mac=MAC]"
-                ))
-            }
-        }
-    }
-    let tap = tap.ok_or("a network device needs tap=NAME")?;
-    Ok(NetConfig { tap, mac })
-}
-
-#[cfg(test)]
-mod disk_tests {
-    use super::*;
 
     #[test]
     fn disk_options() {
         assert_eq!(
-            parse_disk("path=/a.img"),
+            "path=/a.img".parse(),
             Ok(DiskConfig {
                 path: "/a.img".into(),
                 read_only: false,
@@ -189,37 +395,66 @@ mod disk_tests {
             })
         );
         assert_eq!(
-            parse_disk("path=/a.img,readonly=on,id=data"),
+            "path=/a.img,readonly=on,id=data".parse(),
             Ok(DiskConfig {
                 path: "/a.img".into(),
                 read_only: true,
                 id: Some("data".into())
             })
         );
-        assert!(parse_disk("readonly=on").is_err());
-        assert!(parse_disk("path=").is_err());
-        assert!(parse_disk("path=/a,ro").is_err());
-        assert!(parse_disk("path=/a,readonly=maybe").is_err());
+        for bad in [
+            "readonly=on",
+            "path=",
+            "path=/a,ro",
+            "path=/a,readonly=maybe",
+            "path=/a,path=/b",
+        ] {
+            assert!(bad.parse::<DiskConfig>().is_err(), "{bad}");
+        }
     }
 
     #[test]
     fn net_options() {
         assert_eq!(
-            parse_net("tap=tap0"),
+            "tap=tap0".parse(),
             Ok(NetConfig {
                 tap: "tap0".into(),
                 mac: None
             })
         );
         assert_eq!(
-            parse_net("tap=tap0,mac=02:00:00:00:00:01"),
+            "tap=tap0,mac=02:00:00:00:00:01".parse(),
             Ok(NetConfig {
                 tap: "tap0".into(),
                 mac: Some([2, 0, 0, 0, 0, 1])
             })
         );
-        assert!(parse_net("mac=02:00:00:00:00:01").is_err());
-        assert!(parse_net("tap=tap0,mac=zz").is_err());
-        assert!(parse_net("tap=tap0,queues=2").is_err());
+        for bad in [
+            "mac=02:00:00:00:00:01",
+            "tap=tap0,mac=zz",
+            "tap=tap0,queues=2",
+        ] {
+            assert!(bad.parse::<NetConfig>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn vm_config_round_trips_through_serde() {
+        let config = VmConfig {
+            kernel: "/k".into(),
+            initrd: None,
+            cmdline: "console=ttyS0".into(),
+            cpus: 2,
+            memory_bytes: 256 * MIB,
+            console: ConsoleConfig::File("/tmp/console".into()),
+            software_kvm: SoftwareKvmMode::Auto,
+            disks: vec!["path=/a.img,readonly=on".parse().unwrap()],
+            nets: vec!["tap=tap0,mac=02:00:00:00:00:01".parse().unwrap()],
+        };
+        let json = serde_json::to_string(&config).unwrap();
+        assert_eq!(serde_json::from_str::<VmConfig>(&json).unwrap(), config);
+        // Optional fields may be left out.
+        let disk: DiskConfig = serde_json::from_str(r#"{"path": "/b.img"}"#).unwrap();
+        assert_eq!(disk, "path=/b.img".parse().unwrap());
     }
 }

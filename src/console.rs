@@ -4,43 +4,15 @@
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::fd::AsRawFd;
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use ember_devices::bus::lock;
 use ember_devices::serial::SerialConsole;
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::config::ConsoleConfig;
 use crate::outcome::VmOutcome;
 use crate::vcpu::VmControl;
-
-/// Where the guest console goes.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum ConsoleConfig {
-    /// Output to stdout, input from stdin (raw mode when stdin is a terminal).
-    Stdio,
-    /// No console at all.
-    Off,
-    /// Output to a file, no input.
-    File(PathBuf),
-}
-
-impl std::str::FromStr for ConsoleConfig {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "stdio" => Ok(ConsoleConfig::Stdio),
-            "off" => Ok(ConsoleConfig::Off),
-            _ => match s.strip_prefix("file=") {
-                Some(path) if !path.is_empty() => Ok(ConsoleConfig::File(PathBuf::from(path))),
-                _ => Err(format!(
-                    "'{s}' is not a console: use stdio, off or file=PATH"
-                )),
-            },
-        }
-    }
-}
 
 /// Opens where the guest's console output goes. The UART flushes after every byte, so a guest
 /// prompt without a newline still shows up at once.
@@ -180,18 +152,6 @@ pub fn spawn_input_thread(
 mod tests {
     use super::*;
     use std::os::fd::FromRawFd;
-
-    #[test]
-    fn parses_console_configs() {
-        assert_eq!("stdio".parse(), Ok(ConsoleConfig::Stdio));
-        assert_eq!("off".parse(), Ok(ConsoleConfig::Off));
-        assert_eq!(
-            "file=/tmp/x".parse(),
-            Ok(ConsoleConfig::File("/tmp/x".into()))
-        );
-        assert!("file=".parse::<ConsoleConfig>().is_err());
-        assert!("tty".parse::<ConsoleConfig>().is_err());
-    }
 
     #[test]
     fn escape_sequences() {

@@ -40,8 +40,8 @@ use crate::arch::x86_64::memory::{self, MIN_RAM_BYTES};
 use crate::arch::x86_64::regs::{self, EntryMode};
 use crate::arch::x86_64::xstate::{XstateLayout, XstateSwitch};
 use crate::arch::x86_64::{acpi, mptable};
-use crate::config::{SoftwareKvmMode, VmConfig};
-use crate::console::{self, ConsoleConfig};
+use crate::config::{ConsoleConfig, SoftwareKvmMode, VmConfig, MAX_CPUS};
+use crate::console;
 use crate::irqchip::{self, KvmMsi};
 use crate::kvm::{self, KvmError};
 use crate::outcome::VmOutcome;
@@ -62,9 +62,6 @@ pub const SOFTWARE_KVM_CMDLINE: &str = "noxsave clearcpuid=151,59,308,298,534,29
 fn xstate_cmdline() -> String {
     format!("ember.xstate_port={XSTATE_SAVE_PORT:#x}")
 }
-
-/// Largest vCPU count: APIC IDs are 8-bit and 0xff is the broadcast ID.
-pub const MAX_CPUS: u8 = 254;
 
 /// Why a VM could not be built or run.
 #[derive(Debug, thiserror::Error)]
