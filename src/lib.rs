@@ -13,6 +13,7 @@ pub mod config;
 pub mod console;
 pub mod irqchip;
 pub mod kvm;
+pub mod main_loop;
 pub mod outcome;
 pub mod terminal;
 pub mod vcpu;

@@ -1,13 +1,21 @@
-//! vCPU threads: the KVM_RUN loop, the exit handler, and how other threads stop a vCPU.
+//! vCPU threads: the KVM_RUN loop, the exit handler, and how other threads pause, resume and
+//! stop a vCPU.
 //!
 //! Turning a KVM exit into an action is [`handle_exit`], a plain function over the I/O buses, so
 //! unit tests feed it synthetic exits. The loop holds no device lock while the guest runs: a
 //! device is locked only for the duration of one register access.
+//!
+//! Each vCPU thread is a small state machine (running → paused → running, → finished) driven by
+//! [`VcpuEvent`]s sent through its [`VcpuHandle`], in the manner of Firecracker's
+//! `vstate/vcpu.rs`. Sending an event also kicks the thread (a real-time signal that makes
+//! KVM_RUN return), so a guest spinning in a loop sees it at once.
 
 use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, TryRecvError};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use ember_devices::{Bus, VmRequest};
 use kvm_bindings::kvm_run;
@@ -96,6 +104,32 @@ pub fn handle_exit(exit: VcpuExit, buses: &IoBuses) -> ExitAction {
     }
 }
 
+/// Handles an exit whose port I/O may be a string instruction: `rep outsb`, `rep insw`… reach
+/// Ember as one exit carrying `count` accesses of `access_size` bytes each. They are handled as
+/// that many accesses in order, as a PC's bus would see them; a device never sees a
+/// wider access than the instruction made. Other exits go to [`handle_exit`] unchanged.
+pub fn handle_exit_in_accesses(exit: VcpuExit, access_size: usize, buses: &IoBuses) -> ExitAction {
+    match exit {
+        VcpuExit::IoOut(port, data) if access_size > 0 && data.len() > access_size => {
+            for access in data.chunks(access_size) {
+                let action = handle_exit(VcpuExit::IoOut(port, access), buses);
+                if action != ExitAction::Continue {
+                    return action;
+                }
+            }
+            ExitAction::Continue
+        }
+        VcpuExit::IoIn(port, data) if access_size > 0 && data.len() > access_size => {
+            for access in data.chunks_mut(access_size) {
+                // A read never stops the VM.
+                handle_exit(VcpuExit::IoIn(port, access), buses);
+            }
+            ExitAction::Continue
+        }
+        other => handle_exit(other, buses),
+    }
+}
+
 fn bus_write(bus: &Bus, addr: u64, data: &[u8]) -> ExitAction {
     match bus.write(addr, data) {
         Ok(Some(request)) => ExitAction::Stop(StopCause::Guest(request)),
@@ -177,14 +211,53 @@ pub fn install_kick_handler() -> Result<(), vmm_sys_util::errno::Error> {
     register_signal_handler(kick_signal(), on_kick)
 }
 
-/// A running vCPU thread.
-pub struct VcpuThread {
-    handle: JoinHandle<()>,
+/// What another thread asks of a vCPU.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VcpuEvent {
+    /// Stop running the guest and wait for the next event (the vCPU's state stays in KVM).
+    Pause,
+    /// Run the guest again.
+    Resume,
+    /// End the thread.
+    Finish,
 }
 
-impl VcpuThread {
-    /// Starts the KVM_RUN loop for `vcpu` on its own thread. `xstate` is the extended-state
-    /// switch, when the guest is offered one (software KVM).
+/// What a vCPU answers to [`VcpuEvent::Pause`] and [`VcpuEvent::Resume`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VcpuResponse {
+    Paused,
+    Resumed,
+}
+
+/// Where a vCPU thread is in its life.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum VcpuState {
+    Running,
+    Paused,
+    Finished,
+}
+
+/// Why a vCPU did not do what it was asked.
+#[derive(Debug, thiserror::Error)]
+pub enum VcpuError {
+    #[error("the vCPU thread has ended")]
+    Gone,
+    #[error("the vCPU did not answer within {0:?}")]
+    Timeout(Duration),
+    #[error("the vCPU answered {0:?}")]
+    Unexpected(VcpuResponse),
+}
+
+/// A vCPU thread and the channel that drives it.
+pub struct VcpuHandle {
+    events: Sender<VcpuEvent>,
+    responses: Receiver<VcpuResponse>,
+    thread: JoinHandle<()>,
+}
+
+impl VcpuHandle {
+    /// Starts the KVM_RUN loop for `vcpu` on its own thread, running. `xstate` is the
+    /// extended-state switch, when the guest is offered one (software KVM).
     pub fn spawn(
         index: u8,
         vcpu: VcpuFd,
@@ -192,24 +265,77 @@ impl VcpuThread {
         xstate: Option<XstateSwitch>,
         control: Arc<VmControl>,
     ) -> std::io::Result<Self> {
-        let handle = std::thread::Builder::new()
+        let (events, event_receiver) = mpsc::channel();
+        let (response_sender, responses) = mpsc::channel();
+        let thread = std::thread::Builder::new()
             .name(format!("vcpu{index}"))
-            .spawn(move || run_loop(index, vcpu, &buses, xstate.as_ref(), &control))?;
-        Ok(Self { handle })
+            .spawn(move || {
+                let mut vcpu = Vcpu {
+                    index,
+                    fd: vcpu,
+                    buses: &buses,
+                    xstate: xstate.as_ref(),
+                    control: &control,
+                    events: event_receiver,
+                    responses: response_sender,
+                    xstate_failed: false,
+                };
+                vcpu.run();
+            })?;
+        Ok(Self {
+            events,
+            responses,
+            thread,
+        })
     }
 
-    /// Interrupts KVM_RUN so the thread sees the stop flag.
+    /// Sends `event` and kicks the thread out of KVM_RUN so that it sees it.
+    pub fn send(&self, event: VcpuEvent) -> Result<(), VcpuError> {
+        self.events.send(event).map_err(|_| VcpuError::Gone)?;
+        self.kick();
+        Ok(())
+    }
+
+    /// Pauses the vCPU and waits until it has left KVM_RUN.
+    pub fn pause(&self, timeout: Duration) -> Result<(), VcpuError> {
+        self.request(VcpuEvent::Pause, VcpuResponse::Paused, timeout)
+    }
+
+    /// Resumes a paused vCPU.
+    pub fn resume(&self, timeout: Duration) -> Result<(), VcpuError> {
+        self.request(VcpuEvent::Resume, VcpuResponse::Resumed, timeout)
+    }
+
+    fn request(
+        &self,
+        event: VcpuEvent,
+        expected: VcpuResponse,
+        timeout: Duration,
+    ) -> Result<(), VcpuError> {
+        self.send(event)?;
+        match self.responses.recv_timeout(timeout) {
+            Ok(response) if response == expected => Ok(()),
+            Ok(other) => Err(VcpuError::Unexpected(other)),
+            Err(RecvTimeoutError::Timeout) => Err(VcpuError::Timeout(timeout)),
+            Err(RecvTimeoutError::Disconnected) => Err(VcpuError::Gone),
+        }
+    }
+
+    /// Interrupts KVM_RUN so the thread looks at its events and the VM's stop flag.
     pub fn kick(&self) {
-        if self.handle.is_finished() {
+        if self.thread.is_finished() {
             return;
         }
-        if let Err(e) = self.handle.kill(kick_signal()) {
+        if let Err(e) = self.thread.kill(kick_signal()) {
             log::warn!("cannot kick a vCPU thread: {e}");
         }
     }
 
-    pub fn join(self) {
-        if self.handle.join().is_err() {
+    /// Tells the thread to finish (whatever its state) and waits for it.
+    pub fn finish(self) {
+        // A thread that already ended has dropped its receiver: nothing to tell it.
+        let _ = self.send(VcpuEvent::Finish);
+        if self.thread.join().is_err() {
             log::error!("a vCPU thread panicked");
         }
     }
@@ -233,49 +359,132 @@ impl Drop for StopOnUnwind<'_> {
     }
 }
 
-fn run_loop(
+/// A vCPU thread's own state: what it runs, and how it talks to the rest of Ember.
+struct Vcpu<'a> {
     index: u8,
-    mut vcpu: VcpuFd,
-    buses: &IoBuses,
-    xstate: Option<&XstateSwitch>,
-    control: &VmControl,
-) {
-    let _stop_on_unwind = StopOnUnwind {
-        cpu: index,
-        control,
-    };
-    let mut xstate_failed = false;
-    KVM_RUN.with(|run| run.set(vcpu.get_kvm_run() as *mut kvm_run));
-    while !control.is_stopping() {
-        let action = match vcpu.run() {
-            Ok(exit) => handle_exit(exit, buses),
+    fd: VcpuFd,
+    buses: &'a IoBuses,
+    xstate: Option<&'a XstateSwitch>,
+    control: &'a VmControl,
+    events: Receiver<VcpuEvent>,
+    responses: Sender<VcpuResponse>,
+    /// A failed extended-state switch is reported once per vCPU, not once per context switch.
+    xstate_failed: bool,
+}
+
+impl Vcpu<'_> {
+    fn run(&mut self) {
+        let _stop_on_unwind = StopOnUnwind {
+            cpu: self.index,
+            control: self.control,
+        };
+        KVM_RUN.with(|run| run.set(self.fd.get_kvm_run() as *mut kvm_run));
+        let mut state = VcpuState::Running;
+        while state != VcpuState::Finished {
+            state = match state {
+                VcpuState::Running => self.running(),
+                VcpuState::Paused => self.paused(),
+                VcpuState::Finished => VcpuState::Finished,
+            };
+        }
+        KVM_RUN.with(|run| run.set(std::ptr::null_mut()));
+    }
+
+    /// Runs the guest until an event or a stop changes the state.
+    fn running(&mut self) -> VcpuState {
+        loop {
+            match self.events.try_recv() {
+                Ok(VcpuEvent::Pause) => return self.respond(VcpuResponse::Paused),
+                Ok(VcpuEvent::Resume) => {
+                    self.respond(VcpuResponse::Resumed);
+                }
+                Ok(VcpuEvent::Finish) | Err(TryRecvError::Disconnected) => {
+                    return VcpuState::Finished
+                }
+                Err(TryRecvError::Empty) => {}
+            }
+            if self.control.is_stopping() {
+                return VcpuState::Finished;
+            }
+            if let Err(cause) = self.run_once() {
+                let outcome = describe_stop(self.index, &mut self.fd, cause);
+                self.control.request_stop(outcome);
+                return VcpuState::Finished;
+            }
+        }
+    }
+
+    /// Waits, out of KVM_RUN, for the next event.
+    fn paused(&mut self) -> VcpuState {
+        match self.events.recv() {
+            Ok(VcpuEvent::Resume) => {
+                // A kick that arrived while paused left immediate_exit set: KVM_RUN would
+                // return at once, harmlessly, but clearing it saves that round trip.
+                self.fd.set_kvm_immediate_exit(0);
+                self.respond(VcpuResponse::Resumed)
+            }
+            Ok(VcpuEvent::Pause) => self.respond(VcpuResponse::Paused),
+            Ok(VcpuEvent::Finish) | Err(_) => VcpuState::Finished,
+        }
+    }
+
+    fn respond(&self, response: VcpuResponse) -> VcpuState {
+        // Nobody waiting for the answer is not an error: a kick-only sender does not wait.
+        let _ = self.responses.send(response);
+        match response {
+            VcpuResponse::Paused => VcpuState::Paused,
+            VcpuResponse::Resumed => VcpuState::Running,
+        }
+    }
+
+    /// One KVM_RUN and its exit. `Err` is why the VM must stop.
+    fn run_once(&mut self) -> Result<(), StopCause> {
+        let action = match self.fd.run() {
+            Ok(exit) => handle_exit_in_accesses(exit, port_access_size(), self.buses),
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
-                vcpu.set_kvm_immediate_exit(0);
-                continue;
+                self.fd.set_kvm_immediate_exit(0);
+                return Ok(());
             }
             Err(e) => ExitAction::Stop(StopCause::Unhandled(format!("KVM_RUN failed: {e}"))),
         };
         match action {
-            ExitAction::Continue => {}
+            ExitAction::Continue => Ok(()),
             ExitAction::SwitchXstate(request) => {
                 // Without a switch (hardware KVM) the port is not offered: a write is ignored.
                 // A failed request only leaves the guest's own task with stale registers; say
                 // so once per vCPU rather than let a guest flood the log.
-                let result = xstate.map(|switch| switch.handle(&vcpu, request));
+                let result = self.xstate.map(|switch| switch.handle(&self.fd, request));
                 if let Some(Err(e)) = result {
-                    if !xstate_failed {
-                        log::warn!("vCPU {index}: extended-state switch {request:?} failed: {e}");
-                        xstate_failed = true;
+                    if !self.xstate_failed {
+                        log::warn!(
+                            "vCPU {}: extended-state switch {request:?} failed: {e}",
+                            self.index
+                        );
+                        self.xstate_failed = true;
                     }
                 }
+                Ok(())
             }
-            ExitAction::Stop(cause) => {
-                control.request_stop(describe_stop(index, &mut vcpu, cause));
-                break;
-            }
+            ExitAction::Stop(cause) => Err(cause),
         }
     }
-    KVM_RUN.with(|run| run.set(std::ptr::null_mut()));
+}
+
+/// The width of one access in the port-I/O exit being handled on this thread: `kvm_run.io.size`.
+/// Any other exit reads whatever the union holds, which [`handle_exit_in_accesses`] ignores.
+fn port_access_size() -> usize {
+    KVM_RUN.with(|run| {
+        let run = run.get();
+        if run.is_null() {
+            return 0;
+        }
+        // SAFETY: `run` is this thread's kvm_run mapping, valid while its VcpuFd lives (the
+        // pointer is cleared before that). KVM wrote it before KVM_RUN returned and nothing
+        // writes it until the next KVM_RUN; the exit being handled borrows only the data area
+        // at `io.data_offset`, never the `io` header read here. Reading a u8 out of a union of
+        // plain integers is valid whatever the exit reason was.
+        usize::from(unsafe { (*run).__bindgen_anon_1.io.size })
+    })
 }
 
 /// Adds the vCPU's own state to a stop cause.

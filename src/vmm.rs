@@ -6,7 +6,7 @@
 
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -27,7 +27,6 @@ use kvm_ioctls::{IoEventAddress, Kvm, NoDatamatch, VcpuFd, VmFd};
 use vm_memory::{
     Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryError, GuestMemoryMmap, GuestMemoryRegion,
 };
-use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::arch::x86_64::boot::{self, BootError};
@@ -44,9 +43,10 @@ use crate::config::{ConsoleConfig, SoftwareKvmMode, VmConfig, MAX_CPUS};
 use crate::console;
 use crate::irqchip::{self, KvmMsi};
 use crate::kvm::{self, KvmError};
+use crate::main_loop::{MainLoop, Wakeup};
 use crate::outcome::VmOutcome;
 use crate::terminal;
-use crate::vcpu::{self, IoBuses, VcpuThread, VmControl};
+use crate::vcpu::{self, IoBuses, VcpuEvent, VcpuHandle, VmControl};
 use crate::virtio_devices::{self, DeviceEventLoop, DeviceSlots, VirtioError};
 
 /// Kernel command-line options that keep Linux away from what software KVM cannot emulate at
@@ -252,30 +252,54 @@ impl Vm {
     /// Runs the VM until the guest stops it, a vCPU fails, or a signal arrives. Every vCPU thread
     /// has been joined and the terminal restored when this returns.
     pub fn run(self) -> Result<VmOutcome, VmmError> {
-        // Termination signals go to a signalfd read by this thread; blocking them before any
-        // thread starts means every thread inherits the mask and none is interrupted by them.
-        let signals = TerminationSignals::block().map_err(VmmError::EventLoop)?;
+        let control = Arc::new(VmControl::new().map_err(VmmError::EventLoop)?);
+        // Before any thread starts: see MainLoop::new.
+        let mut main_loop =
+            MainLoop::new(control.stop_event.as_raw_fd()).map_err(VmmError::EventLoop)?;
         vcpu::install_kick_handler()
             .map_err(|e| VmmError::EventLoop(io::Error::from_raw_os_error(e.errno())))?;
-        let control = Arc::new(VmControl::new().map_err(VmmError::EventLoop)?);
-        let epoll = Epoll::new().map_err(VmmError::EventLoop)?;
-        const STOP: u64 = 0;
-        const SIGNAL: u64 = 1;
-        epoll
-            .ctl(
-                ControlOperation::Add,
-                control.stop_event.as_raw_fd(),
-                EpollEvent::new(EventSet::IN, STOP),
-            )
-            .map_err(VmmError::EventLoop)?;
-        epoll
-            .ctl(
-                ControlOperation::Add,
-                signals.fd.as_raw_fd(),
-                EpollEvent::new(EventSet::IN, SIGNAL),
-            )
-            .map_err(VmmError::EventLoop)?;
+        let vm_fd = self.vm_fd.clone();
+        let running = self.start(&control)?;
 
+        // Only the virtio devices' ioeventfds leave grace periods in flight (the split irqchip
+        // leaves none): without them, settling would start one of its own.
+        if running.device_loop.is_some() {
+            settle_grace_periods(&vm_fd);
+        }
+        while !control.is_stopping() {
+            let wakeups = match main_loop.wait() {
+                Ok(wakeups) => wakeups,
+                Err(e) => {
+                    control.request_stop(VmOutcome::MonitorFailed {
+                        cpu: 0,
+                        what: format!("event loop failed: {e}"),
+                    });
+                    break;
+                }
+            };
+            for wakeup in wakeups {
+                match wakeup {
+                    // The loop condition sees it.
+                    Wakeup::StopRequested => {}
+                    Wakeup::Signal => {
+                        if let Some(signal) = main_loop.read_signal() {
+                            control.request_stop(VmOutcome::Signal(signal));
+                        }
+                    }
+                }
+            }
+        }
+
+        running.stop();
+        Ok(control.take_outcome().unwrap_or(VmOutcome::MonitorFailed {
+            cpu: 0,
+            what: "stopped without a reason".into(),
+        }))
+    }
+
+    /// Starts the threads: device loop, vCPUs, console input. A thread that cannot start stops
+    /// the VM through `control`; what did start is returned, to be stopped.
+    fn start(self, control: &Arc<VmControl>) -> Result<RunningVm, VmmError> {
         let interactive =
             self.console == ConsoleConfig::Stdio && terminal::is_tty(libc::STDIN_FILENO);
         if interactive {
@@ -290,19 +314,19 @@ impl Vm {
             Some(DeviceEventLoop::spawn(self.virtio)?)
         };
 
-        let mut threads = Vec::with_capacity(self.vcpus.len());
+        let mut vcpus = Vec::with_capacity(self.vcpus.len());
         for (index, vcpu) in self.vcpus.into_iter().enumerate() {
             let xstate = self
                 .xstate
                 .map(|layout| XstateSwitch::new(layout, self.guest_memory.clone()));
-            match VcpuThread::spawn(
+            match VcpuHandle::spawn(
                 index as u8,
                 vcpu,
                 self.buses.clone(),
                 xstate,
                 control.clone(),
             ) {
-                Ok(thread) => threads.push(thread),
+                Ok(handle) => vcpus.push(handle),
                 Err(e) => {
                     control.request_stop(VmOutcome::MonitorFailed {
                         cpu: index as u8,
@@ -328,49 +352,38 @@ impl Vm {
                 });
             }
         }
+        Ok(RunningVm {
+            vcpus,
+            device_loop,
+            _guest_memory: self.guest_memory,
+        })
+    }
+}
 
-        // Only the virtio devices' ioeventfds leave grace periods in flight (the split irqchip
-        // leaves none): without them, settling would start one of its own.
-        if device_loop.is_some() {
-            settle_grace_periods(&self.vm_fd);
-        }
-        let mut events = vec![EpollEvent::default(); 2];
-        while !control.is_stopping() {
-            let ready = match epoll.wait(-1, &mut events) {
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => {
-                    control.request_stop(VmOutcome::MonitorFailed {
-                        cpu: 0,
-                        what: format!("event loop failed: {e}"),
-                    });
-                    break;
-                }
-            };
-            for event in &events[..ready] {
-                if event.data() == SIGNAL {
-                    if let Some(signal) = signals.read() {
-                        control.request_stop(VmOutcome::Signal(signal));
-                    }
-                }
-            }
-        }
+/// The threads of a running VM.
+struct RunningVm {
+    vcpus: Vec<VcpuHandle>,
+    device_loop: Option<DeviceEventLoop>,
+    /// Must outlive the vCPUs: KVM maps guest RAM from these host mappings.
+    _guest_memory: GuestMemoryMmap,
+}
 
-        for thread in &threads {
-            thread.kick();
+impl RunningVm {
+    /// Finishes every vCPU, then the devices (which flush their data), then restores the
+    /// terminal.
+    fn stop(self) {
+        for vcpu in &self.vcpus {
+            // A vCPU already gone has nothing to be told.
+            let _ = vcpu.send(VcpuEvent::Finish);
         }
-        for thread in threads {
-            thread.join();
+        for vcpu in self.vcpus {
+            vcpu.finish();
         }
         // After the vCPUs: nothing can queue new work now, and every device flushes its data.
-        if let Some(device_loop) = device_loop {
+        if let Some(device_loop) = self.device_loop {
             device_loop.stop();
         }
         terminal::restore();
-        Ok(control.take_outcome().unwrap_or(VmOutcome::MonitorFailed {
-            cpu: 0,
-            what: "stopped without a reason".into(),
-        }))
     }
 }
 
@@ -665,50 +678,4 @@ fn configure_vcpu(
         vcpu.set_regs(&regs::boot_regs(entry))?;
     }
     Ok(())
-}
-
-/// SIGINT, SIGTERM and SIGHUP, blocked and read from a signalfd.
-struct TerminationSignals {
-    fd: OwnedFd,
-}
-
-impl TerminationSignals {
-    fn block() -> io::Result<Self> {
-        // SAFETY: sigemptyset/sigaddset fill a local set; pthread_sigmask and signalfd only read
-        // it; the new descriptor is owned right away.
-        unsafe {
-            let mut set: libc::sigset_t = std::mem::zeroed();
-            libc::sigemptyset(&mut set);
-            for signal in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
-                libc::sigaddset(&mut set, signal);
-            }
-            let rc = libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
-            if rc != 0 {
-                return Err(io::Error::from_raw_os_error(rc));
-            }
-            let fd = libc::signalfd(-1, &set, libc::SFD_CLOEXEC | libc::SFD_NONBLOCK);
-            if fd < 0 {
-                return Err(io::Error::last_os_error());
-            }
-            Ok(Self {
-                fd: OwnedFd::from_raw_fd(fd),
-            })
-        }
-    }
-
-    /// The next pending signal, if any.
-    fn read(&self) -> Option<i32> {
-        // SAFETY: an all-zero signalfd_siginfo is valid; read fills at most its size.
-        let mut info: libc::signalfd_siginfo = unsafe { std::mem::zeroed() };
-        let size = std::mem::size_of::<libc::signalfd_siginfo>();
-        // SAFETY: `info` is a writable buffer of `size` bytes.
-        let n = unsafe {
-            libc::read(
-                self.fd.as_raw_fd(),
-                (&mut info as *mut libc::signalfd_siginfo).cast(),
-                size,
-            )
-        };
-        (n == size as isize).then_some(info.ssi_signo as i32)
-    }
 }

@@ -1,0 +1,161 @@
+//! vCPU threads driven through their handles, on hand-assembled 64-bit micro-guests: a paused
+//! guest makes no progress and a resumed one continues; a string I/O instruction reaches the
+//! device as one access per element.
+
+mod common;
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use ember::arch::x86_64::regs::{self, EntryMode};
+use ember::outcome::VmOutcome;
+use ember::vcpu::{self, IoBuses, VcpuHandle, VmControl};
+use ember_devices::debug_exit::DebugExit;
+use ember_devices::{Bus, BusDevice, VmRequest};
+use kvm_bindings::kvm_userspace_memory_region;
+use kvm_ioctls::{Kvm, VcpuFd, VmFd};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+
+const CODE: u64 = 0x10000;
+const DATA: u64 = 0x11000;
+const COUNTER: u64 = 0x30000;
+const RECORDER_PORT: u16 = 0x500;
+const TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A VM with 2 MiB of RAM, `code` at [`CODE`] and `data` at [`DATA`], and one vCPU in long mode
+/// about to run it.
+fn micro_vm(code: &[u8], data: &[u8]) -> (VmFd, GuestMemoryMmap, VcpuFd) {
+    let kvm = Kvm::new().expect("open /dev/kvm");
+    let vm = kvm.create_vm().unwrap();
+    let memory = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 2 << 20)]).unwrap();
+    let host = memory.get_host_address(GuestAddress(0)).unwrap();
+    let region = kvm_userspace_memory_region {
+        slot: 0,
+        flags: 0,
+        guest_phys_addr: 0,
+        memory_size: 2 << 20,
+        userspace_addr: host as u64,
+    };
+    // SAFETY: the mapping belongs to `memory`, which the caller keeps until the VM is gone.
+    unsafe { vm.set_user_memory_region(region) }.unwrap();
+    memory.write_slice(code, GuestAddress(CODE)).unwrap();
+    memory.write_slice(data, GuestAddress(DATA)).unwrap();
+    let vcpu = vm.create_vcpu(0).unwrap();
+    let entry = EntryMode::Linux64 {
+        entry: CODE,
+        zero_page: 0,
+    };
+    let mut sregs = vcpu.get_sregs().unwrap();
+    regs::setup_sregs(&memory, entry, &mut sregs).unwrap();
+    vcpu.set_sregs(&sregs).unwrap();
+    vcpu.set_regs(&regs::boot_regs(entry)).unwrap();
+    (vm, memory, vcpu)
+}
+
+fn counter(memory: &GuestMemoryMmap) -> u64 {
+    memory.read_obj(GuestAddress(COUNTER)).unwrap()
+}
+
+/// Waits until `counter` passes `above`, or panics after [`TIMEOUT`].
+fn wait_for_progress(memory: &GuestMemoryMmap, above: u64) -> u64 {
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        let now = counter(memory);
+        if now > above {
+            return now;
+        }
+        assert!(Instant::now() < deadline, "the guest made no progress");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+#[test]
+fn a_paused_vcpu_makes_no_progress_and_a_resumed_one_continues() {
+    if !common::kvm_available() {
+        return;
+    }
+    // inc qword [COUNTER]; jmp back to it
+    let mut code = vec![0x48, 0xff, 0x04, 0x25];
+    code.extend_from_slice(&(COUNTER as u32).to_le_bytes());
+    code.extend_from_slice(&[0xeb, 0xf6]);
+    let (_vm, memory, vcpu) = micro_vm(&code, &[]);
+    vcpu::install_kick_handler().unwrap();
+    let control = Arc::new(VmControl::new().unwrap());
+    let buses = Arc::new(IoBuses {
+        pio: Bus::new(),
+        mmio: Bus::new(),
+    });
+    let handle = VcpuHandle::spawn(0, vcpu, buses, None, control.clone()).unwrap();
+
+    let running = wait_for_progress(&memory, 0);
+    handle.pause(TIMEOUT).unwrap();
+    let paused = counter(&memory);
+    assert!(paused >= running);
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(counter(&memory), paused, "a paused guest ran");
+    // Pausing twice is fine, and still no progress.
+    handle.pause(TIMEOUT).unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(counter(&memory), paused, "a paused guest ran");
+
+    handle.resume(TIMEOUT).unwrap();
+    wait_for_progress(&memory, paused);
+    // Resuming a running vCPU is answered too.
+    handle.resume(TIMEOUT).unwrap();
+    handle.finish();
+    assert!(!control.is_stopping(), "nothing asked the VM to stop");
+}
+
+/// Records every write on its port, one entry per access.
+#[derive(Default)]
+struct Recorder(Vec<Vec<u8>>);
+
+impl BusDevice for Recorder {
+    fn read(&mut self, _: u64, data: &mut [u8]) {
+        data.fill(0);
+    }
+    fn write(&mut self, _: u64, data: &[u8]) -> Option<VmRequest> {
+        self.0.push(data.to_vec());
+        None
+    }
+}
+
+#[test]
+fn rep_outsb_reaches_the_device_one_byte_at_a_time() {
+    if !common::kvm_available() {
+        return;
+    }
+    let mut code = Vec::new();
+    code.push(0xbe); // mov esi, DATA
+    code.extend_from_slice(&(DATA as u32).to_le_bytes());
+    code.extend_from_slice(&[0xb9, 5, 0, 0, 0]); // mov ecx, 5
+    code.extend_from_slice(&[0x66, 0xba]); // mov dx, RECORDER_PORT
+    code.extend_from_slice(&RECORDER_PORT.to_le_bytes());
+    code.extend_from_slice(&[0xf3, 0x6e]); // rep outsb
+    code.extend_from_slice(&[0xb0, 7, 0xe6, 0xf4]); // mov al, 7; out 0xf4, al
+    code.extend_from_slice(&[0xf4, 0xeb, 0xfd]); // hlt; jmp back to it
+    let (_vm, _memory, vcpu) = micro_vm(&code, b"hello");
+    vcpu::install_kick_handler().unwrap();
+    let recorder = Arc::new(Mutex::new(Recorder::default()));
+    let mut pio = Bus::new();
+    pio.insert(recorder.clone(), u64::from(RECORDER_PORT), 1)
+        .unwrap();
+    pio.insert(Arc::new(Mutex::new(DebugExit)), 0xf4, 1)
+        .unwrap();
+    let buses = Arc::new(IoBuses {
+        pio,
+        mmio: Bus::new(),
+    });
+    let control = Arc::new(VmControl::new().unwrap());
+    let handle = VcpuHandle::spawn(0, vcpu, buses, None, control.clone()).unwrap();
+    let deadline = Instant::now() + TIMEOUT;
+    while !control.is_stopping() {
+        assert!(Instant::now() < deadline, "the guest never exited");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    handle.finish();
+    assert_eq!(control.take_outcome(), Some(VmOutcome::GuestExit(7)));
+    let writes = &recorder.lock().unwrap().0;
+    let expected: Vec<Vec<u8>> = b"hello".iter().map(|b| vec![*b]).collect();
+    assert_eq!(*writes, expected);
+}
