@@ -1,8 +1,7 @@
 //! The guest console on the host side: where COM1's output goes, and the thread that feeds host
 //! input into COM1 without ever dropping a byte when the 64-byte FIFO is full.
 
-use std::fs::File;
-use std::io::{self, Read, Write};
+use std::io::{self, Read};
 use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex};
 
@@ -10,19 +9,8 @@ use ember_devices::bus::lock;
 use ember_devices::serial::SerialConsole;
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::config::ConsoleConfig;
 use crate::outcome::VmOutcome;
 use crate::vcpu::VmControl;
-
-/// Opens where the guest's console output goes. The UART flushes after every byte, so a guest
-/// prompt without a newline still shows up at once.
-pub fn output(config: &ConsoleConfig) -> io::Result<Box<dyn Write + Send>> {
-    Ok(match config {
-        ConsoleConfig::Stdio => Box::new(io::stdout()),
-        ConsoleConfig::Off => Box::new(io::sink()),
-        ConsoleConfig::File(path) => Box::new(File::create(path)?),
-    })
-}
 
 const ESCAPE: u8 = 0x01; // Ctrl-A
 
@@ -151,6 +139,8 @@ pub fn spawn_input_thread(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fs::File;
+    use std::io::Write;
     use std::os::fd::FromRawFd;
 
     #[test]

@@ -11,6 +11,7 @@ pub mod arch;
 pub mod cli;
 pub mod config;
 pub mod console;
+pub mod console_output;
 pub mod irqchip;
 pub mod kvm;
 pub mod main_loop;

@@ -86,6 +86,29 @@ impl MainLoop {
     }
 }
 
+/// Blocks SIGINT, SIGTERM and SIGHUP on the calling thread, for a thread started before
+/// [`MainLoop::new`]: the main thread reads them from a signalfd, and a signal the kernel picks
+/// another thread for while it does not block them ends the process on the spot.
+pub fn block_termination_signals() {
+    // SAFETY: sigemptyset/sigaddset fill a local set; pthread_sigmask only reads it.
+    let rc = unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for signal in TERMINATION_SIGNALS {
+            libc::sigaddset(&mut set, signal);
+        }
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut())
+    };
+    if rc != 0 {
+        log::warn!(
+            "cannot block termination signals on a thread: {}",
+            io::Error::from_raw_os_error(rc)
+        );
+    }
+}
+
+const TERMINATION_SIGNALS: [libc::c_int; 3] = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP];
+
 /// SIGINT, SIGTERM and SIGHUP, blocked and read from a signalfd.
 struct TerminationSignals {
     fd: OwnedFd,
@@ -98,7 +121,7 @@ impl TerminationSignals {
         unsafe {
             let mut set: libc::sigset_t = std::mem::zeroed();
             libc::sigemptyset(&mut set);
-            for signal in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+            for signal in TERMINATION_SIGNALS {
                 libc::sigaddset(&mut set, signal);
             }
             let rc = libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());

@@ -9,7 +9,7 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use ember_devices::acpi_sleep::{self, AcpiSleep};
 use ember_devices::boot_timer::BootTimer;
@@ -41,6 +41,7 @@ use crate::arch::x86_64::xstate::{XstateLayout, XstateSwitch};
 use crate::arch::x86_64::{acpi, mptable};
 use crate::config::{ConsoleConfig, SoftwareKvmMode, VmConfig, MAX_CPUS};
 use crate::console;
+use crate::console_output::ConsoleOutput;
 use crate::irqchip::{self, KvmMsi};
 use crate::kvm::{self, KvmError};
 use crate::main_loop::{MainLoop, Wakeup};
@@ -154,6 +155,7 @@ pub struct Vm {
     serial: Arc<Mutex<SerialConsole>>,
     serial_fifo_drained: EventFd,
     console: ConsoleConfig,
+    console_output: Option<ConsoleOutput>,
     virtio: Vec<Arc<Mutex<MmioTransport>>>,
 }
 
@@ -225,7 +227,9 @@ impl Vm {
         let entry = boot::write_boot_info(&guest_memory, &kernel, &cmdline, initrd, &memory_map)?;
         write_firmware_tables(&guest_memory, config.cpus)?;
 
-        let (pio, serial, serial_fifo_drained) = legacy_devices(&ioapic, &config.console, started)?;
+        let (console_output, console_writer) =
+            ConsoleOutput::start(&config.console).map_err(VmmError::ConsoleOutput)?;
+        let (pio, serial, serial_fifo_drained) = legacy_devices(&ioapic, console_writer, started)?;
         let buses = Arc::new(IoBuses { pio, mmio });
         let vcpus = create_vcpus(
             &vm_fd,
@@ -245,6 +249,7 @@ impl Vm {
             serial,
             serial_fifo_drained,
             console: config.console.clone(),
+            console_output,
             virtio,
         })
     }
@@ -355,15 +360,21 @@ impl Vm {
         Ok(RunningVm {
             vcpus,
             device_loop,
+            console_output: self.console_output,
             _guest_memory: self.guest_memory,
         })
     }
 }
 
+/// How long, at exit, the console's host output may take no bytes before the rest of the guest's
+/// output is given up: a reader that keeps reading gets everything.
+const CONSOLE_PATIENCE: Duration = Duration::from_millis(500);
+
 /// The threads of a running VM.
 struct RunningVm {
     vcpus: Vec<VcpuHandle>,
     device_loop: Option<DeviceEventLoop>,
+    console_output: Option<ConsoleOutput>,
     /// Must outlive the vCPUs: KVM maps guest RAM from these host mappings.
     _guest_memory: GuestMemoryMmap,
 }
@@ -372,6 +383,10 @@ impl RunningVm {
     /// Finishes every vCPU, then the devices (which flush their data), then restores the
     /// terminal.
     fn stop(self) {
+        // A vCPU waiting for room in the console buffer must not wait any more to be joined.
+        if let Some(output) = &self.console_output {
+            output.stop_waiting();
+        }
         for vcpu in &self.vcpus {
             // A vCPU already gone has nothing to be told.
             let _ = vcpu.send(VcpuEvent::Finish);
@@ -382,6 +397,9 @@ impl RunningVm {
         // After the vCPUs: nothing can queue new work now, and every device flushes its data.
         if let Some(device_loop) = self.device_loop {
             device_loop.stop();
+        }
+        if let Some(output) = self.console_output {
+            output.finish(CONSOLE_PATIENCE);
         }
         terminal::restore();
     }
@@ -586,16 +604,15 @@ fn write_firmware_tables(guest_memory: &GuestMemoryMmap, cpus: u8) -> Result<(),
 /// the boot timer and the ACPI sleep registers.
 fn legacy_devices(
     ioapic: &Arc<Mutex<Ioapic>>,
-    console: &ConsoleConfig,
+    console_writer: Box<dyn std::io::Write + Send>,
     started: Instant,
 ) -> Result<(Bus, Arc<Mutex<SerialConsole>>, EventFd), VmmError> {
     let serial_irq = IoapicPin::new(ioapic.clone(), COM1_IRQ as usize);
     let serial_fifo_drained = EventFd::new(0).map_err(VmmError::Irq)?;
-    let output = console::output(console).map_err(VmmError::ConsoleOutput)?;
     let serial = Arc::new(Mutex::new(SerialConsole::new(
         serial_irq,
         serial_fifo_drained.try_clone().map_err(VmmError::Irq)?,
-        output,
+        console_writer,
     )));
     let mut pio = Bus::new();
     pio.insert(serial.clone(), COM1_PORT, serial::RANGE_LEN)?;

@@ -1,0 +1,283 @@
+//! Guest console output on its way to the host: a bounded buffer that the UART (on a vCPU thread)
+//! writes into, and a `console-out` thread that drains it into stdout or a file.
+//!
+//! Writing to a pipe nobody reads blocks in `write()`. Done on a vCPU thread, that froze the
+//! guest and, worse, kept Ember from ending on a signal: the vCPU could not be joined. Now a
+//! vCPU waits only while the buffer is full (so a slow reader slows the guest down rather than
+//! losing output or growing memory), [`ConsoleOutput::stop_waiting`] releases it at once when the
+//! VM stops, and [`ConsoleOutput::finish`] gives a stuck reader a bounded time to take the rest.
+
+use std::collections::VecDeque;
+use std::fs::File;
+use std::io::{self, Write};
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use crate::config::ConsoleConfig;
+
+/// How much output may wait for the host: enough for a burst of kernel messages.
+const BUFFER_BYTES: usize = 64 << 10;
+/// The largest piece the drain thread writes at once.
+const CHUNK_BYTES: usize = 4096;
+
+struct Buffer {
+    bytes: VecDeque<u8>,
+    /// The VM is stopping: writers no longer wait for room (what does not fit is dropped).
+    no_waiting: bool,
+    /// No more output will come: the drain thread ends once the buffer is empty.
+    closed: bool,
+    /// Bytes dropped because the buffer was full after `no_waiting`, or the host output failed.
+    dropped: u64,
+}
+
+struct Shared {
+    buffer: Mutex<Buffer>,
+    /// Signalled whenever bytes are added or removed, or a flag changes.
+    changed: Condvar,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Buffer> {
+        // A panic elsewhere cannot leave the queue inconsistent: keep going with it.
+        self.buffer.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// The writer the UART gets: appends to the buffer.
+pub struct BufferedWriter(Arc<Shared>);
+
+impl Write for BufferedWriter {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        if data.is_empty() {
+            return Ok(0);
+        }
+        let mut buffer = self.0.lock();
+        while buffer.bytes.len() >= BUFFER_BYTES && !buffer.no_waiting {
+            buffer = self
+                .0
+                .changed
+                .wait(buffer)
+                .unwrap_or_else(|e| e.into_inner());
+        }
+        let room = BUFFER_BYTES.saturating_sub(buffer.bytes.len());
+        if room == 0 {
+            // Only once the VM is stopping: the guest must not be held up any more.
+            buffer.dropped += data.len() as u64;
+            return Ok(data.len());
+        }
+        let taken = room.min(data.len());
+        buffer.bytes.extend(&data[..taken]);
+        self.0.changed.notify_all();
+        Ok(taken)
+    }
+
+    /// The drain thread writes as soon as bytes arrive; there is nothing to push here.
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The drain thread and the buffer it drains.
+pub struct ConsoleOutput {
+    shared: Arc<Shared>,
+    done: mpsc::Receiver<()>,
+    thread: JoinHandle<()>,
+}
+
+impl ConsoleOutput {
+    /// Opens where `config` sends the console and starts draining into it. `None` (with a sink
+    /// for the UART) when the console is off.
+    pub fn start(config: &ConsoleConfig) -> io::Result<(Option<Self>, Box<dyn Write + Send>)> {
+        let out: Box<dyn Write + Send> = match config {
+            ConsoleConfig::Off => return Ok((None, Box::new(io::sink()))),
+            ConsoleConfig::Stdio => Box::new(io::stdout()),
+            ConsoleConfig::File(path) => Box::new(File::create(path)?),
+        };
+        let (output, writer) = Self::spawn(out)?;
+        Ok((Some(output), Box::new(writer)))
+    }
+
+    /// Starts draining into `out`; returns the writer that feeds it.
+    pub fn spawn(out: Box<dyn Write + Send>) -> io::Result<(Self, BufferedWriter)> {
+        let shared = Arc::new(Shared {
+            buffer: Mutex::new(Buffer {
+                bytes: VecDeque::with_capacity(CHUNK_BYTES),
+                no_waiting: false,
+                closed: false,
+                dropped: 0,
+            }),
+            changed: Condvar::new(),
+        });
+        let (done_sender, done) = mpsc::channel();
+        let drain_shared = shared.clone();
+        let thread = std::thread::Builder::new()
+            .name("console-out".into())
+            .spawn(move || {
+                // This thread starts before the main loop blocks SIGINT/SIGTERM/SIGHUP for
+                // every thread: it must not be the one they are delivered to.
+                crate::main_loop::block_termination_signals();
+                drain(&drain_shared, out);
+                let _ = done_sender.send(());
+            })?;
+        let writer = BufferedWriter(shared.clone());
+        Ok((
+            Self {
+                shared,
+                done,
+                thread,
+            },
+            writer,
+        ))
+    }
+
+    /// The VM is stopping: a vCPU waiting for room goes on at once (its output may be dropped),
+    /// so that it can be joined.
+    pub fn stop_waiting(&self) {
+        self.shared.lock().no_waiting = true;
+        self.shared.changed.notify_all();
+    }
+
+    /// Lets the drain thread write what is left, for as long as the host output keeps taking
+    /// bytes; gives up once it has taken nothing for `patience` (a pipe nobody reads).
+    pub fn finish(self, patience: Duration) {
+        let mut left = {
+            let mut buffer = self.shared.lock();
+            buffer.no_waiting = true;
+            buffer.closed = true;
+            buffer.bytes.len()
+        };
+        self.shared.changed.notify_all();
+        loop {
+            match self.done.recv_timeout(patience) {
+                Ok(()) | Err(RecvTimeoutError::Disconnected) => break,
+                Err(RecvTimeoutError::Timeout) => {
+                    let now = self.shared.lock().bytes.len();
+                    if now >= left {
+                        log::warn!(
+                            "console: the host output took nothing for {patience:?}; \
+                             {now} bytes of guest output are lost"
+                        );
+                        // The thread stays blocked in write(); the process ends without it.
+                        return;
+                    }
+                    left = now;
+                }
+            }
+        }
+        let dropped = self.shared.lock().dropped;
+        if dropped > 0 {
+            log::warn!("console: {dropped} bytes of guest output were dropped");
+        }
+        if self.thread.join().is_err() {
+            log::error!("the console output thread panicked");
+        }
+    }
+}
+
+/// The `console-out` thread: writes the buffer out until it is closed and empty.
+fn drain(shared: &Shared, mut out: Box<dyn Write + Send>) {
+    let mut chunk = Vec::with_capacity(CHUNK_BYTES);
+    let mut failed = false;
+    loop {
+        {
+            let mut buffer = shared.lock();
+            while buffer.bytes.is_empty() && !buffer.closed {
+                buffer = shared
+                    .changed
+                    .wait(buffer)
+                    .unwrap_or_else(|e| e.into_inner());
+            }
+            if buffer.bytes.is_empty() {
+                return;
+            }
+            let take = buffer.bytes.len().min(CHUNK_BYTES);
+            chunk.clear();
+            chunk.extend(buffer.bytes.drain(..take));
+            if failed {
+                buffer.dropped += take as u64;
+            }
+        }
+        // Room for the writers before the (possibly slow) host write.
+        shared.changed.notify_all();
+        if failed {
+            continue;
+        }
+        if let Err(e) = out.write_all(&chunk).and_then(|()| out.flush()) {
+            // A closed pipe or a full disk: keep draining so the guest never waits, and say so
+            // once.
+            log::warn!("console: cannot write the guest's output: {e}");
+            shared.lock().dropped += chunk.len() as u64;
+            failed = true;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Read;
+    use std::os::fd::FromRawFd;
+    use std::time::Instant;
+
+    /// A writer that collects into a shared vector.
+    #[derive(Clone, Default)]
+    struct Collect(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Collect {
+        fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(data);
+            Ok(data.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn everything_written_arrives_in_order() {
+        let sink = Collect::default();
+        let (output, mut writer) = ConsoleOutput::spawn(Box::new(sink.clone())).unwrap();
+        let data: Vec<u8> = (0..(3 * BUFFER_BYTES)).map(|i| (i % 253) as u8).collect();
+        for byte in &data {
+            // One byte at a time, as the UART writes.
+            writer.write_all(std::slice::from_ref(byte)).unwrap();
+        }
+        output.finish(Duration::from_secs(5));
+        assert_eq!(*sink.0.lock().unwrap(), data);
+    }
+
+    /// A pipe whose read end is returned and whose write end feeds the console.
+    fn pipe() -> (File, File) {
+        let mut fds = [0; 2];
+        // SAFETY: `fds` has room for the two descriptors pipe(2) returns.
+        assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+        // SAFETY: both descriptors are fresh and owned by nobody else.
+        unsafe { (File::from_raw_fd(fds[0]), File::from_raw_fd(fds[1])) }
+    }
+
+    #[test]
+    fn an_unread_pipe_holds_the_writer_until_the_vm_stops() {
+        let (mut read_end, write_end) = pipe();
+        let (output, mut writer) = ConsoleOutput::spawn(Box::new(write_end)).unwrap();
+        // Far more than the pipe (64 KiB) and the buffer hold: the writer must wait.
+        let vcpu = std::thread::spawn(move || {
+            let data = vec![b'x'; 4 * BUFFER_BYTES];
+            writer.write_all(&data).unwrap();
+        });
+        std::thread::sleep(Duration::from_millis(200));
+        assert!(!vcpu.is_finished(), "a full buffer must hold the writer");
+        // The VM stops: the writer is released at once.
+        output.stop_waiting();
+        vcpu.join().unwrap();
+        // Nobody reads: finishing gives up after its patience instead of hanging.
+        let started = Instant::now();
+        output.finish(Duration::from_millis(200));
+        assert!(started.elapsed() < Duration::from_secs(5));
+        // What the pipe took is intact.
+        let mut got = vec![0u8; 1024];
+        read_end.read_exact(&mut got).unwrap();
+        assert!(got.iter().all(|b| *b == b'x'));
+    }
+}
