@@ -2,14 +2,14 @@
 //! I/O APIC in userspace, no 8259 PIC) and the path from the userspace IOAPIC to the local APICs.
 //!
 //! Why split: KVM's in-kernel PIC and IOAPIC put devices on KVM's I/O buses, which on recent host
-//! kernels leaves an SRCU grace period in flight that the VM's destruction waits out: measured
-//! with resources/bench/startup.py, a short-lived VM's exit took ~5 ms longer than with the split
-//! irqchip (~12 ms before Ember settled that grace period early). Ember's interrupt sources (the
+//! kernels leaves an SRCU grace period in flight that the VM's destruction waits out, which
+//! showed in a short-lived VM's exit time (the figures are in the README, "Start-up"; measured
+//! with resources/bench/startup.py). Ember's interrupt sources (the
 //! UART, the virtio devices) all live in userspace, so nothing is lost by raising their pins there.
 //!
 //! No i8254 PIT either: a Linux guest with kvm-clock and the TSC-deadline local APIC timer never
-//! uses it (`apic_needs_pit()` is false), and KVM's PIT costs a kernel worker thread whose start and
-//! stop took ~3.6 ms and ~13 ms of every run here (KVM_CREATE_PIT2 and the VM's teardown).
+//! uses it (`apic_needs_pit()` is false), and KVM's PIT costs a kernel worker thread whose start
+//! and stop showed in every run (README, "Start-up").
 
 use std::io;
 use std::sync::Arc;

@@ -55,7 +55,7 @@ use crate::virtio_devices::{self, DeviceEventLoop, DeviceSlots, VirtioError};
 /// INVPCID (298) and RDPID (534). This KVM ignores most CPUID masks, so Linux must be told.
 /// Also ERMS (297) and FSRM (580): with them Linux copies and clears memory with `rep movsb` /
 /// `rep stosb`, which the emulator steps one byte at a time; without, eight bytes at a time
-/// (unpacking the default guest's initramfs went from ~18 s to ~14 s).
+/// (the effect on unpacking the initramfs is in the README, "Software KVM").
 pub const SOFTWARE_KVM_CMDLINE: &str = "noxsave clearcpuid=151,59,308,298,534,297,580";
 
 /// How Ember's guest kernel learns of the extended-state switch (see `arch::x86_64::xstate`):
@@ -179,7 +179,7 @@ impl Vm {
 
         let vm_fd = Arc::new(kvm.create_vm().map_err(KvmError::CreateVm)?);
         // Guest RAM is registered before any device reaches KVM's I/O buses: a memory slot waits
-        // for any SRCU grace period such a registration left in flight (~7 ms measured here).
+        // for any SRCU grace period such a registration left in flight (README, "Start-up").
         let guest_memory = map_guest_memory(config.memory_bytes)?;
         register_guest_memory(&vm_fd, &guest_memory)?;
         irqchip::create(&vm_fd).map_err(VmmError::Irqchip)?;
@@ -409,10 +409,10 @@ impl RunningVm {
 ///
 /// On recent host kernels, putting a device on one of KVM's I/O buses (each virtio queue's
 /// ioeventfd) frees the old bus after a grace period instead of waiting for one. Nothing waits
-/// for those grace periods while the VM runs, but destroying the VM does: measured here, a guest
-/// that ends within ~14 ms of start-up made ember's exit wait ~12 ms in the final close of the VM.
+/// for those grace periods while the VM runs, but destroying the VM does: a guest that ends soon
+/// after start-up made ember's exit wait in the final close of the VM (README, "Start-up").
 /// Taking a device off a bus waits for an expedited grace period, which also ends the ones in
-/// flight, in ~5-7 ms. So the main thread, idle once the vCPUs run, adds and removes an ioeventfd
+/// flight. So the main thread, idle once the vCPUs run, adds and removes an ioeventfd
 /// at an address with nothing behind it; by the time the guest stops, nothing is left to wait for.
 /// Elsewhere this costs one quick grace period of the otherwise idle main thread. Meanwhile a stop
 /// request or signal waits for the main thread: at most that grace period.
