@@ -3,7 +3,16 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
-use crate::VmRequest;
+/// What a guest write asked of the whole VM.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VmRequest {
+    /// The guest pulsed the reset line (i8042 command 0xFE).
+    Reset,
+    /// The guest entered ACPI sleep state S5 (soft off).
+    PowerOff,
+    /// The guest wrote its own exit status to the debug-exit port.
+    Exit(u8),
+}
 
 /// A device that answers reads and writes at offsets inside its own bus range.
 pub trait BusDevice: Send {

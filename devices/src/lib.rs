@@ -16,15 +16,4 @@ pub mod serial;
 pub mod tap;
 pub mod virtio;
 
-pub use bus::{Bus, BusDevice, BusError};
-
-/// What a guest write asked of the whole VM.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum VmRequest {
-    /// The guest pulsed the reset line (i8042 command 0xFE).
-    Reset,
-    /// The guest entered ACPI sleep state S5 (soft off).
-    PowerOff,
-    /// The guest wrote its own exit status to the debug-exit port.
-    Exit(u8),
-}
+pub use bus::{Bus, BusDevice, BusError, VmRequest};
