@@ -27,10 +27,22 @@ pub trait BusDevice: Send {
 pub enum BusError {
     /// The new range is empty or wraps around the address space.
     #[error("bus range {base:#x}+{len:#x} is empty or wraps around")]
-    InvalidRange { base: u64, len: u64 },
+    InvalidRange {
+        /// Start of the new range.
+        base: u64,
+        /// Its length.
+        len: u64,
+    },
     /// The new range overlaps a device already on the bus.
     #[error("bus range {base:#x}+{len:#x} overlaps a device already at {existing:#x}")]
-    Overlap { base: u64, len: u64, existing: u64 },
+    Overlap {
+        /// Start of the new range.
+        base: u64,
+        /// Its length.
+        len: u64,
+        /// Start of the range it overlaps.
+        existing: u64,
+    },
 }
 
 struct BusRange {
