@@ -19,6 +19,9 @@ const SLP_TYP_SHIFT: u8 = 2;
 const SLP_TYP_MASK: u8 = 0b111;
 
 /// The sleep control/status register pair.
+///
+/// Stateless, so nothing to snapshot: the status register always reads 0 and a control write
+/// acts at once. A restored VM gets a new one.
 #[derive(Debug, Default)]
 pub struct AcpiSleep;
 

@@ -3,7 +3,16 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
-use crate::VmRequest;
+/// What a guest write asked of the whole VM.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VmRequest {
+    /// The guest pulsed the reset line (i8042 command 0xFE).
+    Reset,
+    /// The guest entered ACPI sleep state S5 (soft off).
+    PowerOff,
+    /// The guest wrote its own exit status to the debug-exit port.
+    Exit(u8),
+}
 
 /// A device that answers reads and writes at offsets inside its own bus range.
 pub trait BusDevice: Send {
@@ -18,10 +27,22 @@ pub trait BusDevice: Send {
 pub enum BusError {
     /// The new range is empty or wraps around the address space.
     #[error("bus range {base:#x}+{len:#x} is empty or wraps around")]
-    InvalidRange { base: u64, len: u64 },
+    InvalidRange {
+        /// Start of the new range.
+        base: u64,
+        /// Its length.
+        len: u64,
+    },
     /// The new range overlaps a device already on the bus.
     #[error("bus range {base:#x}+{len:#x} overlaps a device already at {existing:#x}")]
-    Overlap { base: u64, len: u64, existing: u64 },
+    Overlap {
+        /// Start of the new range.
+        base: u64,
+        /// Its length.
+        len: u64,
+        /// Start of the range it overlaps.
+        existing: u64,
+    },
 }
 
 struct BusRange {

@@ -15,6 +15,9 @@ pub const RANGE_LEN: u64 = 5;
 const CMD_PULSE_RESET: u8 = 0xfe;
 
 /// An i8042 with no keyboard: always empty, always ready, resets on command 0xFE.
+///
+/// Stateless, so nothing to snapshot: every read is 0 and the reset command needs no history. A
+/// restored VM gets a new one.
 #[derive(Debug, Default)]
 pub struct I8042;
 

@@ -13,6 +13,9 @@
 //! level-triggered is delivered as an edge too (Remote IRR stays clear; nothing waits for an EOI).
 //! Every guest access is checked: unknown registers read as zero, writes to read-only ones and
 //! odd-sized accesses are ignored.
+//!
+//! Its state ([`IoapicState`]) is therefore the ID, IOREGSEL, the redirection table and the IRR:
+//! with edges only there are no pin levels and no Remote IRR to keep.
 
 use std::io;
 use std::sync::{Arc, Mutex};
@@ -23,6 +26,10 @@ use crate::{BusDevice, VmRequest};
 
 /// Number of pins (redirection entries), as on KVM's and QEMU's IOAPIC.
 pub const PINS: usize = 24;
+// The IRR is a u32 bitmap, one bit per pin.
+const _: () = assert!(PINS <= 32);
+/// The IRR bits that name a pin.
+const PENDING_PINS: u32 = ((1u64 << PINS) - 1) as u32;
 /// Size of the MMIO window (registers at 0x00 and 0x10, EOI at 0x40).
 pub const MMIO_LEN: u64 = 0x100;
 
@@ -33,6 +40,9 @@ const REG_ID: u32 = 0x00;
 const REG_VERSION: u32 = 0x01;
 const REG_ARBITRATION: u32 = 0x02;
 const REG_REDIRECTION_FIRST: u32 = 0x10;
+/// IOAPICID: the ID sits in bits 24-27, the rest is reserved.
+const ID_SHIFT: u32 = 24;
+const ID_MASK: u32 = 0x0f;
 /// Version 0x11 (an 82093AA, like KVM's), highest entry index in bits 16-23.
 const VERSION: u32 = 0x11 | ((PINS as u32 - 1) << 16);
 
@@ -57,13 +67,63 @@ const MSI_ADDRESS_DEST_MODE_LOGICAL: u64 = 1 << 2;
 
 /// Where the IOAPIC's messages go: the local APICs (KVM_SIGNAL_MSI in Ember).
 pub trait MsiSink: Send {
+    /// Sends one message: `data` written at `address` in the local APICs' window.
     fn send(&self, address: u64, data: u32) -> io::Result<()>;
+}
+
+/// What an IOAPIC holds, as plain data for a snapshot.
+///
+/// Comes back from a file, so [`Ioapic::from_state`] checks every field against what the guest
+/// could have programmed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+pub struct IoapicState {
+    /// The IOAPIC's APIC ID, 0 to 15 (IOAPICID bits 24-27).
+    pub id: u8,
+    /// The register IOREGSEL selects; any value, as a guest may select one that does not exist.
+    pub ioregsel: u8,
+    /// One redirection entry per pin, as IOWIN reads them (low half in bits 0-31).
+    pub redirection_table: Vec<u64>,
+    /// The IRR: bit `n` set when pin `n` was raised while masked and waits for its unmask.
+    pub pending: u32,
+}
+
+/// Why a saved IOAPIC state was refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum IoapicStateError {
+    /// The redirection table is not one entry per pin.
+    #[error("the saved IOAPIC has {found} pins, this one has {PINS}")]
+    PinCount {
+        /// Entries in the saved table.
+        found: usize,
+    },
+    /// The ID does not fit the 4 bits of IOAPICID.
+    #[error("IOAPIC ID {0} does not fit in 4 bits")]
+    Id(u8),
+    /// An entry sets bits a guest cannot write (delivery status, Remote IRR or reserved).
+    #[error("redirection entry {pin} sets read-only or reserved bits {bits:#x}")]
+    EntryBits {
+        /// The pin whose entry is wrong.
+        pin: usize,
+        /// The offending bits.
+        bits: u64,
+    },
+    /// The IRR names pins past the last one.
+    #[error("pins {0:#x} are pending but do not exist")]
+    PendingPastLastPin(u32),
+    /// A pin is pending while unmasked: the live model delivers such a pin at once.
+    #[error("pin {pin} is pending but unmasked")]
+    PendingUnmasked {
+        /// The pin.
+        pin: usize,
+    },
 }
 
 /// The I/O APIC.
 pub struct Ioapic {
-    selected: u32,
-    id: u32,
+    selected: u8,
+    /// The APIC ID (IOAPICID bits 24-27).
+    id: u8,
     entries: [u64; PINS],
     /// Pins raised while masked (the IRR), delivered on unmask.
     pending: u32,
@@ -80,6 +140,59 @@ impl Ioapic {
             pending: 0,
             sink,
         }
+    }
+
+    /// The state a snapshot keeps.
+    pub fn save(&self) -> IoapicState {
+        IoapicState {
+            id: self.id,
+            ioregsel: self.selected,
+            redirection_table: self.entries.to_vec(),
+            pending: self.pending,
+        }
+    }
+
+    /// An IOAPIC in `state` (which [`Ioapic::save`] gave), sending its messages to `sink`.
+    ///
+    /// Refuses a state the guest could not have programmed: a wrong number of entries, an ID past
+    /// 4 bits, read-only or reserved bits set in an entry, and pending pins that do not exist or
+    /// are unmasked (the live model delivers those at once). Vectors and delivery modes are not
+    /// judged: a guest may program any of them, reserved ones included, and its snapshot must
+    /// still restore. Nothing is delivered here; a pending pin waits for its unmask as before.
+    pub fn from_state(
+        state: &IoapicState,
+        sink: Box<dyn MsiSink>,
+    ) -> Result<Self, IoapicStateError> {
+        let entries: [u64; PINS] = state.redirection_table.as_slice().try_into().map_err(|_| {
+            IoapicStateError::PinCount {
+                found: state.redirection_table.len(),
+            }
+        })?;
+        if u32::from(state.id) > ID_MASK {
+            return Err(IoapicStateError::Id(state.id));
+        }
+        for (pin, entry) in entries.iter().enumerate() {
+            let bits = entry & !ENTRY_WRITABLE;
+            if bits != 0 {
+                return Err(IoapicStateError::EntryBits { pin, bits });
+            }
+        }
+        let past_last_pin = state.pending & !PENDING_PINS;
+        if past_last_pin != 0 {
+            return Err(IoapicStateError::PendingPastLastPin(past_last_pin));
+        }
+        if let Some(pin) = (0..PINS)
+            .find(|&pin| state.pending & (1 << pin) != 0 && entries[pin] & ENTRY_MASKED == 0)
+        {
+            return Err(IoapicStateError::PendingUnmasked { pin });
+        }
+        Ok(Self {
+            selected: state.ioregsel,
+            id: state.id,
+            entries,
+            pending: state.pending,
+            sink,
+        })
     }
 
     /// Raises `pin` once. Pins past the last one are ignored.
@@ -110,8 +223,8 @@ impl Ioapic {
     }
 
     fn read_register(&self) -> u32 {
-        match self.selected {
-            REG_ID | REG_ARBITRATION => self.id,
+        match u32::from(self.selected) {
+            REG_ID | REG_ARBITRATION => u32::from(self.id) << ID_SHIFT,
             REG_VERSION => VERSION,
             reg => match redirection_index(reg) {
                 Some((pin, high)) if high => (self.entries[pin] >> 32) as u32,
@@ -122,8 +235,8 @@ impl Ioapic {
     }
 
     fn write_register(&mut self, value: u32) {
-        match self.selected {
-            REG_ID => self.id = value & 0x0f00_0000,
+        match u32::from(self.selected) {
+            REG_ID => self.id = ((value >> ID_SHIFT) & ID_MASK) as u8,
             reg => {
                 let Some((pin, high)) = redirection_index(reg) else {
                     return; // version, arbitration and unknown registers are read-only
@@ -156,7 +269,7 @@ fn redirection_index(reg: u32) -> Option<(usize, bool)> {
 impl BusDevice for Ioapic {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         let value = match (offset, data.len()) {
-            (IOREGSEL, 4) => self.selected,
+            (IOREGSEL, 4) => u32::from(self.selected),
             (IOWIN, 4) => self.read_register(),
             _ => 0,
         };
@@ -170,7 +283,7 @@ impl BusDevice for Ioapic {
     fn write(&mut self, offset: u64, data: &[u8]) -> Option<VmRequest> {
         let value = u32::from_le_bytes(data.try_into().ok()?);
         match offset {
-            IOREGSEL => self.selected = value & 0xff,
+            IOREGSEL => self.selected = value.to_le_bytes()[0],
             IOWIN => self.write_register(value),
             _ => {} // the EOI register (0x40) of newer IOAPICs: every pin is edge here
         }
@@ -185,6 +298,7 @@ pub struct IoapicPin {
 }
 
 impl IoapicPin {
+    /// Pin `pin` of `ioapic`; a pin past the last one is a line that goes nowhere.
     pub fn new(ioapic: Arc<Mutex<Ioapic>>, pin: usize) -> Self {
         Self { ioapic, pin }
     }
@@ -290,6 +404,98 @@ mod tests {
         write_reg(&mut ioapic, 0x10 + 2 * 2, 0x7 << 8);
         ioapic.raise(2).unwrap();
         assert!(sent.0.lock().unwrap().is_empty());
+    }
+
+    /// Pin 4 unmasked (vector 0x24 to APIC 1), pin 7 masked with an edge waiting, ID 3, and
+    /// IOREGSEL left on pin 4's high half.
+    fn programmed(ioapic: &mut Ioapic) {
+        write_reg(ioapic, REG_ID, 3 << 24);
+        write_reg(ioapic, 0x10 + 2 * 4 + 1, 1 << 24);
+        write_reg(ioapic, 0x10 + 2 * 4, 0x24);
+        write_reg(ioapic, 0x10 + 2 * 7, 0x41 | ENTRY_MASKED as u32);
+        ioapic.raise(7).unwrap();
+        ioapic.write(IOREGSEL, &(0x10 + 2 * 4 + 1u32).to_le_bytes());
+    }
+
+    #[test]
+    fn a_restored_ioapic_behaves_as_the_saved_one() {
+        let reset = ioapic().0.save();
+        let from_reset = Ioapic::from_state(&reset, Box::new(Recorder::default())).unwrap();
+        assert_eq!(from_reset.save(), reset);
+
+        let (mut saved, sent_by_saved) = ioapic();
+        programmed(&mut saved);
+        let state = saved.save();
+        assert_eq!(state.id, 3);
+        assert_eq!(state.pending, 1 << 7);
+        let sent_by_restored = Recorder::default();
+        let mut restored = Ioapic::from_state(&state, Box::new(sent_by_restored.clone())).unwrap();
+        assert_eq!(restored.save(), state);
+        assert!(sent_by_restored.0.lock().unwrap().is_empty());
+
+        for dev in [&mut saved, &mut restored] {
+            // IOREGSEL survived: IOWIN reads pin 4's destination without selecting it again.
+            let mut data = [0; 4];
+            dev.read(IOWIN, &mut data);
+            assert_eq!(u32::from_le_bytes(data), 1 << 24);
+            assert_eq!(read_reg(dev, REG_ID), 3 << 24);
+            dev.raise(4).unwrap();
+            // Unmasking pin 7 delivers the edge raised before the save, once.
+            write_reg(dev, 0x10 + 2 * 7, 0x41);
+            write_reg(dev, 0x10 + 2 * 7, 0x41);
+        }
+        let expected = [(0xfee0_1000, 0x24), (0xfee0_0000, 0x41)];
+        assert_eq!(*sent_by_restored.0.lock().unwrap(), expected);
+        assert_eq!(sent_by_saved.0.lock().unwrap()[..], expected);
+    }
+
+    #[test]
+    fn a_state_the_guest_could_not_program_is_refused() {
+        let (mut dev, _) = ioapic();
+        programmed(&mut dev);
+        let good = dev.save();
+        let refused = |change: &dyn Fn(&mut IoapicState)| {
+            let mut state = good.clone();
+            change(&mut state);
+            Ioapic::from_state(&state, Box::new(Recorder::default()))
+                .err()
+                .unwrap()
+        };
+        assert_eq!(
+            refused(&|s| s.redirection_table.truncate(PINS - 1)),
+            IoapicStateError::PinCount { found: PINS - 1 }
+        );
+        assert_eq!(
+            refused(&|s| s.redirection_table.push(ENTRY_MASKED)),
+            IoapicStateError::PinCount { found: PINS + 1 }
+        );
+        assert_eq!(
+            refused(&|s| s.redirection_table.clear()),
+            IoapicStateError::PinCount { found: 0 }
+        );
+        assert_eq!(refused(&|s| s.id = 16), IoapicStateError::Id(16));
+        // Delivery status, Remote IRR, and a reserved bit.
+        for bit in [12, 14, 17] {
+            assert_eq!(
+                refused(&|s| s.redirection_table[9] |= 1 << bit),
+                IoapicStateError::EntryBits {
+                    pin: 9,
+                    bits: 1 << bit
+                }
+            );
+        }
+        assert_eq!(
+            refused(&|s| s.pending |= 1 << PINS),
+            IoapicStateError::PendingPastLastPin(1 << PINS)
+        );
+        assert_eq!(
+            refused(&|s| s.pending |= 1 << 4),
+            IoapicStateError::PendingUnmasked { pin: 4 }
+        );
+        // Every IOREGSEL value is one a guest can select.
+        let mut state = good.clone();
+        state.ioregsel = 0xff;
+        assert!(Ioapic::from_state(&state, Box::new(Recorder::default())).is_ok());
     }
 
     #[test]

@@ -4,6 +4,15 @@
 //! exit into a bus access, and a device only ever sees offsets inside its own range. A device
 //! that needs the whole VM to change state (reset, power off, exit with a status) says so in the
 //! return value of its write, so that the vCPU exit handler stays a plain function.
+//!
+//! A device whose state the guest can observe keeps it as plain data for snapshots: a
+//! `…State` type (serialisable with the `serde` feature), `save(&self)` to take it and
+//! `from_state(&state, …)` to build the device again, with the same host-side arguments as its
+//! `new` (an interrupt line, a writer, a clock: never part of the state). A saved state comes
+//! from a file and is untrusted: `from_state` accepts exactly the states the model can reach
+//! through guest accesses and refuses any other with a typed error, so a restored device never
+//! holds a value it could not have held live. A device with nothing to keep says so in its
+//! documentation and has no state type: a restored VM gets a new one.
 
 pub mod acpi_sleep;
 pub mod boot_timer;
@@ -16,15 +25,4 @@ pub mod serial;
 pub mod tap;
 pub mod virtio;
 
-pub use bus::{Bus, BusDevice, BusError};
-
-/// What a guest write asked of the whole VM.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum VmRequest {
-    /// The guest pulsed the reset line (i8042 command 0xFE).
-    Reset,
-    /// The guest entered ACPI sleep state S5 (soft off).
-    PowerOff,
-    /// The guest wrote its own exit status to the debug-exit port.
-    Exit(u8),
-}
+pub use bus::{Bus, BusDevice, BusError, VmRequest};

@@ -81,5 +81,10 @@ pub const XSTATE_RESTORE_PORT: u64 = XSTATE_SAVE_PORT + 4;
 
 /// First interrupt line for virtio devices (0-4 are the PIT, keyboard, cascade, COM2, COM1).
 pub const VIRTIO_IRQ_FIRST: u32 = 5;
-/// Number of IOAPIC pins (KVM's in-kernel IOAPIC has 24).
-pub const IOAPIC_PINS: u8 = 24;
+/// Number of IOAPIC pins: the device model's own count ([`ember_devices::ioapic::PINS`]), so the
+/// firmware tables can never describe pins the IOAPIC does not have. A byte, because an MP table
+/// entry names its pin in one.
+pub const IOAPIC_PINS: u8 = {
+    assert!(ember_devices::ioapic::PINS <= u8::MAX as usize);
+    ember_devices::ioapic::PINS as u8
+};

@@ -27,7 +27,13 @@ const HEADER_LEN: usize = 44;
 
 /// Size of the table for `cpus` vCPUs, floating pointer included.
 pub fn size(cpus: u8) -> usize {
-    FLOATING_POINTER_LEN + HEADER_LEN + 20 * usize::from(cpus) + 8 + 8 + 8 * 24 + 8 * 2
+    FLOATING_POINTER_LEN
+        + HEADER_LEN
+        + 20 * usize::from(cpus)
+        + 8
+        + 8
+        + 8 * usize::from(IOAPIC_PINS)
+        + 8 * 2
 }
 
 /// Builds the MP floating pointer and configuration table, to be written at `address`.
@@ -122,7 +128,7 @@ mod tests {
         let mp = build(0x9fc00, 3);
         let entries = &mp[16 + HEADER_LEN..];
         let count = u16::from_le_bytes([mp[16 + 34], mp[16 + 35]]);
-        assert_eq!(count, 3 + 2 + 24 + 2);
+        assert_eq!(count, 3 + 2 + u16::from(IOAPIC_PINS) + 2);
         for cpu in 0..3usize {
             let e = &entries[cpu * 20..];
             assert_eq!(e[0], ENTRY_PROCESSOR);
