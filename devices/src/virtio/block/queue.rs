@@ -1,0 +1,207 @@
+//! The request queue once the driver has handed it over: drained on each notification, every
+//! request completed in ring order, and the guest interrupted if it asked to be.
+
+use std::num::Wrapping;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use vm_memory::GuestMemoryMmap;
+
+use super::image::Disk;
+use super::request;
+use crate::virtio::{DeviceBroken, Interrupt, Queue, QueueT};
+
+/// What the driver handed over at DRIVER_OK.
+pub(super) struct ActiveQueue {
+    mem: GuestMemoryMmap,
+    queue: Queue,
+    interrupt: Arc<Interrupt>,
+    /// Whether the driver negotiated VIRTIO_BLK_F_FLUSH. Without it the device must be
+    /// write-through (virtio 1.2, 5.2.6.2): every completed write is already durable.
+    writeback: bool,
+}
+
+impl ActiveQueue {
+    pub(super) fn new(
+        mem: GuestMemoryMmap,
+        queue: Queue,
+        interrupt: Arc<Interrupt>,
+        writeback: bool,
+    ) -> Self {
+        Self {
+            mem,
+            queue,
+            interrupt,
+            writeback,
+        }
+    }
+
+    /// Completes every available request and interrupts the guest if it asked to be told.
+    pub(super) fn process(&mut self, disk: &Disk) -> Result<(), DeviceBroken> {
+        if !self.queue.ready() {
+            log::debug!("virtio-block: the driver notified a queue it never made ready");
+            return Ok(());
+        }
+        let mut completed = 0;
+        let drained = self.drain(disk, &mut completed);
+        // Requests completed before the queue broke still deserve their interrupt.
+        if completed > 0 {
+            match self.queue.needs_notification(&self.mem) {
+                Ok(true) => self.interrupt.signal_used_queue(),
+                Ok(false) => {}
+                Err(e) => return drained.and(Err(broken("cannot read used_event", e))),
+            }
+        }
+        drained
+    }
+
+    /// Serves requests until the avail ring is empty with notifications re-enabled, so that a
+    /// request the driver adds while notifications are off is never missed.
+    fn drain(&mut self, disk: &Disk, completed: &mut usize) -> Result<(), DeviceBroken> {
+        loop {
+            self.queue
+                .disable_notification(&self.mem)
+                .map_err(|e| broken("cannot disable notifications", e))?;
+            while self.complete_next(disk)? {
+                *completed += 1;
+            }
+            let more = self
+                .queue
+                .enable_notification(&self.mem)
+                .map_err(|e| broken("cannot enable notifications", e))?;
+            if !more {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Serves one available request; false when there is none.
+    fn complete_next(&mut self, disk: &Disk) -> Result<bool, DeviceBroken> {
+        let avail_idx = self
+            .queue
+            .avail_idx(&self.mem, Ordering::Acquire)
+            .map_err(|e| broken("cannot read the avail ring index", e))?;
+        let next_avail = Wrapping(self.queue.next_avail());
+        if avail_idx == next_avail {
+            return Ok(false);
+        }
+        // The driver can only be ahead by at most a ring's worth of entries (virtio 1.2, 2.7.6).
+        let pending = (avail_idx - next_avail).0;
+        if pending > self.queue.size() {
+            return Err(DeviceBroken(format!(
+                "virtio-block: the avail ring index is {pending} entries ahead, in a queue of {}",
+                self.queue.size()
+            )));
+        }
+        let Some(chain) = self.queue.pop_descriptor_chain(&self.mem) else {
+            return Err(DeviceBroken(
+                "virtio-block: cannot read the avail ring".to_string(),
+            ));
+        };
+        let head = chain.head_index();
+        let used_len = request::serve(disk, &self.mem, chain, self.writeback);
+        // Fails when the head index is outside the queue: such a chain cannot be returned, and
+        // the driver would wait for it forever.
+        self.queue
+            .add_used(&self.mem, head, used_len)
+            .map_err(|e| broken(&format!("cannot return descriptor chain {head}"), e))?;
+        Ok(true)
+    }
+}
+
+fn broken(what: &str, error: virtio_queue::Error) -> DeviceBroken {
+    DeviceBroken(format!("virtio-block: {what}: {error}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use virtio_bindings::virtio_blk::VIRTIO_BLK_T_IN;
+    use vm_memory::{Bytes, GuestAddress};
+    use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+    use super::super::test_driver::*;
+    use super::*;
+    use crate::virtio::{VirtioDevice, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX};
+
+    #[test]
+    fn several_requests_complete_with_one_interrupt() {
+        let image = image(8);
+        let mut driver = Driver::new(open(&image, false, None).unwrap());
+        driver.write_header(VIRTIO_BLK_T_IN, 0);
+        let heads: Vec<u16> = (0..3)
+            .map(|i| {
+                driver.push(&[
+                    readable(HEADER, 16),
+                    writable(DATA + i * 512, 512),
+                    writable(STATUS + i, 1),
+                ])
+            })
+            .collect();
+        driver.process();
+        assert_eq!(driver.used_idx(), 3);
+        for (n, head) in heads.into_iter().enumerate() {
+            assert_eq!(driver.used(n as u16), (u32::from(head), 513));
+        }
+        assert_eq!(driver.irq.read().unwrap(), 1);
+        // Nothing new: no interrupt.
+        driver.process();
+        assert!(!driver.interrupted());
+    }
+
+    #[test]
+    fn event_idx_interrupts_only_when_the_driver_asks() {
+        let image = image(8);
+        let features = 1 << VIRTIO_F_VERSION_1 | 1 << VIRTIO_RING_F_EVENT_IDX;
+        let mut driver = Driver::with_features(open(&image, false, None).unwrap(), features);
+        // used_event = 1: interrupt when the used index passes 1, i.e. at the second request.
+        driver
+            .mem
+            .write_obj(1u16, GuestAddress(USED_EVENT))
+            .unwrap();
+        assert_eq!(driver.read(0, 512), (513, OK));
+        assert!(!driver.interrupted());
+        assert_eq!(driver.read(0, 512), (513, OK));
+        assert!(driver.interrupted());
+        assert_eq!(driver.read(0, 512), (513, OK));
+        assert!(!driver.interrupted());
+        // The device asks to be notified at the next avail entry (avail_event).
+        let avail_event: u16 = driver
+            .mem
+            .read_obj(GuestAddress(USED_RING + 4 + 8 * u64::from(QUEUE_SIZE)))
+            .unwrap();
+        assert_eq!(avail_event, 3);
+    }
+
+    #[test]
+    fn a_head_outside_the_queue_breaks_the_device() {
+        let image = image(8);
+        let mut driver = Driver::new(open(&image, false, None).unwrap());
+        driver.offer(QUEUE_SIZE + 44);
+        assert!(driver.block.process_queue(0).is_err());
+    }
+
+    #[test]
+    fn an_avail_index_too_far_ahead_breaks_the_device() {
+        let image = image(8);
+        let mut driver = Driver::new(open(&image, false, None).unwrap());
+        driver.set_avail_idx(QUEUE_SIZE + 1);
+        let error = driver.block.process_queue(0).err().unwrap();
+        assert!(error.to_string().contains("ahead"), "{error}");
+    }
+
+    #[test]
+    fn an_avail_ring_outside_memory_breaks_the_device() {
+        let image = image(8);
+        let mut block = open(&image, false, None).unwrap();
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
+        let mut queue = Queue::new(QUEUE_SIZE).unwrap();
+        queue.set_desc_table_address(Some(DESC_TABLE as u32), Some(0));
+        queue.set_avail_ring_address(Some(0), Some(1));
+        queue.set_used_ring_address(Some(USED_RING as u32), Some(0));
+        queue.set_ready(true);
+        let irq = EventFd::new(EFD_NONBLOCK).unwrap();
+        let interrupt = Arc::new(Interrupt::new(irq));
+        block.activate(mem, 0, vec![queue], interrupt).unwrap();
+        assert!(block.process_queue(0).is_err());
+    }
+}
