@@ -6,6 +6,7 @@
 //! [`VirtioDevice::process_queue`]; the device signals the guest through [`Interrupt`].
 
 pub mod block;
+mod device_queue;
 pub mod mmio;
 pub mod net;
 

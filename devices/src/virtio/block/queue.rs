@@ -1,20 +1,19 @@
 //! The request queue once the driver has handed it over: drained on each notification, every
 //! request completed in ring order, and the guest interrupted if it asked to be.
 
-use std::num::Wrapping;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use vm_memory::GuestMemoryMmap;
 
 use super::image::Disk;
 use super::request;
-use crate::virtio::{DeviceBroken, Interrupt, Queue, QueueT};
+use crate::virtio::device_queue::DeviceQueue;
+use crate::virtio::{DeviceBroken, Interrupt, Queue};
 
 /// What the driver handed over at DRIVER_OK.
 pub(super) struct ActiveQueue {
     mem: GuestMemoryMmap,
-    queue: Queue,
+    queue: DeviceQueue,
     interrupt: Arc<Interrupt>,
     /// Whether the driver negotiated VIRTIO_BLK_F_FLUSH. Without it the device must be
     /// write-through (virtio 1.2, 5.2.6.2): every completed write is already durable.
@@ -30,7 +29,7 @@ impl ActiveQueue {
     ) -> Self {
         Self {
             mem,
-            queue,
+            queue: DeviceQueue::new(queue, "virtio-block"),
             interrupt,
             writeback,
         }
@@ -42,75 +41,14 @@ impl ActiveQueue {
             log::debug!("virtio-block: the driver notified a queue it never made ready");
             return Ok(());
         }
-        let mut completed = 0;
-        let drained = self.drain(disk, &mut completed);
-        // Requests completed before the queue broke still deserve their interrupt.
-        if completed > 0 {
-            match self.queue.needs_notification(&self.mem) {
-                Ok(true) => self.interrupt.signal_used_queue(),
-                Ok(false) => {}
-                Err(e) => return drained.and(Err(broken("cannot read used_event", e))),
-            }
-        }
-        drained
-    }
-
-    /// Serves requests until the avail ring is empty with notifications re-enabled, so that a
-    /// request the driver adds while notifications are off is never missed.
-    fn drain(&mut self, disk: &Disk, completed: &mut usize) -> Result<(), DeviceBroken> {
-        loop {
-            self.queue
-                .disable_notification(&self.mem)
-                .map_err(|e| broken("cannot disable notifications", e))?;
-            while self.complete_next(disk)? {
-                *completed += 1;
-            }
-            let more = self
-                .queue
-                .enable_notification(&self.mem)
-                .map_err(|e| broken("cannot enable notifications", e))?;
-            if !more {
-                return Ok(());
-            }
-        }
-    }
-
-    /// Serves one available request; false when there is none.
-    fn complete_next(&mut self, disk: &Disk) -> Result<bool, DeviceBroken> {
-        let avail_idx = self
+        let (mem, writeback) = (&self.mem, self.writeback);
+        let drained = self
             .queue
-            .avail_idx(&self.mem, Ordering::Acquire)
-            .map_err(|e| broken("cannot read the avail ring index", e))?;
-        let next_avail = Wrapping(self.queue.next_avail());
-        if avail_idx == next_avail {
-            return Ok(false);
-        }
-        // The driver can only be ahead by at most a ring's worth of entries (virtio 1.2, 2.7.6).
-        let pending = (avail_idx - next_avail).0;
-        if pending > self.queue.size() {
-            return Err(DeviceBroken(format!(
-                "virtio-block: the avail ring index is {pending} entries ahead, in a queue of {}",
-                self.queue.size()
-            )));
-        }
-        let Some(chain) = self.queue.pop_descriptor_chain(&self.mem) else {
-            return Err(DeviceBroken(
-                "virtio-block: cannot read the avail ring".to_string(),
-            ));
-        };
-        let head = chain.head_index();
-        let used_len = request::serve(disk, &self.mem, chain, self.writeback);
-        // Fails when the head index is outside the queue: such a chain cannot be returned, and
-        // the driver would wait for it forever.
-        self.queue
-            .add_used(&self.mem, head, used_len)
-            .map_err(|e| broken(&format!("cannot return descriptor chain {head}"), e))?;
-        Ok(true)
+            .drain(mem, |chain| request::serve(disk, mem, chain, writeback));
+        // Requests completed before the queue broke still deserve their interrupt.
+        let signalled = self.queue.signal_used(mem, &self.interrupt);
+        drained.and(signalled)
     }
-}
-
-fn broken(what: &str, error: virtio_queue::Error) -> DeviceBroken {
-    DeviceBroken(format!("virtio-block: {what}: {error}"))
 }
 
 #[cfg(test)]
@@ -121,7 +59,7 @@ mod tests {
 
     use super::super::test_driver::*;
     use super::*;
-    use crate::virtio::{VirtioDevice, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX};
+    use crate::virtio::{QueueT, VirtioDevice, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX};
 
     #[test]
     fn several_requests_complete_with_one_interrupt() {

@@ -26,9 +26,7 @@
 use std::collections::VecDeque;
 use std::io;
 use std::mem::offset_of;
-use std::num::Wrapping;
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use virtio_bindings::virtio_net::{
@@ -36,9 +34,9 @@ use virtio_bindings::virtio_net::{
     VIRTIO_NET_F_GUEST_TSO6, VIRTIO_NET_F_GUEST_UFO, VIRTIO_NET_F_HOST_TSO4,
     VIRTIO_NET_F_HOST_TSO6, VIRTIO_NET_F_HOST_UFO, VIRTIO_NET_F_MAC, VIRTIO_NET_F_MRG_RXBUF,
 };
-use virtio_queue::DescriptorChain;
 use vm_memory::{GuestMemoryError, GuestMemoryMmap};
 
+use super::device_queue::DeviceQueue;
 use super::{
     DeviceBroken, Interrupt, Queue, QueueT, VirtioDevice, VIRTIO_F_VERSION_1,
     VIRTIO_RING_F_EVENT_IDX,
@@ -138,8 +136,8 @@ struct HostSide {
 /// What the driver handed over at DRIVER_OK.
 struct Active {
     mem: GuestMemoryMmap,
-    rx: Queue,
-    tx: Queue,
+    rx: DeviceQueue,
+    tx: DeviceQueue,
     interrupt: Arc<Interrupt>,
     /// VIRTIO_NET_F_MRG_RXBUF: a frame may fill several receive buffers.
     mrg_rxbuf: bool,
@@ -270,8 +268,8 @@ impl VirtioDevice for Net {
         self.host.mirror_offloads(features);
         let active = Active {
             mem,
-            rx,
-            tx,
+            rx: DeviceQueue::new(rx, "virtio-net RX"),
+            tx: DeviceQueue::new(tx, "virtio-net TX"),
             interrupt,
             mrg_rxbuf: features & (1 << VIRTIO_NET_F_MRG_RXBUF) != 0,
             rx_buffers: VecDeque::new(),
@@ -320,10 +318,6 @@ impl VirtioDevice for Net {
     }
 }
 
-fn broken(what: &str, error: virtio_queue::Error) -> DeviceBroken {
-    DeviceBroken(format!("virtio-net: {what}: {error}"))
-}
-
 /// Why a descriptor chain carries no frame; the guest sees only a used length of 0.
 #[derive(Debug, thiserror::Error)]
 enum ChainError {
@@ -339,51 +333,6 @@ enum ChainError {
     TooLong,
     #[error("cannot read guest memory")]
     GuestMemory(#[source] GuestMemoryError),
-}
-
-/// The next chain on the avail ring, if any.
-fn pop_chain<'a>(
-    queue: &mut Queue,
-    mem: &'a GuestMemoryMmap,
-    name: &str,
-) -> Result<Option<DescriptorChain<&'a GuestMemoryMmap>>, DeviceBroken> {
-    let avail_idx = queue
-        .avail_idx(mem, Ordering::Acquire)
-        .map_err(|e| broken(&format!("cannot read the {name} avail ring index"), e))?;
-    let next_avail = Wrapping(queue.next_avail());
-    if avail_idx == next_avail {
-        return Ok(None);
-    }
-    // The driver can only be ahead by at most a ring's worth of entries (virtio 1.2, 2.7.6).
-    let pending = (avail_idx - next_avail).0;
-    if pending > queue.size() {
-        return Err(DeviceBroken(format!(
-            "virtio-net: the {name} avail ring index is {pending} entries ahead, in a queue of {}",
-            queue.size()
-        )));
-    }
-    queue
-        .pop_descriptor_chain(mem)
-        .map(Some)
-        .ok_or_else(|| DeviceBroken(format!("virtio-net: cannot read the {name} avail ring")))
-}
-
-/// Interrupts the guest after `used` returned chains, if it wants to be told (EVENT_IDX).
-fn signal_used(
-    queue: &mut Queue,
-    mem: &GuestMemoryMmap,
-    interrupt: &Interrupt,
-    used: usize,
-) -> Result<(), DeviceBroken> {
-    if used == 0 {
-        return Ok(());
-    }
-    match queue.needs_notification(mem) {
-        Ok(true) => interrupt.signal_used_queue(),
-        Ok(false) => {}
-        Err(e) => return Err(broken("cannot read used_event", e)),
-    }
-    Ok(())
 }
 
 impl HostSide {

@@ -6,10 +6,8 @@ use std::io;
 use virtio_queue::DescriptorChain;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
-use super::{
-    broken, pop_chain, signal_used, Active, ChainError, HostSide, NUM_BUFFERS_OFFSET, VNET_HDR_LEN,
-};
-use crate::virtio::{DeviceBroken, QueueT};
+use super::{Active, ChainError, HostSide, NUM_BUFFERS_OFFSET, VNET_HDR_LEN};
+use crate::virtio::DeviceBroken;
 
 /// What became of the frame in hand.
 enum Delivery {
@@ -99,26 +97,23 @@ impl Active {
             log::debug!("virtio-net: the receive queue is not ready");
             return Ok(());
         }
-        let mut used = 0;
-        let received = self.receive_frames(host, &mut used);
+        let received = self.receive_frames(host);
         // Buffers returned before the ring broke still deserve their interrupt.
-        let signalled = signal_used(&mut self.rx, &self.mem, &self.interrupt, used);
+        let signalled = self.rx.signal_used(&self.mem, &self.interrupt);
         received.and(signalled)
     }
 
-    fn receive_frames(
-        &mut self,
-        host: &mut HostSide,
-        used: &mut usize,
-    ) -> Result<(), DeviceBroken> {
+    fn receive_frames(&mut self, host: &mut HostSide) -> Result<(), DeviceBroken> {
         loop {
             let len = match self.deferred {
                 Some(len) => len,
                 None => {
                     // Never take a frame off the backend without a buffer for it: it would have
                     // to be held or dropped, while the kernel queue holds it for free.
-                    if self.rx_buffers.is_empty() && !self.take_rx_buffer(used)? {
-                        if self.want_rx_notification()? {
+                    if self.rx_buffers.is_empty() && !self.take_rx_buffer()? {
+                        // Ask for a notification when the driver adds buffers; unless it added
+                        // some meanwhile, for which none will come.
+                        if self.rx.enable_notification(&self.mem)? {
                             continue;
                         }
                         return Ok(());
@@ -128,9 +123,7 @@ impl Active {
                         None => {
                             // The next frame comes with an edge on the backend descriptor; guest
                             // notifications are not needed until the buffers run out.
-                            self.rx
-                                .disable_notification(&self.mem)
-                                .map_err(|e| broken("cannot disable RX notifications", e))?;
+                            self.rx.disable_notification(&self.mem)?;
                             return Ok(());
                         }
                     }
@@ -138,7 +131,7 @@ impl Active {
             };
             // Never out of bounds: read_frame returns at most the buffer's length.
             let frame = &mut host.rx_frame[..len];
-            match self.deliver(frame, used)? {
+            match self.deliver(frame)? {
                 Delivery::Delivered => {
                     self.deferred = None;
                     host.stats.rx_frames += 1;
@@ -150,7 +143,7 @@ impl Active {
                 }
                 Delivery::NeedBuffers => {
                     self.deferred = Some(len);
-                    if !self.want_rx_notification()? {
+                    if !self.rx.enable_notification(&self.mem)? {
                         return Ok(());
                     }
                 }
@@ -158,23 +151,15 @@ impl Active {
         }
     }
 
-    /// Asks the driver to notify the receive queue when it adds buffers; true if it added some
-    /// meanwhile (so no notification will come for those).
-    fn want_rx_notification(&mut self) -> Result<bool, DeviceBroken> {
-        self.rx
-            .enable_notification(&self.mem)
-            .map_err(|e| broken("cannot enable RX notifications", e))
-    }
-
     /// Copies `frame` (vnet header first) into the receive buffers held, taking more off the
     /// ring as needed, and returns those it filled to the guest.
-    fn deliver(&mut self, frame: &mut [u8], used: &mut usize) -> Result<Delivery, DeviceBroken> {
+    fn deliver(&mut self, frame: &mut [u8]) -> Result<Delivery, DeviceBroken> {
         let count = loop {
             match self.fit(frame.len()) {
                 Fit::Buffers(count) => break count,
                 Fit::TooBig => return Ok(Delivery::Dropped),
                 Fit::Short => {
-                    if !self.take_rx_buffer(used)? {
+                    if !self.take_rx_buffer()? {
                         return Ok(Delivery::NeedBuffers);
                     }
                 }
@@ -193,10 +178,7 @@ impl Active {
             rest = &rest[written..];
             // At most MAX_BUFFER_LEN.
             let used_len = u32::try_from(written).unwrap_or(u32::MAX);
-            self.rx
-                .add_used(&self.mem, buffer.head, used_len)
-                .map_err(|e| broken(&format!("cannot return RX buffer {}", buffer.head), e))?;
-            *used += 1;
+            self.rx.add_used(&self.mem, buffer.head, used_len)?;
         }
         Ok(Delivery::Delivered)
     }
@@ -229,8 +211,8 @@ impl Active {
 
     /// Takes the next usable receive buffer off the avail ring, returning the unusable ones it
     /// meets with length 0. False when the ring has no more.
-    fn take_rx_buffer(&mut self, used: &mut usize) -> Result<bool, DeviceBroken> {
-        while let Some(chain) = pop_chain(&mut self.rx, &self.mem, "RX")? {
+    fn take_rx_buffer(&mut self) -> Result<bool, DeviceBroken> {
+        while let Some(chain) = self.rx.pop(&self.mem)? {
             let head = chain.head_index();
             match RxBuffer::new(&self.mem, chain) {
                 Ok(buffer) => {
@@ -239,12 +221,7 @@ impl Active {
                 }
                 Err(e) => {
                     log::debug!("virtio-net: RX buffer {head} refused: {e}");
-                    // Fails when the head index is outside the queue: such a chain cannot be
-                    // returned, and the driver would wait for it forever.
-                    self.rx
-                        .add_used(&self.mem, head, 0)
-                        .map_err(|e| broken(&format!("cannot return RX buffer {head}"), e))?;
-                    *used += 1;
+                    self.rx.add_used(&self.mem, head, 0)?;
                 }
             }
         }

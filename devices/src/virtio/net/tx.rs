@@ -6,57 +6,33 @@ use std::io;
 use virtio_queue::DescriptorChain;
 use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryMmap};
 
-use super::{broken, pop_chain, signal_used, Active, ChainError, HostSide, VNET_HDR_LEN};
-use crate::virtio::{DeviceBroken, QueueT};
+use super::{Active, ChainError, HostSide, VNET_HDR_LEN};
+use crate::virtio::DeviceBroken;
 
 impl Active {
     /// Sends every frame on the transmit ring, then interrupts the guest if it asked to be told.
+    /// Each chain completes before the next is looked at: whatever the guest queues, only one
+    /// frame is in host memory.
     pub(super) fn transmit(&mut self, host: &mut HostSide) -> Result<(), DeviceBroken> {
         if !self.tx.ready() {
             log::debug!("virtio-net: the transmit queue is not ready");
             return Ok(());
         }
-        let mut used = 0;
-        let sent = self.transmit_frames(host, &mut used);
-        let signalled = signal_used(&mut self.tx, &self.mem, &self.interrupt, used);
-        sent.and(signalled)
-    }
-
-    /// Serves chains until the avail ring is empty with notifications re-enabled, so that a frame
-    /// the driver adds while notifications are off is never missed. Each chain completes before
-    /// the next is looked at: whatever the guest queues, only one frame is in host memory.
-    fn transmit_frames(
-        &mut self,
-        host: &mut HostSide,
-        used: &mut usize,
-    ) -> Result<(), DeviceBroken> {
-        loop {
-            self.tx
-                .disable_notification(&self.mem)
-                .map_err(|e| broken("cannot disable TX notifications", e))?;
-            while let Some(chain) = pop_chain(&mut self.tx, &self.mem, "TX")? {
-                let head = chain.head_index();
-                match gather(&self.mem, chain, &mut host.tx_frame) {
-                    Ok(len) => host.send(len),
-                    Err(e) => {
-                        log::debug!("virtio-net: TX chain {head} dropped: {e}");
-                        host.stats.tx_dropped += 1;
-                    }
+        let mem = &self.mem;
+        let sent = self.tx.drain(mem, |chain| {
+            let head = chain.head_index();
+            match gather(mem, chain, &mut host.tx_frame) {
+                Ok(len) => host.send(len),
+                Err(e) => {
+                    log::debug!("virtio-net: TX chain {head} dropped: {e}");
+                    host.stats.tx_dropped += 1;
                 }
-                // The device writes nothing into a transmit chain.
-                self.tx
-                    .add_used(&self.mem, head, 0)
-                    .map_err(|e| broken(&format!("cannot return TX chain {head}"), e))?;
-                *used += 1;
             }
-            let more = self
-                .tx
-                .enable_notification(&self.mem)
-                .map_err(|e| broken("cannot enable TX notifications", e))?;
-            if !more {
-                return Ok(());
-            }
-        }
+            // The device writes nothing into a transmit chain.
+            0
+        });
+        let signalled = self.tx.signal_used(mem, &self.interrupt);
+        sent.and(signalled)
     }
 }
 
