@@ -9,6 +9,8 @@ pub mod block;
 mod device_queue;
 pub mod mmio;
 pub mod net;
+#[cfg(test)]
+pub(crate) mod test_support;
 
 use std::sync::atomic::{AtomicU32, Ordering};
 

@@ -309,10 +309,11 @@ mod tests {
 
     #[test]
     fn read_copies_the_image_into_split_buffers() {
+        let mem = guest_memory();
         let image = image(16);
         let content = pattern(2048, 3);
         image.as_file().write_all_at(&content, 4 * 512).unwrap();
-        let mut driver = Driver::new(open(&image, false, None).unwrap());
+        let mut driver = Driver::new(&mem, open(&image, false, None).unwrap());
         let (len, status) = driver.request(
             VIRTIO_BLK_T_IN,
             4,
@@ -326,8 +327,10 @@ mod tests {
 
     #[test]
     fn write_reaches_the_image_and_flush_completes() {
+        let mem = guest_memory();
         let image = image(16);
         let mut driver = Driver::with_features(
+            &mem,
             open(&image, false, None).unwrap(),
             1 << VIRTIO_F_VERSION_1 | 1 << VIRTIO_BLK_F_FLUSH,
         );
@@ -343,8 +346,9 @@ mod tests {
 
     #[test]
     fn discard_frees_blocks_and_reads_as_zeros() {
+        let mem = guest_memory();
         let image = image(1024);
-        let mut driver = Driver::new(open(&image, false, None).unwrap());
+        let mut driver = Driver::new(&mem, open(&image, false, None).unwrap());
         assert_eq!(driver.write(128, &[0x5a; 65536]), (1, OK));
         let allocated = image.as_file().metadata().unwrap().blocks();
         assert!(allocated >= 128, "{allocated} blocks after a 64 KiB write");
@@ -359,8 +363,9 @@ mod tests {
 
     #[test]
     fn write_zeroes_zeroes_with_or_without_unmap() {
+        let mem = guest_memory();
         let image = image(64);
-        let mut driver = Driver::new(open(&image, false, None).unwrap());
+        let mut driver = Driver::new(&mem, open(&image, false, None).unwrap());
         let unmap = VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP;
         assert_eq!(driver.write(0, &[0x77; 64 * 512]), (1, OK));
         assert_eq!(driver.erase(VIRTIO_BLK_T_WRITE_ZEROES, 8, 8, 0), OK);
@@ -380,9 +385,10 @@ mod tests {
 
     #[test]
     fn read_only_disk_refuses_to_change() {
+        let mem = guest_memory();
         let image = image(8);
         image.as_file().write_all_at(&[0x42; 4096], 0).unwrap();
-        let mut driver = Driver::new(open(&image, true, None).unwrap());
+        let mut driver = Driver::new(&mem, open(&image, true, None).unwrap());
         assert_eq!(driver.write(0, &[0; 512]), (1, IOERR));
         let discard = driver.erase(VIRTIO_BLK_T_DISCARD, 0, 8, 0);
         assert_eq!(discard, IOERR);

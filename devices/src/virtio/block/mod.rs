@@ -306,8 +306,6 @@ mod tests {
     use std::fs::File;
 
     use virtio_bindings::virtio_blk::VIRTIO_BLK_T_GET_ID;
-    use vm_memory::GuestAddress;
-    use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
     use super::test_driver::*;
     use super::*;
@@ -392,6 +390,7 @@ mod tests {
 
     #[test]
     fn get_id_defaults_to_the_file_name_cut_to_20_bytes() {
+        let mem = guest_memory();
         let dir = vmm_sys_util::tempdir::TempDir::new().unwrap();
         let path = dir.as_path().join("a-rather-long-image-name.img");
         File::create(&path).unwrap().set_len(4096).unwrap();
@@ -401,7 +400,7 @@ mod tests {
             id: None,
         })
         .unwrap();
-        let mut driver = Driver::new(block);
+        let mut driver = Driver::new(&mem, block);
         let (len, status) = driver.request(VIRTIO_BLK_T_GET_ID, 0, &[writable(DATA, 64)]);
         assert_eq!((len, status), (21, OK));
         assert_eq!(driver.guest_bytes(DATA, 20), b"a-rather-long-image-");
@@ -411,8 +410,9 @@ mod tests {
 
     #[test]
     fn reset_then_reactivate_serves_again() {
+        let mem = guest_memory();
         let image = image(8);
-        let mut driver = Driver::new(open(&image, false, None).unwrap());
+        let mut driver = Driver::new(&mem, open(&image, false, None).unwrap());
         assert_eq!(driver.write(1, &[9; 512]), (1, OK));
         driver.block.reset();
         // After a reset, a notification does nothing.
@@ -437,9 +437,9 @@ mod tests {
         // Not activated yet: nothing to do.
         block.process_queue(0).unwrap();
         assert!(block.process_queue(1).is_err());
-        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
-        let irq = EventFd::new(EFD_NONBLOCK).unwrap();
-        let interrupt = Arc::new(Interrupt::new(irq));
-        assert!(block.activate(mem, 0, vec![], interrupt).is_err());
+        let interrupt = Irq::new().interrupt();
+        assert!(block
+            .activate(guest_memory(), 0, vec![], interrupt)
+            .is_err());
     }
 }

@@ -54,17 +54,15 @@ impl ActiveQueue {
 #[cfg(test)]
 mod tests {
     use virtio_bindings::virtio_blk::VIRTIO_BLK_T_IN;
-    use vm_memory::{Bytes, GuestAddress};
-    use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
     use super::super::test_driver::*;
-    use super::*;
     use crate::virtio::{QueueT, VirtioDevice, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX};
 
     #[test]
     fn several_requests_complete_with_one_interrupt() {
+        let mem = guest_memory();
         let image = image(8);
-        let mut driver = Driver::new(open(&image, false, None).unwrap());
+        let mut driver = Driver::new(&mem, open(&image, false, None).unwrap());
         driver.write_header(VIRTIO_BLK_T_IN, 0);
         let heads: Vec<u16> = (0..3)
             .map(|i| {
@@ -88,14 +86,12 @@ mod tests {
 
     #[test]
     fn event_idx_interrupts_only_when_the_driver_asks() {
+        let mem = guest_memory();
         let image = image(8);
         let features = 1 << VIRTIO_F_VERSION_1 | 1 << VIRTIO_RING_F_EVENT_IDX;
-        let mut driver = Driver::with_features(open(&image, false, None).unwrap(), features);
+        let mut driver = Driver::with_features(&mem, open(&image, false, None).unwrap(), features);
         // used_event = 1: interrupt when the used index passes 1, i.e. at the second request.
-        driver
-            .mem
-            .write_obj(1u16, GuestAddress(USED_EVENT))
-            .unwrap();
+        driver.queue.set_used_event(1);
         assert_eq!(driver.read(0, 512), (513, OK));
         assert!(!driver.interrupted());
         assert_eq!(driver.read(0, 512), (513, OK));
@@ -103,25 +99,23 @@ mod tests {
         assert_eq!(driver.read(0, 512), (513, OK));
         assert!(!driver.interrupted());
         // The device asks to be notified at the next avail entry (avail_event).
-        let avail_event: u16 = driver
-            .mem
-            .read_obj(GuestAddress(USED_RING + 4 + 8 * u64::from(QUEUE_SIZE)))
-            .unwrap();
-        assert_eq!(avail_event, 3);
+        assert_eq!(driver.queue.avail_event(), 3);
     }
 
     #[test]
     fn a_head_outside_the_queue_breaks_the_device() {
+        let mem = guest_memory();
         let image = image(8);
-        let mut driver = Driver::new(open(&image, false, None).unwrap());
+        let mut driver = Driver::new(&mem, open(&image, false, None).unwrap());
         driver.offer(QUEUE_SIZE + 44);
         assert!(driver.block.process_queue(0).is_err());
     }
 
     #[test]
     fn an_avail_index_too_far_ahead_breaks_the_device() {
+        let mem = guest_memory();
         let image = image(8);
-        let mut driver = Driver::new(open(&image, false, None).unwrap());
+        let mut driver = Driver::new(&mem, open(&image, false, None).unwrap());
         driver.set_avail_idx(QUEUE_SIZE + 1);
         let error = driver.block.process_queue(0).err().unwrap();
         assert!(error.to_string().contains("ahead"), "{error}");
@@ -131,15 +125,14 @@ mod tests {
     fn an_avail_ring_outside_memory_breaks_the_device() {
         let image = image(8);
         let mut block = open(&image, false, None).unwrap();
-        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
-        let mut queue = Queue::new(QUEUE_SIZE).unwrap();
-        queue.set_desc_table_address(Some(DESC_TABLE as u32), Some(0));
+        let mem = guest_memory();
+        // The mock rings are written when made, so they cannot be made outside guest memory: the
+        // avail ring is moved there (to 4 GiB) afterwards.
+        let mut queue = DriverQueue::new(&mem, 0x1000).queue();
         queue.set_avail_ring_address(Some(0), Some(1));
-        queue.set_used_ring_address(Some(USED_RING as u32), Some(0));
-        queue.set_ready(true);
-        let irq = EventFd::new(EFD_NONBLOCK).unwrap();
-        let interrupt = Arc::new(Interrupt::new(irq));
-        block.activate(mem, 0, vec![queue], interrupt).unwrap();
+        block
+            .activate(mem.clone(), 0, vec![queue], Irq::new().interrupt())
+            .unwrap();
         assert!(block.process_queue(0).is_err());
     }
 }

@@ -378,8 +378,9 @@ mod tests {
 
     #[test]
     fn the_last_sector_is_readable_and_the_next_is_not() {
+        let mem = guest_memory();
         let image = image(16);
-        let mut driver = Driver::new(open(&image, false, None).unwrap());
+        let mut driver = Driver::new(&mem, open(&image, false, None).unwrap());
         assert_eq!(driver.read(15, 512), (513, OK));
         assert_eq!(driver.read(15, 1024), (1, IOERR));
         assert_eq!(driver.read(16, 512), (1, IOERR));
@@ -392,8 +393,9 @@ mod tests {
 
     #[test]
     fn get_id_answers_the_configured_id() {
+        let mem = guest_memory();
         let image = image(8);
-        let mut driver = Driver::new(open(&image, false, Some("data-disk")).unwrap());
+        let mut driver = Driver::new(&mem, open(&image, false, Some("data-disk")).unwrap());
         let (len, status) = driver.request(VIRTIO_BLK_T_GET_ID, 0, &[writable(DATA, 20)]);
         assert_eq!((len, status), (21, OK));
         let mut expected = b"data-disk".to_vec();
@@ -412,8 +414,9 @@ mod tests {
 
     #[test]
     fn unknown_request_types_are_unsupported() {
+        let mem = guest_memory();
         let image = image(8);
-        let mut driver = Driver::new(open(&image, false, None).unwrap());
+        let mut driver = Driver::new(&mem, open(&image, false, None).unwrap());
         for request_type in [2, 3, 14, 15, 0x8000_0000, u32::MAX] {
             let result = driver.request(request_type, 0, &[writable(DATA, 512)]);
             assert_eq!(result, (1, UNSUPP), "type {request_type}");
@@ -422,8 +425,9 @@ mod tests {
 
     #[test]
     fn erase_flags_the_spec_forbids_are_unsupported() {
+        let mem = guest_memory();
         let image = image(64);
-        let mut driver = Driver::new(open(&image, false, None).unwrap());
+        let mut driver = Driver::new(&mem, open(&image, false, None).unwrap());
         assert_eq!(driver.write(0, &[0x77; 512]), (1, OK));
         let unmap = VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP;
         assert_eq!(driver.erase(VIRTIO_BLK_T_DISCARD, 0, 1, unmap), UNSUPP);
@@ -437,8 +441,9 @@ mod tests {
 
     #[test]
     fn erase_segments_must_be_exactly_one() {
+        let mem = guest_memory();
         let image = image(64);
-        let mut driver = Driver::new(open(&image, false, None).unwrap());
+        let mut driver = Driver::new(&mem, open(&image, false, None).unwrap());
         assert_eq!(driver.write(0, &[0x77; 512]), (1, OK));
         let mut segment = [0; 16];
         segment[8] = 1; // sector 0, one sector
@@ -472,9 +477,10 @@ mod tests {
 
     #[test]
     fn malformed_headers_are_io_errors() {
+        let mem = guest_memory();
         let image = image(8);
         image.as_file().write_all_at(&[0x42; 512], 0).unwrap();
-        let mut driver = Driver::new(open(&image, false, None).unwrap());
+        let mut driver = Driver::new(&mem, open(&image, false, None).unwrap());
         driver.write_header(VIRTIO_BLK_T_IN, 0);
         let status = writable(STATUS, 1);
         let data = writable(DATA, 512);
@@ -492,9 +498,10 @@ mod tests {
 
     #[test]
     fn malformed_data_buffers_are_io_errors() {
+        let mem = guest_memory();
         let image = image(8);
         image.as_file().write_all_at(&[0x42; 4096], 0).unwrap();
-        let mut driver = Driver::new(open(&image, false, None).unwrap());
+        let mut driver = Driver::new(&mem, open(&image, false, None).unwrap());
         for (request_type, data) in [
             // IN into a device-readable buffer, OUT from a device-writable one.
             (VIRTIO_BLK_T_IN, vec![readable(DATA, 512)]),
@@ -531,8 +538,9 @@ mod tests {
 
     #[test]
     fn requests_without_a_status_byte_return_unanswered() {
+        let mem = guest_memory();
         let image = image(8);
-        let mut driver = Driver::new(open(&image, false, None).unwrap());
+        let mut driver = Driver::new(&mem, open(&image, false, None).unwrap());
         driver.write_header(VIRTIO_BLK_T_OUT, 0);
         driver
             .mem
@@ -557,8 +565,9 @@ mod tests {
 
     #[test]
     fn more_than_seg_max_segments_is_an_io_error() {
+        let mem = guest_memory();
         let image = image(256);
-        let mut driver = Driver::new(open(&image, false, None).unwrap());
+        let mut driver = Driver::new(&mem, open(&image, false, None).unwrap());
         let segments = |count: u64| -> Vec<Buf> {
             (0..count).map(|i| writable(DATA + i * 512, 512)).collect()
         };
@@ -572,8 +581,9 @@ mod tests {
 
     #[test]
     fn looping_chains_end() {
+        let mem = guest_memory();
         let image = image(8);
-        let mut driver = Driver::new(open(&image, false, None).unwrap());
+        let mut driver = Driver::new(&mem, open(&image, false, None).unwrap());
         let next = VRING_DESC_F_NEXT as u16;
         let write = VRING_DESC_F_WRITE as u16;
         // A descriptor that is its own successor: the walk stops after a queue's worth.

@@ -1,29 +1,22 @@
-//! A stand-in for the guest's virtio-block driver, shared by the block device's tests: it owns
-//! guest memory and the request queue's rings, builds requests and reads back what the device
+//! A stand-in for the guest's virtio-block driver, shared by the block device's tests: it drives
+//! the request queue (see `virtio::test_support`), builds requests and reads back what the device
 //! answered.
 
 use std::os::unix::fs::FileExt;
-use std::sync::Arc;
 
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
 };
-use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use virtio_queue::desc::split::Descriptor;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::tempfile::TempFile;
 
 use super::{Block, BlockConfig, BlockError, SECTOR_SIZE};
-use crate::virtio::{Interrupt, Queue, QueueT, VirtioDevice, VIRTIO_F_VERSION_1};
+pub(super) use crate::virtio::test_support::*;
+use crate::virtio::{VirtioDevice, VIRTIO_F_VERSION_1};
 
-pub(super) const MEM_SIZE: usize = 1 << 20;
-pub(super) const QUEUE_SIZE: u16 = 256;
-// A split virtqueue laid out by hand (virtio 1.2, 2.7).
-pub(super) const DESC_TABLE: u64 = 0x1000;
-pub(super) const AVAIL_RING: u64 = 0x2000;
-pub(super) const USED_RING: u64 = 0x3000;
-pub(super) const USED_EVENT: u64 = AVAIL_RING + 4 + 2 * QUEUE_SIZE as u64;
+/// Where the request queue lives.
+const QUEUE_BASE: u64 = 0x1000;
 pub(super) const HEADER: u64 = 0x8000;
 pub(super) const STATUS: u64 = 0x9000;
 pub(super) const SEGMENT: u64 = 0xa000;
@@ -33,17 +26,6 @@ pub(super) const NO_STATUS: u8 = 0xee;
 pub(super) const OK: u8 = VIRTIO_BLK_S_OK as u8;
 pub(super) const IOERR: u8 = VIRTIO_BLK_S_IOERR as u8;
 pub(super) const UNSUPP: u8 = VIRTIO_BLK_S_UNSUPP as u8;
-
-/// A descriptor as the driver writes it: (guest address, length, device-writable).
-pub(super) type Buf = (u64, u32, bool);
-
-pub(super) fn readable(addr: u64, len: u32) -> Buf {
-    (addr, len, false)
-}
-
-pub(super) fn writable(addr: u64, len: u32) -> Buf {
-    (addr, len, true)
-}
 
 pub(super) fn image(sectors: u64) -> TempFile {
     let image = TempFile::new().unwrap();
@@ -75,27 +57,25 @@ pub(super) fn pattern(len: usize, seed: u8) -> Vec<u8> {
         .collect()
 }
 
-/// Plays the guest driver: owns guest memory and the rings, and drives the device.
-pub(super) struct Driver {
-    pub(super) mem: GuestMemoryMmap,
+/// Plays the guest driver: owns the request queue, and drives the device.
+pub(super) struct Driver<'m> {
+    pub(super) mem: &'m GuestMemoryMmap,
     pub(super) block: Block,
-    pub(super) irq: EventFd,
-    next_desc: u16,
-    avail_idx: u16,
+    pub(super) irq: Irq,
+    pub(super) queue: DriverQueue<'m>,
 }
 
-impl Driver {
-    pub(super) fn new(block: Block) -> Self {
-        Self::with_features(block, 1 << VIRTIO_F_VERSION_1)
+impl<'m> Driver<'m> {
+    pub(super) fn new(mem: &'m GuestMemoryMmap, block: Block) -> Self {
+        Self::with_features(mem, block, 1 << VIRTIO_F_VERSION_1)
     }
 
-    pub(super) fn with_features(block: Block, features: u64) -> Self {
+    pub(super) fn with_features(mem: &'m GuestMemoryMmap, block: Block, features: u64) -> Self {
         let mut driver = Driver {
-            mem: GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap(),
+            mem,
             block,
-            irq: EventFd::new(EFD_NONBLOCK).unwrap(),
-            next_desc: 0,
-            avail_idx: 0,
+            irq: Irq::new(),
+            queue: DriverQueue::new(mem, QUEUE_BASE),
         };
         driver.activate(features);
         driver
@@ -103,68 +83,31 @@ impl Driver {
 
     /// Sets up fresh rings and hands them to the device, as after a reset.
     pub(super) fn activate(&mut self, features: u64) {
-        self.mem
-            .write_slice(&[0; 0x1000], GuestAddress(AVAIL_RING))
-            .unwrap();
-        self.mem
-            .write_slice(&[0; 0x1000], GuestAddress(USED_RING))
-            .unwrap();
-        self.next_desc = 0;
-        self.avail_idx = 0;
-        let mut queue = Queue::new(QUEUE_SIZE).unwrap();
-        queue.set_size(QUEUE_SIZE);
-        queue.set_desc_table_address(Some(DESC_TABLE as u32), Some(0));
-        queue.set_avail_ring_address(Some(AVAIL_RING as u32), Some(0));
-        queue.set_used_ring_address(Some(USED_RING as u32), Some(0));
-        queue.set_ready(true);
-        let interrupt = Arc::new(Interrupt::new(self.irq.try_clone().unwrap()));
+        self.queue = DriverQueue::new(self.mem, QUEUE_BASE);
         self.block
-            .activate(self.mem.clone(), features, vec![queue], interrupt)
+            .activate(
+                self.mem.clone(),
+                features,
+                vec![self.queue.queue()],
+                self.irq.interrupt(),
+            )
             .unwrap();
-    }
-
-    /// Writes `chain` into the descriptor table; returns its head.
-    pub(super) fn write_chain(&mut self, chain: &[Buf]) -> u16 {
-        let head = self.next_desc;
-        for (i, &(addr, len, device_writes)) in chain.iter().enumerate() {
-            let index = self.next_desc;
-            let next = (index + 1) % QUEUE_SIZE;
-            let mut flags = 0;
-            if device_writes {
-                flags |= VRING_DESC_F_WRITE as u16;
-            }
-            if i + 1 < chain.len() {
-                flags |= VRING_DESC_F_NEXT as u16;
-            }
-            self.write_descriptor(index, Descriptor::new(addr, len, flags, next));
-            self.next_desc = next;
-        }
-        head
     }
 
     pub(super) fn write_descriptor(&self, index: u16, descriptor: Descriptor) {
-        let addr = DESC_TABLE + 16 * u64::from(index);
-        self.mem.write_obj(descriptor, GuestAddress(addr)).unwrap();
+        self.queue.write_descriptor(index, descriptor);
     }
 
-    /// Puts a chain head in the avail ring and publishes it.
     pub(super) fn offer(&mut self, head: u16) {
-        let slot = AVAIL_RING + 4 + 2 * u64::from(self.avail_idx % QUEUE_SIZE);
-        self.mem.write_obj(head, GuestAddress(slot)).unwrap();
-        self.avail_idx = self.avail_idx.wrapping_add(1);
-        self.set_avail_idx(self.avail_idx);
+        self.queue.offer(head);
     }
 
     pub(super) fn set_avail_idx(&self, idx: u16) {
-        self.mem
-            .write_obj(idx, GuestAddress(AVAIL_RING + 2))
-            .unwrap();
+        self.queue.set_avail_idx(idx);
     }
 
     pub(super) fn push(&mut self, chain: &[Buf]) -> u16 {
-        let head = self.write_chain(chain);
-        self.offer(head);
-        head
+        self.queue.push(chain)
     }
 
     pub(super) fn process(&mut self) {
@@ -172,19 +115,16 @@ impl Driver {
     }
 
     pub(super) fn used_idx(&self) -> u16 {
-        self.mem.read_obj(GuestAddress(USED_RING + 2)).unwrap()
+        self.queue.used_idx()
     }
 
     /// The used element `n` (id, len).
     pub(super) fn used(&self, n: u16) -> (u32, u32) {
-        let elem = USED_RING + 4 + 8 * u64::from(n % QUEUE_SIZE);
-        let id = self.mem.read_obj(GuestAddress(elem)).unwrap();
-        let len = self.mem.read_obj(GuestAddress(elem + 4)).unwrap();
-        (id, len)
+        self.queue.used(n)
     }
 
     pub(super) fn interrupted(&self) -> bool {
-        self.irq.read().is_ok()
+        self.irq.fired()
     }
 
     pub(super) fn status(&self) -> u8 {
@@ -246,8 +186,6 @@ impl Driver {
     }
 
     pub(super) fn guest_bytes(&self, addr: u64, len: usize) -> Vec<u8> {
-        let mut bytes = vec![0; len];
-        self.mem.read_slice(&mut bytes, GuestAddress(addr)).unwrap();
-        bytes
+        guest_bytes(self.mem, addr, len)
     }
 }

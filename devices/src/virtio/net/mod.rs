@@ -375,7 +375,6 @@ impl ErrorLog {
 #[cfg(test)]
 mod tests {
     use vm_memory::{Bytes, GuestAddress};
-    use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
     use super::test_driver::*;
     use super::*;
@@ -396,7 +395,7 @@ mod tests {
     }
 
     /// Receives frames until one has `ethertype`; returns it without its vnet header.
-    fn receive_ethertype(driver: &mut Driver, ethertype: [u8; 2]) -> Vec<u8> {
+    fn receive_ethertype(driver: &mut Driver<'_>, ethertype: [u8; 2]) -> Vec<u8> {
         for _ in 0..200 {
             driver.post_rx(BUF, 4096);
             driver.net.process_host_event(0).unwrap();
@@ -415,7 +414,8 @@ mod tests {
 
     #[test]
     fn identity_and_features() {
-        let driver = Driver::new(BASE_FEATURES);
+        let mem = guest_memory();
+        let driver = Driver::new(&mem, BASE_FEATURES);
         let net = &driver.net;
         assert_eq!(net.device_type(), 1);
         assert_eq!(net.queue_max_sizes(), &[256, 256]);
@@ -445,7 +445,8 @@ mod tests {
 
     #[test]
     fn config_space_holds_the_mac() {
-        let mut driver = Driver::new(BASE_FEATURES);
+        let mem = guest_memory();
+        let mut driver = Driver::new(&mem, BASE_FEATURES);
         assert_eq!(driver.net.mac(), [2, 0, 0, 0, 0, 1]);
         assert_eq!(config_bytes(&driver.net, 0, 6), [2, 0, 0, 0, 0, 1]);
         assert_eq!(config_bytes(&driver.net, 4, 4), [0, 1, 0, 0]);
@@ -457,13 +458,17 @@ mod tests {
 
     #[test]
     fn offloads_mirror_the_guest_receive_features() {
+        let mem = guest_memory();
         use libc::{TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_UFO};
         let guest = |bits: &[u32]| bits.iter().fold(BASE_FEATURES, |f, b| f | 1 << b);
-        let driver = Driver::new(guest(&[
-            VIRTIO_NET_F_GUEST_CSUM,
-            VIRTIO_NET_F_GUEST_TSO4,
-            VIRTIO_NET_F_HOST_TSO6,
-        ]));
+        let driver = Driver::new(
+            &mem,
+            guest(&[
+                VIRTIO_NET_F_GUEST_CSUM,
+                VIRTIO_NET_F_GUEST_TSO4,
+                VIRTIO_NET_F_HOST_TSO6,
+            ]),
+        );
         assert_eq!(*driver.offloads.lock().unwrap(), [TUN_F_CSUM | TUN_F_TSO4]);
         let all = guest(&[
             VIRTIO_NET_F_GUEST_CSUM,
@@ -482,13 +487,10 @@ mod tests {
 
     #[test]
     fn event_idx_interrupts_only_when_the_driver_asks() {
-        let mut driver = Driver::new(BASE_FEATURES | 1 << VIRTIO_RING_F_EVENT_IDX);
+        let mem = guest_memory();
+        let mut driver = Driver::new(&mem, BASE_FEATURES | 1 << VIRTIO_RING_F_EVENT_IDX);
         // used_event = 1: interrupt when the used index passes 1, i.e. at the second frame.
-        let used_event = TX_RING[1] + 4 + 2 * u64::from(QUEUE_SIZE);
-        driver
-            .mem
-            .write_obj(1u16, GuestAddress(used_event))
-            .unwrap();
+        driver.rings[TX_QUEUE].set_used_event(1);
         for expected in [false, true, false] {
             driver.queue_tx([0; 12], b"frame");
             driver.net.process_queue(TX_QUEUE).unwrap();
@@ -510,7 +512,8 @@ mod tests {
 
     #[test]
     fn reset_drops_the_deferred_frame_and_keeps_the_backend() {
-        let mut driver = Driver::new(BASE_FEATURES | MRG);
+        let mem = guest_memory();
+        let mut driver = Driver::new(&mem, BASE_FEATURES | MRG);
         driver.post_rx(BUF, 64);
         driver.inject(&frame(200, 1));
         driver.net.process_host_event(0).unwrap();
@@ -531,12 +534,14 @@ mod tests {
 
     #[test]
     fn a_broken_ring_breaks_the_device() {
-        let mut driver = Driver::new(BASE_FEATURES);
+        let mem = guest_memory();
+        let mem2 = guest_memory();
+        let mut driver = Driver::new(&mem, BASE_FEATURES);
         driver.set_avail_idx(TX_QUEUE, QUEUE_SIZE + 1);
         let error = driver.net.process_queue(TX_QUEUE).unwrap_err();
         assert!(error.to_string().contains("ahead"), "{error}");
 
-        let mut driver = Driver::new(BASE_FEATURES);
+        let mut driver = Driver::new(&mem2, BASE_FEATURES);
         driver.offer(RX_QUEUE, QUEUE_SIZE + 3);
         driver.inject(&frame(10, 0));
         assert!(driver.net.process_host_event(0).is_err());
@@ -544,6 +549,7 @@ mod tests {
 
     #[test]
     fn queue_bookkeeping_errors() {
+        let mem = guest_memory();
         let (ours, _peer) = socket_pair();
         let backend = SocketBackend {
             socket: ours,
@@ -554,12 +560,13 @@ mod tests {
         net.process_queue(RX_QUEUE).unwrap();
         net.process_queue(TX_QUEUE).unwrap();
         net.process_host_event(0).unwrap();
-        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
-        let interrupt = Arc::new(Interrupt::new(EventFd::new(EFD_NONBLOCK).unwrap()));
-        let one = vec![Ring::new(RX_RING).queue()];
-        assert!(net.activate(mem, BASE_FEATURES, one, interrupt).is_err());
+        let one = vec![DriverQueue::new(&mem, RX_RING).queue()];
+        let interrupt = Irq::new().interrupt();
+        assert!(net
+            .activate(mem.clone(), BASE_FEATURES, one, interrupt)
+            .is_err());
 
-        let mut driver = Driver::new(BASE_FEATURES);
+        let mut driver = Driver::new(&mem, BASE_FEATURES);
         assert!(driver.net.process_queue(2).is_err());
         driver.net.process_host_event(5).unwrap();
     }
@@ -571,6 +578,7 @@ mod tests {
     #[test]
     #[ignore]
     fn a_real_tap_carries_arp_and_udp() {
+        let mem = guest_memory();
         let net = Net::new(NetDeviceConfig {
             tap: "embertest1".to_string(),
             mac: None,
@@ -579,7 +587,7 @@ mod tests {
         let mac = net.mac();
         let (_, peer) = socket_pair();
         let features = BASE_FEATURES | MRG | 1 << VIRTIO_NET_F_GUEST_CSUM;
-        let mut driver = Driver::with_net(net, peer, Arc::default(), features);
+        let mut driver = Driver::with_net(&mem, net, peer, Arc::default(), features);
         ip(&["addr", "add", "10.9.0.1/24", "dev", "embertest1"]);
         ip(&["link", "set", "embertest1", "up"]);
         let socket = std::net::UdpSocket::bind("10.9.0.1:0").unwrap();

@@ -256,12 +256,12 @@ impl HostSide {
 mod tests {
     use super::super::test_driver::*;
     use super::super::{MAX_FRAME_LEN, RX_QUEUE};
-    use super::*;
     use crate::virtio::VirtioDevice;
 
     #[test]
     fn receive_fills_a_posted_buffer() {
-        let mut driver = Driver::new(BASE_FEATURES);
+        let mem = guest_memory();
+        let mut driver = Driver::new(&mem, BASE_FEATURES);
         let head = driver.post_rx(BUF, 2048);
         driver.net.process_queue(RX_QUEUE).unwrap();
         assert_eq!(driver.used_idx(RX_QUEUE), 0);
@@ -279,7 +279,8 @@ mod tests {
 
     #[test]
     fn mergeable_buffers_carry_one_frame_across_two() {
-        let mut driver = Driver::new(BASE_FEATURES | MRG);
+        let mem = guest_memory();
+        let mut driver = Driver::new(&mem, BASE_FEATURES | MRG);
         let first = driver.post_rx(BUF, 64);
         let second = driver.post_rx(BUF2, 64);
         let third = driver.post_rx(BUF3, 64);
@@ -303,7 +304,8 @@ mod tests {
 
     #[test]
     fn a_largest_frame_spreads_over_many_buffers() {
-        let mut driver = Driver::new(BASE_FEATURES | MRG);
+        let mem = guest_memory();
+        let mut driver = Driver::new(&mem, BASE_FEATURES | MRG);
         for i in 0..20 {
             driver.post_rx(BUF + i * 0x1000, 4096);
         }
@@ -318,7 +320,8 @@ mod tests {
 
     #[test]
     fn without_buffers_frames_wait_and_nothing_is_lost() {
-        let mut driver = Driver::new(BASE_FEATURES);
+        let mem = guest_memory();
+        let mut driver = Driver::new(&mem, BASE_FEATURES);
         let frames: Vec<Vec<u8>> = (0..3).map(|i| frame(100 + i, i as u8)).collect();
         for frame in &frames {
             driver.inject(frame);
@@ -328,7 +331,7 @@ mod tests {
         driver.net.process_host_event(0).unwrap();
         assert_eq!(driver.used_idx(RX_QUEUE), 0);
         // Notifications are on, so the guest will say when it posts buffers.
-        let flags: u16 = driver.mem.read_obj(GuestAddress(RX_RING[2])).unwrap();
+        let flags = driver.rings[RX_QUEUE].used_flags();
         assert_eq!(flags, 0);
 
         for i in 0..4 {
@@ -343,13 +346,14 @@ mod tests {
             assert_eq!(driver.guest_bytes(addr, frame.len()), received(frame, 1));
         }
         // The TAP is empty with a buffer to spare: guest notifications are off.
-        let flags: u16 = driver.mem.read_obj(GuestAddress(RX_RING[2])).unwrap();
+        let flags = driver.rings[RX_QUEUE].used_flags();
         assert_eq!(flags, 1);
     }
 
     #[test]
     fn a_frame_bigger_than_the_buffers_waits_for_more() {
-        let mut driver = Driver::new(BASE_FEATURES | MRG);
+        let mem = guest_memory();
+        let mut driver = Driver::new(&mem, BASE_FEATURES | MRG);
         driver.post_rx(BUF, 64);
         let big = frame(200, 5);
         let next = frame(10, 6);
@@ -379,7 +383,8 @@ mod tests {
 
     #[test]
     fn without_mergeable_buffers_an_oversized_frame_is_dropped() {
-        let mut driver = Driver::new(BASE_FEATURES);
+        let mem = guest_memory();
+        let mut driver = Driver::new(&mem, BASE_FEATURES);
         let head = driver.post_rx(BUF, 100);
         driver.inject(&frame(200, 7));
         let fits = frame(50, 8);
@@ -394,7 +399,8 @@ mod tests {
 
     #[test]
     fn a_frame_no_ring_could_hold_is_dropped() {
-        let mut driver = Driver::new(BASE_FEATURES | MRG);
+        let mem = guest_memory();
+        let mut driver = Driver::new(&mem, BASE_FEATURES | MRG);
         for i in 0..u64::from(QUEUE_SIZE) {
             driver.post_rx(BUF + i * 16, 16);
         }
@@ -411,7 +417,8 @@ mod tests {
 
     #[test]
     fn hostile_receive_buffers_come_back_unused() {
-        let mut driver = Driver::new(BASE_FEATURES);
+        let mem = guest_memory();
+        let mut driver = Driver::new(&mem, BASE_FEATURES);
         let bad = [
             vec![readable(BUF, 2048)],                       // device-readable
             vec![writable(BUF, 1024), readable(BUF2, 1024)], // partly readable
@@ -439,7 +446,8 @@ mod tests {
 
     #[test]
     fn frames_waiting_at_activation_are_received() {
-        let mut driver = Driver::new(BASE_FEATURES);
+        let mem = guest_memory();
+        let mut driver = Driver::new(&mem, BASE_FEATURES);
         driver.net.reset();
         let frame = frame(30, 3);
         driver.inject(&frame);

@@ -121,7 +121,8 @@ mod tests {
 
     #[test]
     fn transmit_sends_header_and_payload_intact() {
-        let mut driver = Driver::new(BASE_FEATURES);
+        let mem = guest_memory();
+        let mut driver = Driver::new(&mem, BASE_FEATURES);
         let header = [1, 4, 54, 0, 0xa8, 5, 34, 0, 16, 0, 0, 0];
         let payload: Vec<u8> = (0..1500).map(|i| i as u8).collect();
         let head = driver.queue_tx(header, &payload);
@@ -138,7 +139,8 @@ mod tests {
 
     #[test]
     fn hostile_transmit_chains_are_dropped() {
-        let mut driver = Driver::new(BASE_FEATURES);
+        let mem = guest_memory();
+        let mut driver = Driver::new(&mem, BASE_FEATURES);
         let chains = [
             vec![readable(BUF, 12), writable(BUF2, 100)], // device-writable part
             vec![readable(MEM_SIZE as u64 - 50, 100)],    // beyond RAM
@@ -166,7 +168,8 @@ mod tests {
 
     #[test]
     fn a_looping_transmit_chain_ends() {
-        let mut driver = Driver::new(BASE_FEATURES);
+        let mem = guest_memory();
+        let mut driver = Driver::new(&mem, BASE_FEATURES);
         let next = VRING_DESC_F_NEXT as u16;
         // A descriptor that is its own successor: 256 × 12 bytes, sent as one frame.
         driver.write_descriptor(TX_QUEUE, 7, Descriptor::new(BUF, 12, next, 7));
@@ -186,7 +189,8 @@ mod tests {
 
     #[test]
     fn a_transmit_flood_completes_without_growing() {
-        let mut driver = Driver::new(BASE_FEATURES);
+        let mem = guest_memory();
+        let mut driver = Driver::new(&mem, BASE_FEATURES);
         driver
             .mem
             .write_slice(&[0x5a; 1024], GuestAddress(BUF))
