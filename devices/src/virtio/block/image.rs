@@ -59,7 +59,7 @@ impl Disk {
             Ok(size) => size,
             Err(source) => return Err(BlockError::Size { path, source }),
         };
-        if !whole_sectors(size) {
+        if !size.is_multiple_of(SECTOR_SIZE) {
             return Err(BlockError::SizeNotSectorAligned { path, size });
         }
         Ok(Self {
@@ -166,12 +166,6 @@ impl Disk {
         }
         self.flush().map_err(RequestError::Image)
     }
-}
-
-/// Whether `bytes` is a whole number of sectors. A mask rather than `u64::is_multiple_of`, which
-/// is newer than the workspace's rust-version (1.80).
-pub(super) fn whole_sectors(bytes: u64) -> bool {
-    bytes & (SECTOR_SIZE - 1) == 0
 }
 
 /// `flock`s the image so that no other process opens it writable meanwhile. The lock belongs

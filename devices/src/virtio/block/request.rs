@@ -16,7 +16,7 @@ use vm_memory::{
     Bytes, GuestMemoryBackend, GuestMemoryError, GuestMemoryMmap, VolatileMemoryError,
 };
 
-use super::image::{whole_sectors, Disk};
+use super::image::Disk;
 use super::{SECTOR_SIZE, SEG_MAX, SERIAL_LEN};
 
 /// Every request chain has at most this many descriptors; anything longer is refused unread.
@@ -283,7 +283,7 @@ fn data_extent(
         // At most SEG_MAX u32 lengths: no overflow.
         len += u64::from(buffer.len());
     }
-    if !whole_sectors(len) {
+    if !len.is_multiple_of(SECTOR_SIZE) {
         return Err(RequestError::UnalignedLength(len));
     }
     byte_offset(disk, sector, len)
