@@ -8,7 +8,7 @@ use std::sync::atomic::Ordering;
 use virtio_queue::{DescriptorChain, QueueOwnedT};
 use vm_memory::GuestMemoryMmap;
 
-use super::{DeviceBroken, Interrupt, Queue, QueueT};
+use super::{DeviceBroken, Interrupt, Progress, Queue, QueueT};
 
 /// One of a device's queues, from DRIVER_OK until reset.
 pub(crate) struct DeviceQueue {
@@ -57,7 +57,7 @@ impl DeviceQueue {
         let mut chains = self.queue.iter(mem).map_err(|e| match e {
             virtio_queue::Error::InvalidAvailRingIndex => DeviceBroken(format!(
                 "{name}: the avail ring index is {} entries ahead, in a queue of {size}",
-                (avail_idx.0).wrapping_sub(next_avail)
+                avail_idx.0.wrapping_sub(next_avail)
             )),
             e => DeviceBroken(format!("{name}: cannot walk the avail ring: {e}")),
         })?;
@@ -83,23 +83,36 @@ impl DeviceQueue {
         Ok(())
     }
 
-    /// Serves every available chain in ring order with `serve`, which says how many bytes it
-    /// wrote into the chain, and returns each. Ends when the ring is empty with notifications
-    /// re-enabled, so that a chain the driver adds while notifications are off is never missed.
+    /// Serves the available chains in ring order with `serve`, which says how many bytes it
+    /// wrote into the chain, and returns each; at most `limit` of them. Ends when the ring is
+    /// empty with notifications re-enabled, so that a chain the driver adds while notifications
+    /// are off is never missed; or at `limit` with chains left, which the caller must come back
+    /// for ([`Progress::MoreWork`]).
     pub(crate) fn drain<'m>(
         &mut self,
         mem: &'m GuestMemoryMmap,
+        limit: usize,
         mut serve: impl FnMut(DescriptorChain<&'m GuestMemoryMmap>) -> u32,
-    ) -> Result<(), DeviceBroken> {
+    ) -> Result<Progress, DeviceBroken> {
+        let mut served = 0;
         loop {
             self.disable_notification(mem)?;
-            while let Some(chain) = self.pop(mem)? {
+            while served < limit {
+                let Some(chain) = self.pop(mem)? else {
+                    break;
+                };
                 let head = chain.head_index();
                 let used_len = serve(chain);
                 self.add_used(mem, head, used_len)?;
+                served += 1;
             }
+            // Notifications go back on even when chains are left: should the pass asked for
+            // never come, the driver's next notification still resumes the queue.
             if !self.enable_notification(mem)? {
-                return Ok(());
+                return Ok(Progress::Done);
+            }
+            if served >= limit {
+                return Ok(Progress::MoreWork);
             }
         }
     }

@@ -27,7 +27,7 @@ use virtio_bindings::virtio_blk::{
 use vm_memory::GuestMemoryMmap;
 
 use super::{
-    DeviceBroken, Interrupt, Queue, QueueT, VirtioDevice, VIRTIO_F_VERSION_1,
+    DeviceBroken, Interrupt, Progress, Queue, QueueT, VirtioDevice, VIRTIO_F_VERSION_1,
     VIRTIO_RING_F_EVENT_IDX,
 };
 use image::Disk;
@@ -268,7 +268,7 @@ impl VirtioDevice for Block {
         Ok(())
     }
 
-    fn process_queue(&mut self, index: usize) -> Result<(), DeviceBroken> {
+    fn process_queue(&mut self, index: usize) -> Result<Progress, DeviceBroken> {
         if index != 0 {
             return Err(DeviceBroken(format!(
                 "virtio-block has one queue; the guest notified queue {index}"
@@ -278,7 +278,7 @@ impl VirtioDevice for Block {
             Some(active) => active.process(&self.disk),
             None => {
                 log::debug!("virtio-block: queue notified before activation; ignored");
-                Ok(())
+                Ok(Progress::Done)
             }
         }
     }

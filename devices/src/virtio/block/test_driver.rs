@@ -13,7 +13,7 @@ use vmm_sys_util::tempfile::TempFile;
 
 use super::{Block, BlockConfig, BlockError, SECTOR_SIZE};
 pub(super) use crate::virtio::test_support::*;
-use crate::virtio::{VirtioDevice, VIRTIO_F_VERSION_1};
+use crate::virtio::{Progress, VirtioDevice, VIRTIO_F_VERSION_1};
 
 /// Where the request queue lives.
 const QUEUE_BASE: u64 = 0x1000;
@@ -110,8 +110,9 @@ impl<'m> Driver<'m> {
         self.queue.push(chain)
     }
 
-    pub(super) fn process(&mut self) {
-        self.block.process_queue(0).unwrap();
+    /// One pass over the queue, as after one notification.
+    pub(super) fn process(&mut self) -> Progress {
+        self.block.process_queue(0).unwrap()
     }
 
     pub(super) fn used_idx(&self) -> u16 {

@@ -38,7 +38,7 @@ use vm_memory::{GuestMemoryError, GuestMemoryMmap};
 
 use super::device_queue::DeviceQueue;
 use super::{
-    DeviceBroken, Interrupt, Queue, QueueT, VirtioDevice, VIRTIO_F_VERSION_1,
+    DeviceBroken, Interrupt, Progress, Queue, QueueT, VirtioDevice, VIRTIO_F_VERSION_1,
     VIRTIO_RING_F_EVENT_IDX,
 };
 use mac::guest_mac;
@@ -282,18 +282,23 @@ impl VirtioDevice for Net {
         Ok(())
     }
 
-    fn process_queue(&mut self, index: usize) -> Result<(), DeviceBroken> {
+    fn process_queue(&mut self, index: usize) -> Result<Progress, DeviceBroken> {
         let Some(active) = self.active.as_mut() else {
             log::debug!("virtio-net: queue notified before activation; ignored");
-            return Ok(());
+            return Ok(Progress::Done);
         };
         match index {
-            RX_QUEUE => active.receive(&mut self.host),
-            TX_QUEUE => active.transmit(&mut self.host),
-            _ => Err(DeviceBroken(format!(
-                "virtio-net has two queues; the guest notified queue {index}"
-            ))),
+            RX_QUEUE => active.receive(&mut self.host)?,
+            TX_QUEUE => active.transmit(&mut self.host)?,
+            _ => {
+                return Err(DeviceBroken(format!(
+                    "virtio-net has two queues; the guest notified queue {index}"
+                )))
+            }
         }
+        // Every pass finishes: receive when the TAP or the guest's buffers run out, transmit
+        // when the ring is empty.
+        Ok(Progress::Done)
     }
 
     fn reset(&mut self) {

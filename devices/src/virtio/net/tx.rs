@@ -19,7 +19,9 @@ impl Active {
             return Ok(());
         }
         let mem = &self.mem;
-        let sent = self.tx.drain(mem, |chain| {
+        // Uncapped, unlike block requests: a frame costs one copy and one non-blocking write,
+        // which a full TAP refuses at once.
+        let sent = self.tx.drain(mem, usize::MAX, |chain| {
             let head = chain.head_index();
             match gather(mem, chain, &mut host.tx_frame) {
                 Ok(len) => host.send(len),
