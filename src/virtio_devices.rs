@@ -232,7 +232,10 @@ fn run_loop(
                     if let Some((_, notify)) =
                         queue_events.iter().find(|(k, _)| *k == (device, queue))
                     {
-                        // Reading resets the counter: several notifies since are one pass.
+                        // Reading resets the counter: several notifies since are one pass. It
+                        // comes before the pass, so that a device stopping at its cap (the
+                        // transport then notifies the queue again) is back on the next wait,
+                        // after the other events ready now.
                         let _ = notify.read();
                     }
                     if let Some(transport) = transports.get(device) {

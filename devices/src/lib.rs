@@ -22,7 +22,6 @@ pub mod i8042;
 pub mod interrupt;
 pub mod ioapic;
 pub mod serial;
-pub mod tap;
 pub mod virtio;
 
 pub use bus::{Bus, BusDevice, BusError, VmRequest};

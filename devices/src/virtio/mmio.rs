@@ -10,7 +10,7 @@ use std::sync::Arc;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{status, Interrupt, Queue, QueueT, VirtioDevice, VIRTIO_F_VERSION_1};
+use super::{status, Interrupt, Progress, Queue, QueueT, VirtioDevice, VIRTIO_F_VERSION_1};
 use crate::interrupt::InterruptLine;
 use crate::{BusDevice, VmRequest};
 
@@ -110,13 +110,31 @@ impl MmioTransport {
         self.status
     }
 
-    /// Handles a notification for queue `index` (called from the device event loop).
+    /// Handles a notification for queue `index` (called from the device event loop, which has
+    /// consumed the notification before calling).
     pub fn process_queue(&mut self, index: usize) {
         if !self.activated || self.status & status::DEVICE_NEEDS_RESET != 0 {
             return;
         }
-        if let Err(e) = self.device.process_queue(index) {
-            self.mark_broken(&e.to_string());
+        match self.device.process_queue(index) {
+            Ok(Progress::Done) => {}
+            // A fresh notification puts the queue back among the event loop's ready events,
+            // behind those already waiting: the rest is served, and nobody waits for all of it.
+            Ok(Progress::MoreWork) => self.notify_queue(index),
+            Err(e) => self.mark_broken(&e.to_string()),
+        }
+    }
+
+    /// Notifies queue `index` through its eventfd, as KVM does for the guest's QueueNotify
+    /// write: the device event loop then processes the queue.
+    fn notify_queue(&self, index: usize) {
+        match self.queue_events.get(index) {
+            Some(event) => {
+                if let Err(e) = event.write(1) {
+                    log::warn!("virtio: cannot notify queue {index}: {e}");
+                }
+            }
+            None => log::debug!("virtio: notify for queue {index}, which does not exist"),
         }
     }
 
@@ -236,18 +254,9 @@ impl MmioTransport {
                     }
                 }
             }
-            reg::QUEUE_NOTIFY => {
-                // Normally KVM consumes this write through the ioeventfd; a trapped one (no
-                // ioeventfd matched) is forwarded to the event loop the same way.
-                match self.queue_events.get(value as usize) {
-                    Some(event) => {
-                        if let Err(e) = event.write(1) {
-                            log::warn!("virtio: cannot forward a queue notification: {e}");
-                        }
-                    }
-                    None => log::debug!("virtio: notify for queue {value}, which does not exist"),
-                }
-            }
+            // Normally KVM consumes this write through the ioeventfd; a trapped one (no
+            // ioeventfd matched) is forwarded to the event loop the same way.
+            reg::QUEUE_NOTIFY => self.notify_queue(value as usize),
             reg::INTERRUPT_ACK => self.interrupt.acknowledge(value),
             reg::STATUS => self.write_status(value),
             _ => {
@@ -319,10 +328,8 @@ impl MmioTransport {
                 self.activated = true;
                 // One pass over every queue on the event loop: a driver may have made buffers
                 // available before DRIVER_OK, and a backend's readiness edge may be long gone.
-                for event in &self.queue_events {
-                    if let Err(e) = event.write(1) {
-                        log::warn!("virtio: cannot kick a queue after activation: {e}");
-                    }
+                for index in 0..self.queue_events.len() {
+                    self.notify_queue(index);
                 }
             }
             Err(e) => self.mark_broken(&e.to_string()),
@@ -384,6 +391,8 @@ mod tests {
         processed: Vec<usize>,
         features: u64,
         fail_next: bool,
+        /// The next pass stops at its cap with work left.
+        more_work_next: bool,
     }
 
     struct FakeDevice {
@@ -420,13 +429,16 @@ mod tests {
             seen.features = features;
             Ok(())
         }
-        fn process_queue(&mut self, index: usize) -> Result<(), DeviceBroken> {
+        fn process_queue(&mut self, index: usize) -> Result<Progress, DeviceBroken> {
             let mut seen = self.seen.lock().unwrap();
             seen.processed.push(index);
             if std::mem::take(&mut seen.fail_next) {
                 return Err(DeviceBroken("bad chain".into()));
             }
-            Ok(())
+            if std::mem::take(&mut seen.more_work_next) {
+                return Ok(Progress::MoreWork);
+            }
+            Ok(Progress::Done)
         }
         fn reset(&mut self) {
             self.seen.lock().unwrap().resets += 1;
@@ -605,6 +617,28 @@ mod tests {
         assert_ne!(t.status() & status::DEVICE_NEEDS_RESET, 0);
         write32(&mut t, reg::INTERRUPT_ACK, 2);
         assert_eq!(read32(&mut t, reg::INTERRUPT_STATUS), 0);
+    }
+
+    #[test]
+    fn a_pass_with_work_left_notifies_its_queue_again() {
+        let (mut t, seen, _) = transport();
+        negotiate(&mut t);
+        set_up_queue(&mut t, 0, 0x1_0000);
+        set_up_queue(&mut t, 1, 0x2_0000);
+        driver_ok(&mut t);
+        // Activation kicks every queue once; the event loop reads those before processing.
+        for event in t.queue_events() {
+            assert_eq!(event.read().unwrap(), 1);
+        }
+        seen.lock().unwrap().more_work_next = true;
+        t.process_queue(1);
+        assert_eq!(t.queue_events()[1].read().unwrap(), 1);
+        assert!(t.queue_events()[0].read().is_err());
+        // Once done, no more notifications of its own.
+        t.process_queue(1);
+        assert!(t.queue_events()[1].read().is_err());
+        assert_eq!(seen.lock().unwrap().processed, vec![1, 1]);
+        assert_eq!(t.status() & status::DEVICE_NEEDS_RESET, 0);
     }
 
     #[test]

@@ -6,8 +6,11 @@
 //! [`VirtioDevice::process_queue`]; the device signals the guest through [`Interrupt`].
 
 pub mod block;
+mod device_queue;
 pub mod mmio;
 pub mod net;
+#[cfg(test)]
+pub(crate) mod test_support;
 
 use std::sync::atomic::{AtomicU32, Ordering};
 
@@ -102,6 +105,17 @@ pub fn read_config_space(config: &[u8], offset: u64, data: &mut [u8]) {
 #[error("virtio device broken: {0}")]
 pub struct DeviceBroken(pub String);
 
+/// How far a pass over a queue got.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Progress {
+    /// Everything the driver made available was served.
+    Done,
+    /// The pass stopped at the device's cap with more available. The transport notifies the
+    /// queue again, so the rest is served after the other devices' ready events: one busy queue
+    /// cannot hold the shared device event loop.
+    MoreWork,
+}
+
 /// A virtio device model, driven by [`mmio::MmioTransport`].
 pub trait VirtioDevice: Send {
     /// The virtio device ID (2 = block, 1 = network).
@@ -123,8 +137,9 @@ pub trait VirtioDevice: Send {
         queues: Vec<Queue>,
         interrupt: std::sync::Arc<Interrupt>,
     ) -> Result<(), DeviceBroken>;
-    /// The guest notified queue `index`: handle what it made available.
-    fn process_queue(&mut self, index: usize) -> Result<(), DeviceBroken>;
+    /// The guest notified queue `index`: handle what it made available, or as much of it as
+    /// one pass may (see [`Progress`]).
+    fn process_queue(&mut self, index: usize) -> Result<Progress, DeviceBroken>;
     /// Device reset (status written 0): drop queues and memory, back to the pre-activation state.
     fn reset(&mut self);
     /// Host-side file descriptors the device wants watched (a TAP, say), in the order

@@ -17,6 +17,8 @@ use std::io::{self, Read, Write};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
 
+use super::NetBackend;
+
 /// The clone device every TAP is attached through.
 const TUN_DEVICE: &str = "/dev/net/tun";
 /// `sizeof(struct virtio_net_hdr_v1)`: the header VIRTIO_F_VERSION_1 drivers use, with or
@@ -235,6 +237,21 @@ fn attach_error(name: &str, source: io::Error) -> TapError {
             what: "attach",
             source,
         },
+    }
+}
+
+/// The TAP is the backend every `--net` device uses.
+impl NetBackend for Tap {
+    fn read_frame(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.read(buf)
+    }
+
+    fn write_frame(&mut self, frame: &[u8]) -> io::Result<usize> {
+        self.write(frame)
+    }
+
+    fn set_offload(&mut self, flags: u32) -> io::Result<()> {
+        Tap::set_offload(self, flags)
     }
 }
 
