@@ -189,4 +189,19 @@ mod tests {
         let logged = (0..1000).filter_map(|i| timer.mark(i as u8, start)).count();
         assert_eq!(logged, MAX_LOGGED_MARKS as usize);
     }
+
+    #[cfg(feature = "serde")]
+    #[test]
+    fn a_saved_timer_round_trips_through_json() {
+        let start = Instant::now();
+        let mut timer = BootTimer::new(start);
+        for value in 0..5 {
+            timer.mark(value, start);
+        }
+        let state = timer.save();
+        let json = serde_json::to_string(&state).unwrap();
+        let back: BootTimerState = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, BootTimerState { marks_logged: 5 });
+        assert_eq!(BootTimer::from_state(&back, start).unwrap().save(), state);
+    }
 }

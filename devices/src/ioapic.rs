@@ -506,4 +506,17 @@ mod tests {
         IoapicPin::new(ioapic.clone(), 9).trigger().unwrap();
         assert_eq!(*sent.0.lock().unwrap(), [(0xfee0_0000, 0x59)]);
     }
+
+    #[cfg(feature = "serde")]
+    #[test]
+    fn a_saved_ioapic_round_trips_through_json() {
+        let (mut dev, _) = ioapic();
+        programmed(&mut dev);
+        let state = dev.save();
+        let json = serde_json::to_string(&state).unwrap();
+        let back: IoapicState = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, state);
+        let restored = Ioapic::from_state(&back, Box::new(Recorder::default())).unwrap();
+        assert_eq!(restored.save(), state);
+    }
 }

@@ -501,4 +501,14 @@ mod tests {
         assert_eq!(dev.write(1 << 40, &[1]), None);
         assert_eq!(dev.write(0, &[]), None);
     }
+
+    #[cfg(feature = "serde")]
+    #[test]
+    fn a_saved_uart_round_trips_through_json() {
+        let state = programmed().0.save();
+        let json = serde_json::to_string(&state).unwrap();
+        let back: SerialConsoleState = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, state);
+        assert_eq!(restored(&back).unwrap().0.save(), state);
+    }
 }
