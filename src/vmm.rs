@@ -18,9 +18,7 @@ use ember_devices::i8042::{self, I8042};
 use ember_devices::ioapic::{self, Ioapic, IoapicPin};
 use ember_devices::serial::{self, SerialConsole};
 use ember_devices::virtio::block::{Block, BlockError};
-use ember_devices::virtio::mmio::MmioTransport;
 use ember_devices::virtio::net::{Net, NetError};
-use ember_devices::virtio::VirtioDevice;
 use ember_devices::{Bus, BusError};
 use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::{IoEventAddress, Kvm, NoDatamatch, VcpuFd, VmFd};
@@ -42,13 +40,14 @@ use crate::arch::x86_64::{acpi, mptable};
 use crate::config::{ConsoleConfig, SoftwareKvmMode, VmConfig, MAX_CPUS};
 use crate::console;
 use crate::console_output::ConsoleOutput;
+use crate::device_manager::{DeviceKind, DeviceManager, VirtioError, VmWiring};
+use crate::device_threads::DeviceThreads;
 use crate::irqchip::{self, KvmMsi};
 use crate::kvm::{self, KvmError};
 use crate::main_loop::{MainLoop, Wakeup};
 use crate::outcome::VmOutcome;
 use crate::terminal;
 use crate::vcpu::{self, IoBuses, VcpuEvent, VcpuHandle, VmControl};
-use crate::virtio_devices::{self, DeviceEventLoop, DeviceSlots, VirtioError};
 
 /// Kernel command-line options that keep Linux away from what software KVM cannot emulate at
 /// CPL0: XSAVE (noxsave) and, by feature bit, POPCNT (151), RDTSCP (59), SMAP (308),
@@ -156,7 +155,7 @@ pub struct Vm {
     serial_fifo_drained: EventFd,
     console: ConsoleConfig,
     console_output: Option<ConsoleOutput>,
-    virtio: Vec<Arc<Mutex<MmioTransport>>>,
+    devices: DeviceManager,
 }
 
 impl Vm {
@@ -207,13 +206,15 @@ impl Vm {
         let mut cmdline = boot::build_cmdline(&config.cmdline, &extra)?;
         let mut mmio = Bus::new();
         mmio.insert(ioapic.clone(), IOAPIC_START, ioapic::MMIO_LEN)?;
-        let virtio = attach_virtio_devices(
+        let devices = attach_virtio_devices(
             config,
-            &vm_fd,
-            &ioapic,
-            &guest_memory,
-            &mut mmio,
-            &mut cmdline,
+            &mut VmWiring {
+                vm_fd: &vm_fd,
+                ioapic: &ioapic,
+                guest_memory: &guest_memory,
+                mmio: &mut mmio,
+                cmdline: &mut cmdline,
+            },
         )?;
         log::info!(
             "cmdline: {}",
@@ -250,7 +251,7 @@ impl Vm {
             serial_fifo_drained,
             console: config.console.clone(),
             console_output,
-            virtio,
+            devices,
         })
     }
 
@@ -268,7 +269,7 @@ impl Vm {
 
         // Only the virtio devices' ioeventfds leave grace periods in flight (the split irqchip
         // leaves none): without them, settling would start one of its own.
-        if running.device_loop.is_some() {
+        if !running.devices.is_empty() {
             settle_grace_periods(&vm_fd);
         }
         while !control.is_stopping() {
@@ -313,11 +314,7 @@ impl Vm {
             }
         }
 
-        let device_loop = if self.virtio.is_empty() {
-            None
-        } else {
-            Some(DeviceEventLoop::spawn(self.virtio)?)
-        };
+        let device_threads = DeviceThreads::spawn(&self.devices)?;
 
         let mut vcpus = Vec::with_capacity(self.vcpus.len());
         for (index, vcpu) in self.vcpus.into_iter().enumerate() {
@@ -359,7 +356,8 @@ impl Vm {
         }
         Ok(RunningVm {
             vcpus,
-            device_loop,
+            device_threads,
+            devices: self.devices,
             console_output: self.console_output,
             _guest_memory: self.guest_memory,
         })
@@ -373,7 +371,9 @@ const CONSOLE_PATIENCE: Duration = Duration::from_millis(500);
 /// The threads of a running VM.
 struct RunningVm {
     vcpus: Vec<VcpuHandle>,
-    device_loop: Option<DeviceEventLoop>,
+    device_threads: DeviceThreads,
+    /// The devices stay attached (their transports on the MMIO bus) until the VM is gone.
+    devices: DeviceManager,
     console_output: Option<ConsoleOutput>,
     /// Must outlive the vCPUs: KVM maps guest RAM from these host mappings.
     _guest_memory: GuestMemoryMmap,
@@ -395,9 +395,7 @@ impl RunningVm {
             vcpu.finish();
         }
         // After the vCPUs: nothing can queue new work now, and every device flushes its data.
-        if let Some(device_loop) = self.device_loop {
-            device_loop.stop();
-        }
+        self.device_threads.stop();
         if let Some(output) = self.console_output {
             output.finish(CONSOLE_PATIENCE);
         }
@@ -549,38 +547,17 @@ fn load_kernel_and_initrd(
 
 /// One virtio-blk device per `--disk`, in order (/dev/vda, /dev/vdb, …), then one virtio-net
 /// device per `--net` (eth0, eth1, …).
-fn attach_virtio_devices(
-    config: &VmConfig,
-    vm_fd: &VmFd,
-    ioapic: &Arc<Mutex<Ioapic>>,
-    guest_memory: &GuestMemoryMmap,
-    mmio: &mut Bus,
-    cmdline: &mut linux_loader::cmdline::Cmdline,
-) -> Result<Vec<Arc<Mutex<MmioTransport>>>, VmmError> {
-    let mut slots = DeviceSlots::default();
-    let mut devices: Vec<Box<dyn VirtioDevice>> = Vec::new();
+fn attach_virtio_devices(config: &VmConfig, vm: &mut VmWiring) -> Result<DeviceManager, VmmError> {
+    let mut devices = DeviceManager::default();
     for disk in &config.disks {
         let block = Block::new(disk.into()).map_err(VmmError::Disk)?;
-        devices.push(Box::new(block));
+        devices.attach(DeviceKind::Block, Box::new(block), vm)?;
     }
     for net in &config.nets {
-        devices.push(Box::new(Net::new(net.into()).map_err(VmmError::Net)?));
+        let net = Net::new(net.into()).map_err(VmmError::Net)?;
+        devices.attach(DeviceKind::Net, Box::new(net), vm)?;
     }
-    devices
-        .into_iter()
-        .map(|device| {
-            virtio_devices::attach(
-                device,
-                vm_fd,
-                ioapic,
-                guest_memory,
-                &mut slots,
-                mmio,
-                cmdline,
-            )
-            .map_err(VmmError::from)
-        })
-        .collect()
+    Ok(devices)
 }
 
 /// The MP table and ACPI tables that tell the guest about its CPUs, interrupt routing and power

@@ -1,16 +1,23 @@
 //! The virtio-mmio transport, version 2 register layout (virtio 1.2, section 4.2.2).
 //!
-//! The transport owns the device model. Register accesses come from vCPU threads through the MMIO
-//! bus; queue work runs on the device event loop, which calls [`MmioTransport::process_queue`]
-//! when a queue's notify eventfd fires. Both take the transport's lock for one short operation
-//! only, never while a guest runs.
+//! Register accesses come from vCPU threads through the MMIO bus, under the transport's lock;
+//! queue work runs on the device's own thread through a [`DeviceWorker`], which takes only the
+//! device model's lock. So a vCPU reading InterruptStatus or writing InterruptACK never waits
+//! for the device's host I/O (a disk flush, say). Lock order: transport, then device model;
+//! the worker never takes the transport's lock. Whether the device may run its queues and
+//! whether it is broken are atomics both sides share.
 
-use std::sync::Arc;
+use std::os::fd::RawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{status, Interrupt, Progress, Queue, QueueT, VirtioDevice, VIRTIO_F_VERSION_1};
+use super::{
+    status, DeviceBroken, Interrupt, Progress, Queue, QueueT, VirtioDevice, VIRTIO_F_VERSION_1,
+};
+use crate::bus::lock;
 use crate::interrupt::InterruptLine;
 use crate::{BusDevice, VmRequest};
 
@@ -50,9 +57,40 @@ mod reg {
     pub const CONFIG_GENERATION: u64 = 0x0fc;
 }
 
+/// A device model shared by its transport (vCPU threads: configuration space, activation,
+/// reset) and its worker (the device's thread: queues and host I/O).
+type SharedDevice = Arc<Mutex<Box<dyn VirtioDevice>>>;
+
+/// What the transport and the worker both see of the device's life, without a lock.
+#[derive(Default)]
+struct Activity {
+    /// Activated and not reset since: the worker may run the queues.
+    running: AtomicBool,
+    /// DEVICE_NEEDS_RESET: the device hit a guest error it cannot recover from.
+    needs_reset: AtomicBool,
+}
+
+impl Activity {
+    fn may_run(&self) -> bool {
+        self.running.load(Ordering::SeqCst) && !self.needs_reset.load(Ordering::SeqCst)
+    }
+}
+
+/// Sets DEVICE_NEEDS_RESET and tells the driver (virtio 1.2, 2.1.2).
+fn mark_broken(activity: &Activity, interrupt: &Interrupt, device_type: u32, why: &str) {
+    log::warn!("virtio device {device_type}: {why}; it needs a reset");
+    activity.needs_reset.store(true, Ordering::SeqCst);
+    interrupt.signal_config_change();
+}
+
 /// A virtio device behind its virtio-mmio register window.
 pub struct MmioTransport {
-    device: Box<dyn VirtioDevice>,
+    device: SharedDevice,
+    /// Fixed for the device's life, read here so that register reads need no device lock.
+    device_type: u32,
+    available_features: u64,
+    queue_max_sizes: Vec<u16>,
+    activity: Arc<Activity>,
     mem: GuestMemoryMmap,
     interrupt: Arc<Interrupt>,
     /// One per queue: written by KVM (ioeventfd) or by us on a trapped QueueNotify.
@@ -63,7 +101,6 @@ pub struct MmioTransport {
     driver_features_sel: u32,
     driver_features: u64,
     queue_sel: u32,
-    activated: bool,
 }
 
 impl MmioTransport {
@@ -85,7 +122,11 @@ impl MmioTransport {
             queue_events.push(EventFd::new(libc::EFD_NONBLOCK)?);
         }
         Ok(Self {
-            device,
+            device_type: device.device_type(),
+            available_features: device.available_features(),
+            queue_max_sizes: device.queue_max_sizes().to_vec(),
+            device: Arc::new(Mutex::new(device)),
+            activity: Arc::default(),
             mem,
             interrupt: Arc::new(Interrupt::new(irq)),
             queue_events,
@@ -95,38 +136,47 @@ impl MmioTransport {
             driver_features_sel: 0,
             driver_features: 0,
             queue_sel: 0,
-            activated: false,
         })
     }
 
+    /// What the device's own thread uses to run its queues (see [`DeviceWorker`]).
+    pub fn worker(&self) -> std::io::Result<DeviceWorker> {
+        let queue_events = self
+            .queue_events
+            .iter()
+            .map(EventFd::try_clone)
+            .collect::<std::io::Result<_>>()?;
+        Ok(DeviceWorker {
+            device: self.device.clone(),
+            device_type: self.device_type,
+            activity: self.activity.clone(),
+            interrupt: self.interrupt.clone(),
+            queue_events,
+        })
+    }
+
+    /// The virtio device ID.
+    pub fn device_type(&self) -> u32 {
+        self.device_type
+    }
+
     /// The eventfd for each queue, to register as ioeventfds at QueueNotify with the queue index
-    /// as datamatch, and to poll on the device event loop.
+    /// as datamatch, and to poll on the device's thread.
     pub fn queue_events(&self) -> &[EventFd] {
         &self.queue_events
     }
 
     /// The device status register.
     pub fn status(&self) -> u32 {
-        self.status
-    }
-
-    /// Handles a notification for queue `index` (called from the device event loop, which has
-    /// consumed the notification before calling).
-    pub fn process_queue(&mut self, index: usize) {
-        if !self.activated || self.status & status::DEVICE_NEEDS_RESET != 0 {
-            return;
-        }
-        match self.device.process_queue(index) {
-            Ok(Progress::Done) => {}
-            // A fresh notification puts the queue back among the event loop's ready events,
-            // behind those already waiting: the rest is served, and nobody waits for all of it.
-            Ok(Progress::MoreWork) => self.notify_queue(index),
-            Err(e) => self.mark_broken(&e.to_string()),
+        if self.activity.needs_reset.load(Ordering::SeqCst) {
+            self.status | status::DEVICE_NEEDS_RESET
+        } else {
+            self.status
         }
     }
 
     /// Notifies queue `index` through its eventfd, as KVM does for the guest's QueueNotify
-    /// write: the device event loop then processes the queue.
+    /// write: the device's thread then processes the queue.
     fn notify_queue(&self, index: usize) {
         match self.queue_events.get(index) {
             Some(event) => {
@@ -138,33 +188,8 @@ impl MmioTransport {
         }
     }
 
-    /// Host-side descriptors the device wants watched (see [`VirtioDevice::host_event_fds`]).
-    pub fn host_event_fds(&self) -> Vec<std::os::fd::RawFd> {
-        self.device.host_event_fds()
-    }
-
-    /// Host descriptor `index` is ready (called from the device event loop).
-    pub fn process_host_event(&mut self, index: usize) {
-        if !self.activated || self.status & status::DEVICE_NEEDS_RESET != 0 {
-            return;
-        }
-        if let Err(e) = self.device.process_host_event(index) {
-            self.mark_broken(&e.to_string());
-        }
-    }
-
-    /// The VM is ending: let the device finish and make its data durable.
-    pub fn shutdown(&mut self) {
-        self.device.shutdown();
-    }
-
-    fn mark_broken(&mut self, why: &str) {
-        log::warn!(
-            "virtio device {}: {why}; it needs a reset",
-            self.device.device_type()
-        );
-        self.status |= status::DEVICE_NEEDS_RESET;
-        self.interrupt.signal_config_change();
+    fn mark_broken(&self, why: &str) {
+        mark_broken(&self.activity, &self.interrupt, self.device_type, why);
     }
 
     fn selected_queue(&mut self) -> Option<&mut Queue> {
@@ -180,11 +205,11 @@ impl MmioTransport {
         match offset {
             reg::MAGIC_VALUE => MAGIC_VALUE,
             reg::VERSION => MMIO_VERSION,
-            reg::DEVICE_ID => self.device.device_type(),
+            reg::DEVICE_ID => self.device_type,
             reg::VENDOR_ID => VENDOR_ID,
             reg::DEVICE_FEATURES => match self.device_features_sel {
-                0 => self.device.available_features() as u32,
-                1 => (self.device.available_features() >> 32) as u32,
+                0 => self.available_features as u32,
+                1 => (self.available_features >> 32) as u32,
                 _ => 0,
             },
             reg::QUEUE_NUM_MAX => self
@@ -196,7 +221,7 @@ impl MmioTransport {
                 .get(self.queue_sel as usize)
                 .map_or(0, |q| u32::from(q.ready())),
             reg::INTERRUPT_STATUS => self.interrupt.status(),
-            reg::STATUS => self.status,
+            reg::STATUS => self.status(),
             reg::CONFIG_GENERATION => 0,
             _ => 0,
         }
@@ -270,15 +295,15 @@ impl MmioTransport {
             self.reset();
             return;
         }
-        let added = value & !self.status;
-        if value & self.status != self.status {
+        // DEVICE_NEEDS_RESET is the device's to set (it lives in `activity`), never the driver's.
+        let current = self.status();
+        let added = value & !current;
+        if value & current != current {
             // The driver may not clear bits except by writing 0 (reset).
-            log::debug!(
-                "virtio: status {:#x} -> {value:#x} clears bits; ignored",
-                self.status
-            );
+            log::debug!("virtio: status {current:#x} -> {value:#x} clears bits; ignored");
             return;
         }
+        let value = value & !status::DEVICE_NEEDS_RESET;
         if added & status::FEATURES_OK != 0 && !self.features_acceptable() {
             // Leaving FEATURES_OK unset tells the driver the features were refused.
             self.status = value & !status::FEATURES_OK;
@@ -291,7 +316,7 @@ impl MmioTransport {
     }
 
     fn features_acceptable(&self) -> bool {
-        let offered = self.device.available_features();
+        let offered = self.available_features;
         self.driver_features & !offered == 0
             && self.driver_features & (1 << VIRTIO_F_VERSION_1) != 0
     }
@@ -309,55 +334,143 @@ impl MmioTransport {
         }
         let queues = std::mem::take(&mut self.queues);
         // The transport keeps fresh copies so QueueNumMax etc. still answer after activation.
-        self.queues = self
-            .device
-            .queue_max_sizes()
-            .iter()
-            .filter_map(|&max| Queue::new(max).ok())
-            .collect();
+        self.queues = fresh_queues(&self.queue_max_sizes);
         for (fresh, used) in self.queues.iter_mut().zip(&queues) {
             fresh.set_ready(used.ready());
         }
-        match self.device.activate(
+        let mut device = lock(&self.device);
+        match device.activate(
             self.mem.clone(),
             self.driver_features,
             queues,
             self.interrupt.clone(),
         ) {
             Ok(()) => {
-                self.activated = true;
+                self.activity.running.store(true, Ordering::SeqCst);
                 // One pass over every queue on the event loop: a driver may have made buffers
                 // available before DRIVER_OK, and a backend's readiness edge may be long gone.
                 for index in 0..self.queue_events.len() {
                     self.notify_queue(index);
                 }
             }
-            Err(e) => self.mark_broken(&e.to_string()),
+            Err(e) => {
+                drop(device);
+                self.mark_broken(&e.to_string());
+            }
         }
     }
 
     fn reset(&mut self) {
-        self.device.reset();
-        self.queues = self
-            .device
-            .queue_max_sizes()
-            .iter()
-            .filter_map(|&max| Queue::new(max).ok())
-            .collect();
+        // Under the device's lock: a queue pass in progress ends first, and one that failed
+        // marks the device broken before this clears it, never after.
+        let mut device = lock(&self.device);
+        device.reset();
+        self.activity.running.store(false, Ordering::SeqCst);
+        self.activity.needs_reset.store(false, Ordering::SeqCst);
+        drop(device);
+        self.queues = fresh_queues(&self.queue_max_sizes);
         self.interrupt.reset();
         self.status = 0;
         self.driver_features = 0;
         self.device_features_sel = 0;
         self.driver_features_sel = 0;
         self.queue_sel = 0;
-        self.activated = false;
+    }
+}
+
+/// Unconfigured queues of the given maximum sizes.
+fn fresh_queues(max_sizes: &[u16]) -> Vec<Queue> {
+    max_sizes
+        .iter()
+        .filter_map(|&max| Queue::new(max).ok())
+        .collect()
+}
+
+/// What a device's own thread needs to run its queues and host I/O, without the transport's
+/// lock: the device model (locked for one pass at a time), the queue eventfds (to requeue a pass
+/// that stopped at the device's cap), and the shared activity flags.
+pub struct DeviceWorker {
+    device: SharedDevice,
+    device_type: u32,
+    activity: Arc<Activity>,
+    interrupt: Arc<Interrupt>,
+    queue_events: Vec<EventFd>,
+}
+
+impl DeviceWorker {
+    /// The virtio device ID.
+    pub fn device_type(&self) -> u32 {
+        self.device_type
+    }
+
+    /// The queue eventfds, in queue order, to poll.
+    pub fn queue_events(&self) -> &[EventFd] {
+        &self.queue_events
+    }
+
+    /// Host-side descriptors the device wants watched (see [`VirtioDevice::host_event_fds`]).
+    pub fn host_event_fds(&self) -> Vec<RawFd> {
+        lock(&self.device).host_event_fds()
+    }
+
+    /// Runs a pass over queue `index` (the caller has consumed its notification). A pass that
+    /// stops at the device's cap notifies the queue again, so the rest is served after the
+    /// other ready events.
+    pub fn process_queue(&self, index: usize) {
+        self.run(
+            |device| device.process_queue(index),
+            |worker| worker.notify(index),
+        );
+    }
+
+    /// Host descriptor `index` is ready.
+    pub fn process_host_event(&self, index: usize) {
+        self.run(
+            |device| device.process_host_event(index).map(|()| Progress::Done),
+            |_| {},
+        );
+    }
+
+    fn run(
+        &self,
+        pass: impl FnOnce(&mut dyn VirtioDevice) -> Result<Progress, DeviceBroken>,
+        more_work: impl FnOnce(&Self),
+    ) {
+        if !self.activity.may_run() {
+            return;
+        }
+        let mut device = lock(&self.device);
+        match pass(device.as_mut()) {
+            Ok(Progress::Done) => {}
+            Ok(Progress::MoreWork) => more_work(self),
+            // Still under the device's lock: see MmioTransport::reset.
+            Err(e) => mark_broken(
+                &self.activity,
+                &self.interrupt,
+                self.device_type,
+                &e.to_string(),
+            ),
+        }
+    }
+
+    fn notify(&self, index: usize) {
+        if let Some(event) = self.queue_events.get(index) {
+            if let Err(e) = event.write(1) {
+                log::warn!("virtio: cannot notify queue {index}: {e}");
+            }
+        }
+    }
+
+    /// The VM is ending: let the device finish and make its data durable.
+    pub fn shutdown(&self) {
+        lock(&self.device).shutdown();
     }
 }
 
 impl BusDevice for MmioTransport {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         if offset >= CONFIG_SPACE_OFFSET {
-            self.device.read_config(offset - CONFIG_SPACE_OFFSET, data);
+            lock(&self.device).read_config(offset - CONFIG_SPACE_OFFSET, data);
         } else if data.len() == 4 && offset.is_multiple_of(4) {
             data.copy_from_slice(&self.read_register(offset).to_le_bytes());
         } else {
@@ -368,7 +481,7 @@ impl BusDevice for MmioTransport {
 
     fn write(&mut self, offset: u64, data: &[u8]) -> Option<VmRequest> {
         if offset >= CONFIG_SPACE_OFFSET {
-            self.device.write_config(offset - CONFIG_SPACE_OFFSET, data);
+            lock(&self.device).write_config(offset - CONFIG_SPACE_OFFSET, data);
         } else if let (Ok(bytes), true) = (<[u8; 4]>::try_from(data), offset.is_multiple_of(4)) {
             self.write_register(offset, u32::from_le_bytes(bytes));
         }
@@ -393,6 +506,8 @@ mod tests {
         fail_next: bool,
         /// The next pass stops at its cap with work left.
         more_work_next: bool,
+        /// The next pass waits for a message here, as a pass blocked in host I/O would.
+        hold_next: Option<std::sync::mpsc::Receiver<()>>,
     }
 
     struct FakeDevice {
@@ -430,6 +545,10 @@ mod tests {
             Ok(())
         }
         fn process_queue(&mut self, index: usize) -> Result<Progress, DeviceBroken> {
+            let hold = self.seen.lock().unwrap().hold_next.take();
+            if let Some(hold) = hold {
+                hold.recv().unwrap();
+            }
             let mut seen = self.seen.lock().unwrap();
             seen.processed.push(index);
             if std::mem::take(&mut seen.fail_next) {
@@ -587,12 +706,12 @@ mod tests {
         negotiate(&mut t);
         set_up_queue(&mut t, 0, 0x1_0000);
         driver_ok(&mut t);
-        t.process_queue(0);
+        t.worker().unwrap().process_queue(0);
         write32(&mut t, reg::STATUS, 0);
         assert_eq!(read32(&mut t, reg::STATUS), 0);
         write32(&mut t, reg::QUEUE_SEL, 0);
         assert_eq!(read32(&mut t, reg::QUEUE_READY), 0);
-        t.process_queue(0);
+        t.worker().unwrap().process_queue(0);
         let s = seen.lock().unwrap();
         assert_eq!(s.resets, 1);
         assert_eq!(s.processed, vec![0], "no processing after reset");
@@ -611,8 +730,8 @@ mod tests {
         set_up_queue(&mut t, 0, 0x1_0000);
         driver_ok(&mut t);
         seen.lock().unwrap().fail_next = true;
-        t.process_queue(0);
-        t.process_queue(0);
+        t.worker().unwrap().process_queue(0);
+        t.worker().unwrap().process_queue(0);
         assert_eq!(seen.lock().unwrap().processed, vec![0]);
         assert_ne!(t.status() & status::DEVICE_NEEDS_RESET, 0);
         write32(&mut t, reg::INTERRUPT_ACK, 2);
@@ -631,14 +750,37 @@ mod tests {
             assert_eq!(event.read().unwrap(), 1);
         }
         seen.lock().unwrap().more_work_next = true;
-        t.process_queue(1);
+        t.worker().unwrap().process_queue(1);
         assert_eq!(t.queue_events()[1].read().unwrap(), 1);
         assert!(t.queue_events()[0].read().is_err());
         // Once done, no more notifications of its own.
-        t.process_queue(1);
+        t.worker().unwrap().process_queue(1);
         assert!(t.queue_events()[1].read().is_err());
         assert_eq!(seen.lock().unwrap().processed, vec![1, 1]);
         assert_eq!(t.status() & status::DEVICE_NEEDS_RESET, 0);
+    }
+
+    #[test]
+    fn registers_answer_while_a_queue_pass_waits_for_host_io() {
+        let (mut t, seen, _) = transport();
+        negotiate(&mut t);
+        set_up_queue(&mut t, 0, 0x1_0000);
+        driver_ok(&mut t);
+        let (release, hold) = std::sync::mpsc::channel();
+        seen.lock().unwrap().hold_next = Some(hold);
+        let worker = t.worker().unwrap();
+        let pass = std::thread::spawn(move || worker.process_queue(0));
+        // The pass is now stuck "in host I/O" holding the device model; the guest's interrupt
+        // handler still reads and acknowledges its interrupt.
+        while seen.lock().unwrap().hold_next.is_some() {
+            std::thread::yield_now();
+        }
+        assert_eq!(read32(&mut t, reg::INTERRUPT_STATUS), 0);
+        write32(&mut t, reg::INTERRUPT_ACK, 1);
+        assert_ne!(read32(&mut t, reg::STATUS) & status::DRIVER_OK, 0);
+        release.send(()).unwrap();
+        pass.join().unwrap();
+        assert_eq!(seen.lock().unwrap().processed, vec![0]);
     }
 
     #[test]

@@ -111,8 +111,8 @@ pub enum Progress {
     /// Everything the driver made available was served.
     Done,
     /// The pass stopped at the device's cap with more available. The transport notifies the
-    /// queue again, so the rest is served after the other devices' ready events: one busy queue
-    /// cannot hold the shared device event loop.
+    /// queue again, so the rest is served after the thread's other ready events: one busy queue
+    /// holds neither the device model's lock nor its thread for long.
     MoreWork,
 }
 

@@ -1,6 +1,6 @@
 //! virtio-block (virtio 1.2, 5.2): a raw disk image file as one of the guest's `/dev/vdX`.
 //!
-//! One request queue, served synchronously on the device event loop with positioned I/O on the
+//! One request queue, served synchronously on the device's thread with positioned I/O on the
 //! image. Everything in a request comes from the guest and may be hostile: descriptor addresses
 //! and lengths, directions, sector numbers and segment counts are all checked before any byte
 //! moves, guest memory is only reached through vm-memory's checked accessors, and a malformed

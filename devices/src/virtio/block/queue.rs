@@ -10,10 +10,11 @@ use super::request;
 use crate::virtio::device_queue::DeviceQueue;
 use crate::virtio::{DeviceBroken, Interrupt, Progress, Queue};
 
-/// The most requests one pass serves. Requests are served synchronously on the device event loop
-/// that every device shares, so a guest that keeps its queue full would otherwise hold the loop
-/// for as long as it keeps adding; after this many the rest wait for the next pass, behind the
-/// other devices' ready events. A quarter of the largest ring: a full ring takes four passes,
+/// The most requests one pass serves. Requests are served synchronously on the device's own
+/// thread, holding the device model's lock, so a guest that keeps its queue full would otherwise
+/// hold both for as long as it keeps adding (a reset or a configuration read from a vCPU would
+/// wait); after this many the rest wait for the next pass, behind the thread's other ready
+/// events. A quarter of the largest ring: a full ring takes four passes,
 /// each signalled to the guest as it ends.
 pub(super) const MAX_REQUESTS_PER_PASS: usize = 64;
 

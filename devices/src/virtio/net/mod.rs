@@ -1,7 +1,7 @@
 //! virtio-net (virtio 1.2, 5.1): a guest network interface whose frames go to and come from a
 //! host TAP interface.
 //!
-//! One receive queue (0) and one transmit queue (1), served on the device event loop. Frames
+//! One receive queue (0) and one transmit queue (1), served on the device's thread. Frames
 //! keep the 12-byte `virtio_net_hdr_v1` in front on both sides, so the guest's checksum and
 //! segmentation offloads pass through the TAP unchanged; at activation the TAP is told which
 //! offloads the guest accepts on receive.
@@ -277,7 +277,7 @@ impl VirtioDevice for Net {
         };
         // Frames may be waiting since before the driver was ready, their edge long gone: the
         // transport kicks every queue once after activation, and the RX pass picks them up on
-        // the device event loop.
+        // the device's thread.
         self.active = Some(active);
         Ok(())
     }
