@@ -28,8 +28,15 @@ pub enum ConfigError {
         usage: &'static str,
     },
     /// The same key twice.
-    #[error("'{key}' is given twice")]
-    Repeated { key: String },
+    #[error("'{key}' is given twice in {what} option: use {usage}")]
+    Repeated {
+        key: String,
+        what: &'static str,
+        usage: &'static str,
+    },
+    /// `key=` with nothing after it.
+    #[error("'{key}=' needs a value: use {usage}")]
+    Empty { key: String, usage: &'static str },
     /// A key the option cannot do without.
     #[error("{what} needs {key}=…: use {usage}")]
     Missing {
@@ -48,8 +55,8 @@ pub enum ConfigError {
 
 /// Parses a `key=value[,key=value]` option string against the keys one option accepts.
 ///
-/// Values cannot contain commas; an empty value is no value. Unknown keys, repeated keys and
-/// items without `=` are errors that name the option's usage, so a typo never passes silently.
+/// Values cannot contain commas. Unknown keys, repeated keys, empty values and items without `=`
+/// are errors that name the option's usage, so a typo never passes silently.
 #[derive(Debug)]
 pub struct OptionParser {
     /// "a disk", "a network": what the option describes, for messages.
@@ -80,9 +87,17 @@ impl OptionParser {
             let (Some(key), Some((_, value))) = (key, item.split_once('=')) else {
                 return Err(self.unknown(item));
             };
+            if value.is_empty() {
+                return Err(ConfigError::Empty {
+                    key: key.to_string(),
+                    usage: self.usage,
+                });
+            }
             if self.values.insert(key, value.to_string()).is_some() {
                 return Err(ConfigError::Repeated {
                     key: key.to_string(),
+                    what: self.what,
+                    usage: self.usage,
                 });
             }
         }
@@ -97,12 +112,9 @@ impl OptionParser {
         }
     }
 
-    /// The value of `key` as given, if given and not empty.
+    /// The value of `key` as given, if given.
     pub fn get(&self, key: &str) -> Option<&str> {
-        self.values
-            .get(key)
-            .map(String::as_str)
-            .filter(|v| !v.is_empty())
+        self.values.get(key).map(String::as_str)
     }
 
     /// The value of `key`, which must be there.
@@ -132,8 +144,7 @@ impl OptionParser {
             .transpose()
     }
 
-    /// An on/off switch: `on|true|yes` or `off|false|no`; `default` when absent. An empty value
-    /// is an error here, not "absent": `readonly=` is more likely a mistake than a request.
+    /// An on/off switch: `on|true|yes` or `off|false|no`; `default` when absent.
     pub fn toggle(&self, key: &str, default: bool) -> Result<bool, ConfigError> {
         match self.values.get(key).map(String::as_str) {
             None => Ok(default),
@@ -180,10 +191,15 @@ impl FromStr for ConsoleConfig {
         match text {
             "stdio" => Ok(ConsoleConfig::Stdio),
             "off" => Ok(ConsoleConfig::Off),
-            _ => {
-                let options = OptionParser::new("a console", USAGE, &["file"]).parse(text)?;
-                Ok(ConsoleConfig::File(options.required("file")?.into()))
-            }
+            // Not through OptionParser: a file name may hold a comma.
+            _ => match text.strip_prefix("file=") {
+                Some(path) if !path.is_empty() => Ok(ConsoleConfig::File(path.into())),
+                _ => Err(ConfigError::UnknownOption {
+                    item: text.to_string(),
+                    what: "a console",
+                    usage: USAGE,
+                }),
+            },
         }
     }
 }
@@ -364,8 +380,8 @@ mod tests {
         ));
         assert!(matches!(parse("a"), Err(ConfigError::UnknownOption { .. })));
         assert!(matches!(parse(""), Err(ConfigError::UnknownOption { .. })));
-        // An empty value is no value.
-        let options = parse("a=").unwrap();
+        assert!(matches!(parse("a="), Err(ConfigError::Empty { .. })));
+        let options = parse("b=1").unwrap();
         assert!(matches!(
             options.required("a"),
             Err(ConfigError::Missing { key: "a", .. })
@@ -379,6 +395,10 @@ mod tests {
         assert_eq!(
             "file=/tmp/x".parse(),
             Ok(ConsoleConfig::File("/tmp/x".into()))
+        );
+        assert_eq!(
+            "file=/tmp/a,b".parse(),
+            Ok(ConsoleConfig::File("/tmp/a,b".into()))
         );
         assert!("file=".parse::<ConsoleConfig>().is_err());
         assert!("tty".parse::<ConsoleConfig>().is_err());
@@ -408,6 +428,7 @@ mod tests {
             "path=/a,ro",
             "path=/a,readonly=maybe",
             "path=/a,path=/b",
+            "path=/a,id=",
         ] {
             assert!(bad.parse::<DiskConfig>().is_err(), "{bad}");
         }
@@ -432,6 +453,7 @@ mod tests {
         for bad in [
             "mac=02:00:00:00:00:01",
             "tap=tap0,mac=zz",
+            "tap=tap0,mac=",
             "tap=tap0,queues=2",
         ] {
             assert!(bad.parse::<NetConfig>().is_err(), "{bad}");

@@ -10,6 +10,7 @@
 use std::collections::VecDeque;
 use std::fs::File;
 use std::io::{self, Write};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
@@ -36,6 +37,8 @@ struct Shared {
     buffer: Mutex<Buffer>,
     /// Signalled whenever bytes are added or removed, or a flag changes.
     changed: Condvar,
+    /// Bytes the host output has taken so far: how `finish` tells a slow reader from a stuck one.
+    written: AtomicU64,
 }
 
 impl Shared {
@@ -83,7 +86,9 @@ impl Write for BufferedWriter {
 pub struct ConsoleOutput {
     shared: Arc<Shared>,
     done: mpsc::Receiver<()>,
-    thread: JoinHandle<()>,
+    /// Taken by `finish`; a `ConsoleOutput` dropped without it (a VM that failed to build or
+    /// start) still closes the buffer, so the thread ends instead of waiting forever.
+    thread: Option<JoinHandle<()>>,
 }
 
 impl ConsoleOutput {
@@ -109,24 +114,26 @@ impl ConsoleOutput {
                 dropped: 0,
             }),
             changed: Condvar::new(),
+            written: AtomicU64::new(0),
         });
         let (done_sender, done) = mpsc::channel();
         let drain_shared = shared.clone();
-        let thread = std::thread::Builder::new()
-            .name("console-out".into())
-            .spawn(move || {
-                // This thread starts before the main loop blocks SIGINT/SIGTERM/SIGHUP for
-                // every thread: it must not be the one they are delivered to.
-                crate::main_loop::block_termination_signals();
-                drain(&drain_shared, out);
-                let _ = done_sender.send(());
-            })?;
+        // This thread starts before the main loop blocks SIGINT/SIGTERM/SIGHUP for every thread,
+        // and must never be the one they are delivered to: it is born with them blocked.
+        let thread = crate::main_loop::with_termination_signals_blocked(|| {
+            std::thread::Builder::new()
+                .name("console-out".into())
+                .spawn(move || {
+                    drain(&drain_shared, out);
+                    let _ = done_sender.send(());
+                })
+        })?;
         let writer = BufferedWriter(shared.clone());
         Ok((
             Self {
                 shared,
                 done,
-                thread,
+                thread: Some(thread),
             },
             writer,
         ))
@@ -141,28 +148,24 @@ impl ConsoleOutput {
 
     /// Lets the drain thread write what is left, for as long as the host output keeps taking
     /// bytes; gives up once it has taken nothing for `patience` (a pipe nobody reads).
-    pub fn finish(self, patience: Duration) {
-        let mut left = {
-            let mut buffer = self.shared.lock();
-            buffer.no_waiting = true;
-            buffer.closed = true;
-            buffer.bytes.len()
-        };
-        self.shared.changed.notify_all();
+    pub fn finish(mut self, patience: Duration) {
+        self.close();
+        let mut written = self.shared.written.load(Ordering::SeqCst);
         loop {
             match self.done.recv_timeout(patience) {
                 Ok(()) | Err(RecvTimeoutError::Disconnected) => break,
                 Err(RecvTimeoutError::Timeout) => {
-                    let now = self.shared.lock().bytes.len();
-                    if now >= left {
+                    let now = self.shared.written.load(Ordering::SeqCst);
+                    if now == written {
                         log::warn!(
                             "console: the host output took nothing for {patience:?}; \
-                             {now} bytes of guest output are lost"
+                             the rest of the guest's output is lost"
                         );
                         // The thread stays blocked in write(); the process ends without it.
+                        self.thread = None;
                         return;
                     }
-                    left = now;
+                    written = now;
                 }
             }
         }
@@ -170,9 +173,27 @@ impl ConsoleOutput {
         if dropped > 0 {
             log::warn!("console: {dropped} bytes of guest output were dropped");
         }
-        if self.thread.join().is_err() {
-            log::error!("the console output thread panicked");
+        if let Some(thread) = self.thread.take() {
+            if thread.join().is_err() {
+                log::error!("the console output thread panicked");
+            }
         }
+    }
+
+    /// No more output will come: writers stop waiting, and the thread ends once it has written
+    /// what is left.
+    fn close(&self) {
+        let mut buffer = self.shared.lock();
+        buffer.no_waiting = true;
+        buffer.closed = true;
+        drop(buffer);
+        self.shared.changed.notify_all();
+    }
+}
+
+impl Drop for ConsoleOutput {
+    fn drop(&mut self) {
+        self.close();
     }
 }
 
@@ -204,7 +225,7 @@ fn drain(shared: &Shared, mut out: Box<dyn Write + Send>) {
         if failed {
             continue;
         }
-        if let Err(e) = out.write_all(&chunk).and_then(|()| out.flush()) {
+        if let Err(e) = write_out(&mut *out, &chunk, &shared.written) {
             // A closed pipe or a full disk: keep draining so the guest never waits, and say so
             // once.
             log::warn!("console: cannot write the guest's output: {e}");
@@ -212,6 +233,27 @@ fn drain(shared: &Shared, mut out: Box<dyn Write + Send>) {
             failed = true;
         }
     }
+}
+
+/// Writes `chunk` to `out`, counting every byte taken in `written`. A descriptor someone made
+/// non-blocking (a terminal or pipe shared with another program) says WouldBlock when full: that
+/// is a slow reader, not a failure, so wait a little and go on.
+fn write_out(out: &mut dyn Write, mut chunk: &[u8], written: &AtomicU64) -> io::Result<()> {
+    while !chunk.is_empty() {
+        match out.write(chunk) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => {
+                written.fetch_add(n as u64, Ordering::SeqCst);
+                chunk = &chunk[n..];
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    out.flush()
 }
 
 #[cfg(test)]

@@ -86,25 +86,35 @@ impl MainLoop {
     }
 }
 
-/// Blocks SIGINT, SIGTERM and SIGHUP on the calling thread, for a thread started before
-/// [`MainLoop::new`]: the main thread reads them from a signalfd, and a signal the kernel picks
-/// another thread for while it does not block them ends the process on the spot.
-pub fn block_termination_signals() {
-    // SAFETY: sigemptyset/sigaddset fill a local set; pthread_sigmask only reads it.
-    let rc = unsafe {
+/// Runs `spawn` with SIGINT, SIGTERM and SIGHUP blocked on the calling thread, then restores its
+/// mask: a thread started inside inherits the blocked set from its first instruction. For
+/// threads started before [`MainLoop::new`] blocks them for good: the main thread reads them
+/// from a signalfd, and one the kernel hands to a thread that does not block them ends the
+/// process on the spot.
+pub fn with_termination_signals_blocked<T>(spawn: impl FnOnce() -> T) -> T {
+    // SAFETY: sigemptyset/sigaddset fill a local set; pthread_sigmask reads it and writes the
+    // previous mask into `old`, which is restored (also only read) below.
+    let (rc, old) = unsafe {
         let mut set: libc::sigset_t = std::mem::zeroed();
+        let mut old: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut set);
         for signal in TERMINATION_SIGNALS {
             libc::sigaddset(&mut set, signal);
         }
-        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut())
+        (libc::pthread_sigmask(libc::SIG_BLOCK, &set, &mut old), old)
     };
     if rc != 0 {
         log::warn!(
-            "cannot block termination signals on a thread: {}",
+            "cannot block termination signals: {}",
             io::Error::from_raw_os_error(rc)
         );
     }
+    let result = spawn();
+    if rc == 0 {
+        // SAFETY: `old` is the mask pthread_sigmask returned above.
+        unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut()) };
+    }
+    result
 }
 
 const TERMINATION_SIGNALS: [libc::c_int; 3] = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP];

@@ -312,6 +312,9 @@ impl VcpuHandle {
         expected: VcpuResponse,
         timeout: Duration,
     ) -> Result<(), VcpuError> {
+        // An answer that came after an earlier request timed out, or to a plain `send`, belongs
+        // to nobody now: drop it, or this request would read it as its own.
+        while self.responses.try_recv().is_ok() {}
         self.send(event)?;
         match self.responses.recv_timeout(timeout) {
             Ok(response) if response == expected => Ok(()),
@@ -378,7 +381,7 @@ impl Vcpu<'_> {
             cpu: self.index,
             control: self.control,
         };
-        KVM_RUN.with(|run| run.set(self.fd.get_kvm_run() as *mut kvm_run));
+        let _kvm_run = KvmRunForKicks::set(&mut self.fd);
         let mut state = VcpuState::Running;
         while state != VcpuState::Finished {
             state = match state {
@@ -387,14 +390,16 @@ impl Vcpu<'_> {
                 VcpuState::Finished => VcpuState::Finished,
             };
         }
-        KVM_RUN.with(|run| run.set(std::ptr::null_mut()));
     }
 
     /// Runs the guest until an event or a stop changes the state.
     fn running(&mut self) -> VcpuState {
         loop {
             match self.events.try_recv() {
-                Ok(VcpuEvent::Pause) => return self.respond(VcpuResponse::Paused),
+                Ok(VcpuEvent::Pause) => {
+                    self.complete_pending_io();
+                    return self.respond(VcpuResponse::Paused);
+                }
                 Ok(VcpuEvent::Resume) => {
                     self.respond(VcpuResponse::Resumed);
                 }
@@ -426,6 +431,23 @@ impl Vcpu<'_> {
             Ok(VcpuEvent::Pause) => self.respond(VcpuResponse::Paused),
             Ok(VcpuEvent::Finish) | Err(_) => VcpuState::Finished,
         }
+    }
+
+    /// Finishes the exit just handled inside KVM. An I/O or MMIO read's result reaches the
+    /// guest's registers only on the next KVM_RUN (KVM API, "KVM_RUN"), so a vCPU paused right
+    /// after one would be saved halfway through an instruction. KVM_RUN with immediate_exit set
+    /// completes it and returns EINTR without running the guest.
+    fn complete_pending_io(&mut self) {
+        self.fd.set_kvm_immediate_exit(1);
+        match self.fd.run() {
+            Err(e) if e.errno() == libc::EINTR => {}
+            Err(e) => log::warn!("vCPU {}: completing its last exit: {e}", self.index),
+            Ok(exit) => log::warn!(
+                "vCPU {}: unexpected exit {exit:?} while pausing",
+                self.index
+            ),
+        }
+        self.fd.set_kvm_immediate_exit(0);
     }
 
     fn respond(&self, response: VcpuResponse) -> VcpuState {
@@ -467,6 +489,24 @@ impl Vcpu<'_> {
             }
             ExitAction::Stop(cause) => Err(cause),
         }
+    }
+}
+
+/// Publishes this thread's `kvm_run` to the kick handler, and takes it back however the thread
+/// ends: after a panic, a kick sent to the unwinding thread must not write into a mapping that
+/// is about to be unmapped with its `VcpuFd`.
+struct KvmRunForKicks;
+
+impl KvmRunForKicks {
+    fn set(fd: &mut VcpuFd) -> Self {
+        KVM_RUN.with(|run| run.set(fd.get_kvm_run() as *mut kvm_run));
+        Self
+    }
+}
+
+impl Drop for KvmRunForKicks {
+    fn drop(&mut self) {
+        KVM_RUN.with(|run| run.set(std::ptr::null_mut()));
     }
 }
 

@@ -68,6 +68,8 @@ fn xstate_cmdline() -> String {
 pub enum VmmError {
     #[error(transparent)]
     Kvm(#[from] KvmError),
+    #[error("--cpus must be at least 1")]
+    NoCpus,
     #[error("--cpus {requested} is more than this host's KVM supports ({max})")]
     TooManyCpus { requested: u8, max: usize },
     #[error(
@@ -437,6 +439,10 @@ pub fn run(config: &VmConfig, started: Instant) -> Result<VmOutcome, VmmError> {
 }
 
 fn check_resources(kvm: &Kvm, config: &VmConfig) -> Result<(), VmmError> {
+    // A configuration may come from elsewhere than the command line (JSON, later): check it all.
+    if config.cpus == 0 {
+        return Err(VmmError::NoCpus);
+    }
     let max_cpus = kvm.get_max_vcpus().min(usize::from(MAX_CPUS));
     if usize::from(config.cpus) > max_cpus {
         return Err(VmmError::TooManyCpus {

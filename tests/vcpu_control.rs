@@ -106,13 +106,15 @@ fn a_paused_vcpu_makes_no_progress_and_a_resumed_one_continues() {
     assert!(!control.is_stopping(), "nothing asked the VM to stop");
 }
 
-/// Records every write on its port, one entry per access.
+/// Records every write on its port, one entry per access; reads count up from 1, one number per
+/// access.
 #[derive(Default)]
-struct Recorder(Vec<Vec<u8>>);
+struct Recorder(Vec<Vec<u8>>, u8);
 
 impl BusDevice for Recorder {
     fn read(&mut self, _: u64, data: &mut [u8]) {
-        data.fill(0);
+        self.1 += 1;
+        data.fill(self.1);
     }
     fn write(&mut self, _: u64, data: &[u8]) -> Option<VmRequest> {
         self.0.push(data.to_vec());
@@ -158,4 +160,47 @@ fn rep_outsb_reaches_the_device_one_byte_at_a_time() {
     let writes = &recorder.lock().unwrap().0;
     let expected: Vec<Vec<u8>> = b"hello".iter().map(|b| vec![*b]).collect();
     assert_eq!(*writes, expected);
+}
+
+#[test]
+fn rep_insb_reads_the_device_once_per_byte() {
+    if !common::kvm_available() {
+        return;
+    }
+    let mut code = Vec::new();
+    code.push(0xbf); // mov edi, DATA
+    code.extend_from_slice(&(DATA as u32).to_le_bytes());
+    code.extend_from_slice(&[0xb9, 4, 0, 0, 0]); // mov ecx, 4
+    code.extend_from_slice(&[0x66, 0xba]); // mov dx, RECORDER_PORT
+    code.extend_from_slice(&RECORDER_PORT.to_le_bytes());
+    code.extend_from_slice(&[0xf3, 0x6c]); // rep insb
+    code.extend_from_slice(&[0xb0, 7, 0xe6, 0xf4]); // mov al, 7; out 0xf4, al
+    code.extend_from_slice(&[0xf4, 0xeb, 0xfd]); // hlt; jmp back to it
+    let (_vm, memory, vcpu) = micro_vm(&code, &[0; 8]);
+    vcpu::install_kick_handler().unwrap();
+    let mut pio = Bus::new();
+    pio.insert(
+        Arc::new(Mutex::new(Recorder::default())),
+        u64::from(RECORDER_PORT),
+        1,
+    )
+    .unwrap();
+    pio.insert(Arc::new(Mutex::new(DebugExit)), 0xf4, 1)
+        .unwrap();
+    let buses = Arc::new(IoBuses {
+        pio,
+        mmio: Bus::new(),
+    });
+    let control = Arc::new(VmControl::new().unwrap());
+    let handle = VcpuHandle::spawn(0, vcpu, buses, None, control.clone()).unwrap();
+    let deadline = Instant::now() + TIMEOUT;
+    while !control.is_stopping() {
+        assert!(Instant::now() < deadline, "the guest never exited");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    handle.finish();
+    assert_eq!(control.take_outcome(), Some(VmOutcome::GuestExit(7)));
+    let mut got = [0u8; 8];
+    memory.read_slice(&mut got, GuestAddress(DATA)).unwrap();
+    assert_eq!(got, [1, 2, 3, 4, 0, 0, 0, 0]);
 }
