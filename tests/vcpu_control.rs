@@ -122,21 +122,10 @@ impl BusDevice for Recorder {
     }
 }
 
-#[test]
-fn rep_outsb_reaches_the_device_one_byte_at_a_time() {
-    if !common::kvm_available() {
-        return;
-    }
-    let mut code = Vec::new();
-    code.push(0xbe); // mov esi, DATA
-    code.extend_from_slice(&(DATA as u32).to_le_bytes());
-    code.extend_from_slice(&[0xb9, 5, 0, 0, 0]); // mov ecx, 5
-    code.extend_from_slice(&[0x66, 0xba]); // mov dx, RECORDER_PORT
-    code.extend_from_slice(&RECORDER_PORT.to_le_bytes());
-    code.extend_from_slice(&[0xf3, 0x6e]); // rep outsb
-    code.extend_from_slice(&[0xb0, 7, 0xe6, 0xf4]); // mov al, 7; out 0xf4, al
-    code.extend_from_slice(&[0xf4, 0xeb, 0xfd]); // hlt; jmp back to it
-    let (_vm, _memory, vcpu) = micro_vm(&code, b"hello");
+/// Runs `code` (with `data` at [`DATA`]) on one vCPU with a [`Recorder`] at [`RECORDER_PORT`] and
+/// the debug-exit port, until the guest writes its exit status; returns the recorder and memory.
+fn run_until_exit(code: &[u8], data: &[u8]) -> (Recorder, GuestMemoryMmap) {
+    let (_vm, memory, vcpu) = micro_vm(code, data);
     vcpu::install_kick_handler().unwrap();
     let recorder = Arc::new(Mutex::new(Recorder::default()));
     let mut pio = Bus::new();
@@ -157,7 +146,28 @@ fn rep_outsb_reaches_the_device_one_byte_at_a_time() {
     }
     handle.finish();
     assert_eq!(control.take_outcome(), Some(VmOutcome::GuestExit(7)));
-    let writes = &recorder.lock().unwrap().0;
+    let recorder = std::mem::take(&mut *recorder.lock().unwrap());
+    (recorder, memory)
+}
+
+/// `mov al, 7; out 0xf4, al; hlt; jmp back to the hlt`: the micro-guest's exit.
+const EXIT_7: [u8; 7] = [0xb0, 7, 0xe6, 0xf4, 0xf4, 0xeb, 0xfd];
+
+#[test]
+fn rep_outsb_reaches_the_device_one_byte_at_a_time() {
+    if !common::kvm_available() {
+        return;
+    }
+    let mut code = Vec::new();
+    code.push(0xbe); // mov esi, DATA
+    code.extend_from_slice(&(DATA as u32).to_le_bytes());
+    code.extend_from_slice(&[0xb9, 5, 0, 0, 0]); // mov ecx, 5
+    code.extend_from_slice(&[0x66, 0xba]); // mov dx, RECORDER_PORT
+    code.extend_from_slice(&RECORDER_PORT.to_le_bytes());
+    code.extend_from_slice(&[0xf3, 0x6e]); // rep outsb
+    code.extend_from_slice(&EXIT_7);
+    let (recorder, _) = run_until_exit(&code, b"hello");
+    let writes = &recorder.0;
     let expected: Vec<Vec<u8>> = b"hello".iter().map(|b| vec![*b]).collect();
     assert_eq!(*writes, expected);
 }
@@ -174,32 +184,8 @@ fn rep_insb_reads_the_device_once_per_byte() {
     code.extend_from_slice(&[0x66, 0xba]); // mov dx, RECORDER_PORT
     code.extend_from_slice(&RECORDER_PORT.to_le_bytes());
     code.extend_from_slice(&[0xf3, 0x6c]); // rep insb
-    code.extend_from_slice(&[0xb0, 7, 0xe6, 0xf4]); // mov al, 7; out 0xf4, al
-    code.extend_from_slice(&[0xf4, 0xeb, 0xfd]); // hlt; jmp back to it
-    let (_vm, memory, vcpu) = micro_vm(&code, &[0; 8]);
-    vcpu::install_kick_handler().unwrap();
-    let mut pio = Bus::new();
-    pio.insert(
-        Arc::new(Mutex::new(Recorder::default())),
-        u64::from(RECORDER_PORT),
-        1,
-    )
-    .unwrap();
-    pio.insert(Arc::new(Mutex::new(DebugExit)), 0xf4, 1)
-        .unwrap();
-    let buses = Arc::new(IoBuses {
-        pio,
-        mmio: Bus::new(),
-    });
-    let control = Arc::new(VmControl::new().unwrap());
-    let handle = VcpuHandle::spawn(0, vcpu, buses, None, control.clone()).unwrap();
-    let deadline = Instant::now() + TIMEOUT;
-    while !control.is_stopping() {
-        assert!(Instant::now() < deadline, "the guest never exited");
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    handle.finish();
-    assert_eq!(control.take_outcome(), Some(VmOutcome::GuestExit(7)));
+    code.extend_from_slice(&EXIT_7);
+    let (_, memory) = run_until_exit(&code, &[0; 8]);
     let mut got = [0u8; 8];
     memory.read_slice(&mut got, GuestAddress(DATA)).unwrap();
     assert_eq!(got, [1, 2, 3, 4, 0, 0, 0, 0]);
