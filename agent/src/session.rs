@@ -1,0 +1,554 @@
+//! One exec connection: the handshake, then a poll loop that moves bytes between the host and
+//! the command until the command has exited and all its output is sent.
+//!
+//! Everything is non-blocking and bounded: output is read from the command only while less than
+//! [`OUT_HIGH`] bytes wait for the host, and the host's socket is read only while less than
+//! [`STDIN_HIGH`] bytes wait for the command's stdin. A host that stops reading therefore stalls
+//! only its own command (whose pipes fill up), never the agent, and one that floods stdin costs
+//! a bounded buffer.
+
+use std::io::{self, Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::process::ExitStatusExt;
+use std::process::ExitStatus;
+
+use ember_agent::wire::{
+    self, Decoder, ExecRequest, FailureKind, Message, WireError, MAX_CHUNK, VERSION,
+};
+
+use crate::net::Stream;
+use crate::spawn::{self, Spawned};
+
+/// Encoded output waiting for the host above which the command's output is left unread.
+const OUT_HIGH: usize = 256 << 10;
+/// Stdin bytes waiting for the command above which the host's socket is left unread.
+const STDIN_HIGH: usize = 256 << 10;
+/// How often to check on the command without a pidfd (kernels before 5.3).
+const WAIT_POLL_MS: libc::c_int = 20;
+
+/// Serves one connection to its end. Never panics on anything the host sends.
+pub fn serve(id: u64, mut sock: Stream) {
+    let request = match handshake(&mut sock) {
+        Ok(request) => request,
+        Err(Refusal::Gone(why)) => {
+            log!("[{id}] connection closed during handshake: {why}");
+            return;
+        }
+        Err(Refusal::Fail(kind, message)) => {
+            log!("[{id}] refused: {message}");
+            let _ = wire::write_message(&mut sock, &Message::Failed { kind, message });
+            return;
+        }
+    };
+    let spawned = match spawn::spawn(&request) {
+        Ok(spawned) => spawned,
+        Err(e) => {
+            log!("[{id}] {:?} failed to start: {}", request.argv, e.message);
+            let _ = wire::write_message(
+                &mut sock,
+                &Message::Failed {
+                    kind: e.kind,
+                    message: e.message,
+                },
+            );
+            return;
+        }
+    };
+    let pid = spawned.child.id();
+    log!(
+        "[{id}] started pid {pid}{}: {:?}",
+        if request.tty.is_some() {
+            " on a tty"
+        } else {
+            ""
+        },
+        request.argv
+    );
+    let mut session = Session::new(id, sock, spawned);
+    session.out.push_message(&Message::Started { pid });
+    match session.run() {
+        Ok(()) => log!("[{id}] pid {pid} {}", describe(session.status)),
+        Err(why) => {
+            log!("[{id}] closing: {why}; killing process group {pid}");
+            session.kill_and_reap();
+        }
+    }
+}
+
+enum Refusal {
+    /// The host closed or broke the connection: nobody to tell.
+    Gone(String),
+    /// Tell the host why, in `Failed`.
+    Fail(FailureKind, String),
+}
+
+/// Hello both ways, then the one Exec. Blocking: nothing else happens on the connection yet.
+fn handshake(sock: &mut Stream) -> Result<ExecRequest, Refusal> {
+    wire::write_message(sock, &Message::Hello { version: VERSION })
+        .map_err(|e| Refusal::Gone(e.to_string()))?;
+    match read_or_refuse(sock)? {
+        Message::Hello { version: VERSION } => {}
+        Message::Hello { version } => {
+            return Err(Refusal::Fail(
+                FailureKind::Other,
+                format!("wire version {version} is not supported: the agent speaks {VERSION}"),
+            ))
+        }
+        other => {
+            return Err(Refusal::Fail(
+                FailureKind::Other,
+                format!("protocol error: expected Hello, got {}", other.name()),
+            ))
+        }
+    }
+    match read_or_refuse(sock)? {
+        Message::Exec(request) => Ok(request),
+        other => Err(Refusal::Fail(
+            FailureKind::Other,
+            format!("protocol error: expected Exec, got {}", other.name()),
+        )),
+    }
+}
+
+fn read_or_refuse(sock: &mut Stream) -> Result<Message, Refusal> {
+    match wire::read_message(sock) {
+        Ok(Some(message)) => Ok(message),
+        Ok(None) => Err(Refusal::Gone("end of file".into())),
+        Err(WireError::Io(e)) => Err(Refusal::Gone(e.to_string())),
+        Err(e) => Err(Refusal::Fail(
+            FailureKind::Other,
+            format!("protocol error: {e}"),
+        )),
+    }
+}
+
+fn describe(status: Option<Outcome>) -> String {
+    match status {
+        Some(Outcome::Status(s)) => match (s.code(), s.signal()) {
+            (Some(code), _) => format!("exited with {code}"),
+            (None, Some(signal)) => format!("killed by signal {signal}"),
+            _ => format!("ended: {s}"),
+        },
+        Some(Outcome::Lost) => "lost (wait failed)".into(),
+        None => "still running".into(),
+    }
+}
+
+/// How the command ended.
+#[derive(Clone, Copy, Debug)]
+enum Outcome {
+    Status(ExitStatus),
+    /// waitpid failed (only if something else reaped our child, which the agent never does):
+    /// reported as exit status 255 rather than hanging.
+    Lost,
+}
+
+/// A byte queue with cheap consumption from the front.
+#[derive(Default)]
+struct Queue {
+    buf: Vec<u8>,
+    start: usize,
+}
+
+impl Queue {
+    fn len(&self) -> usize {
+        self.buf.len() - self.start
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn bytes(&self) -> &[u8] {
+        &self.buf[self.start..]
+    }
+
+    fn consume(&mut self, n: usize) {
+        self.start += n;
+        if self.start >= self.buf.len() {
+            self.buf.clear();
+            self.start = 0;
+        }
+    }
+
+    fn extend(&mut self, data: &[u8]) {
+        if self.start > 0 && self.start >= self.buf.len() / 2 {
+            self.buf.drain(..self.start);
+            self.start = 0;
+        }
+        self.buf.extend_from_slice(data);
+    }
+
+    fn push_message(&mut self, message: &Message) {
+        self.extend(&wire::encode(message));
+    }
+
+    fn clear(&mut self) {
+        self.buf = Vec::new();
+        self.start = 0;
+    }
+}
+
+struct Session {
+    id: u64,
+    sock: Stream,
+    decoder: Decoder,
+    /// Encoded frames for the host.
+    out: Queue,
+    child: std::process::Child,
+    pid: i32,
+    /// Readable when the command exits (Linux 5.3+); without it, the loop polls on a timer.
+    pidfd: Option<OwnedFd>,
+    status: Option<Outcome>,
+    final_queued: bool,
+    stdout: Option<OwnedFd>,
+    stderr: Option<OwnedFd>,
+    stdin: Option<OwnedFd>,
+    /// Bytes from the host not yet written to the command's stdin.
+    stdin_buf: Queue,
+    /// The host sent StdinEof (or the command closed its stdin): take no more.
+    stdin_closed: bool,
+    pty: Option<OwnedFd>,
+    /// On a tty: whether the last byte sent ended a line, to know how many VEOFs end input.
+    tty_line_empty: bool,
+}
+
+impl Session {
+    fn new(id: u64, sock: Stream, spawned: Spawned) -> Session {
+        let pid = spawned.child.id() as i32;
+        let stdin_closed = spawned.stdin.is_none();
+        Session {
+            id,
+            sock,
+            decoder: Decoder::new(),
+            out: Queue::default(),
+            pidfd: pidfd_open(pid),
+            child: spawned.child,
+            pid,
+            status: None,
+            final_queued: false,
+            stdout: spawned.stdout,
+            stderr: spawned.stderr,
+            stdin: spawned.stdin,
+            stdin_buf: Queue::default(),
+            stdin_closed,
+            pty: spawned.pty,
+            tty_line_empty: true,
+        }
+    }
+
+    /// The loop. `Ok` once the last frame is sent; `Err` (saying why) when the connection has
+    /// to be dropped with the command still to be killed.
+    fn run(&mut self) -> Result<(), String> {
+        self.sock
+            .set_nonblocking(true)
+            .map_err(|e| format!("socket: {e}"))?;
+        let mut buf = vec![0u8; MAX_CHUNK];
+        loop {
+            if !self.final_queued
+                && self.status.is_some()
+                && self.stdout.is_none()
+                && self.stderr.is_none()
+            {
+                let last = match self.status {
+                    Some(Outcome::Status(s)) => match (s.code(), s.signal()) {
+                        (Some(code), _) => Message::Exited { code },
+                        (None, Some(signal)) => Message::Signaled { signal },
+                        _ => Message::Exited { code: 255 },
+                    },
+                    _ => Message::Exited { code: 255 },
+                };
+                self.out.push_message(&last);
+                self.final_queued = true;
+            }
+            if self.final_queued && self.out.is_empty() {
+                return Ok(());
+            }
+
+            const SOCK: usize = 0;
+            const OUT: usize = 1;
+            const ERR: usize = 2;
+            const IN: usize = 3;
+            const PID: usize = 4;
+            // A negative fd is skipped by poll: what we do not want to hear about right now
+            // (a full output queue, an empty stdin buffer) is left out, so a hung-up pipe
+            // cannot keep waking the loop.
+            let mut fds = [libc::pollfd {
+                fd: -1,
+                events: 0,
+                revents: 0,
+            }; 5];
+            let sock_events = if !self.final_queued && self.stdin_buf.len() < STDIN_HIGH {
+                libc::POLLIN
+            } else {
+                0
+            } | if self.out.is_empty() {
+                0
+            } else {
+                libc::POLLOUT
+            };
+            // The socket is always polled, even for no events: a hang-up or error is reported
+            // regardless, and means the host is gone.
+            fds[SOCK] = pollfd(self.sock.as_raw_fd(), sock_events);
+            if self.out.len() < OUT_HIGH {
+                fds[OUT] = pollfd(raw(&self.stdout), libc::POLLIN);
+                fds[ERR] = pollfd(raw(&self.stderr), libc::POLLIN);
+            }
+            if !self.stdin_buf.is_empty() {
+                fds[IN] = pollfd(raw(&self.stdin), libc::POLLOUT);
+            }
+            if self.status.is_none() {
+                fds[PID] = pollfd(raw(&self.pidfd), libc::POLLIN);
+            }
+            let timeout = if self.status.is_none() && self.pidfd.is_none() {
+                WAIT_POLL_MS
+            } else {
+                -1
+            };
+            // SAFETY: `fds` is a valid array of `fds.len()` pollfds for the duration of the call.
+            let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout) };
+            if n < 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(format!("poll: {e}"));
+            }
+
+            let sock_rev = fds[SOCK].revents;
+            if sock_rev & libc::POLLIN != 0 {
+                self.read_host(&mut buf)?;
+            } else if sock_rev & (libc::POLLHUP | libc::POLLERR) != 0 {
+                return Err("host hung up".into());
+            }
+            if sock_rev & libc::POLLOUT != 0 {
+                self.write_host()?;
+            }
+            if fds[OUT].revents != 0 {
+                read_output(
+                    self.id,
+                    &mut self.stdout,
+                    &mut self.out,
+                    &mut buf,
+                    Message::Stdout,
+                );
+            }
+            if fds[ERR].revents != 0 {
+                read_output(
+                    self.id,
+                    &mut self.stderr,
+                    &mut self.out,
+                    &mut buf,
+                    Message::Stderr,
+                );
+            }
+            if fds[IN].revents != 0 {
+                self.write_stdin();
+            }
+            if self.status.is_none() && (self.pidfd.is_none() || fds[PID].revents != 0) {
+                self.try_reap();
+            }
+        }
+    }
+
+    /// Reads what the host sent and acts on every complete frame.
+    fn read_host(&mut self, buf: &mut [u8]) -> Result<(), String> {
+        match self.sock.read(buf) {
+            Ok(0) => return Err("host closed the connection".into()),
+            Ok(n) => self.decoder.push(&buf[..n]),
+            Err(e) if is_transient(&e) => return Ok(()),
+            Err(e) => return Err(format!("reading from host: {e}")),
+        }
+        loop {
+            match self.decoder.next() {
+                Ok(Some(message)) => self.handle(message)?,
+                Ok(None) => return Ok(()),
+                Err(e) => return Err(format!("protocol error: {e}")),
+            }
+        }
+    }
+
+    fn handle(&mut self, message: Message) -> Result<(), String> {
+        match message {
+            Message::Stdin(data) => {
+                if !self.stdin_closed {
+                    if let Some(&last) = data.last() {
+                        self.tty_line_empty = last == b'\n' || last == b'\r';
+                    }
+                    self.stdin_buf.extend(&data);
+                }
+            }
+            Message::StdinEof => {
+                if !self.stdin_closed {
+                    self.stdin_closed = true;
+                    if let Some(pty) = &self.pty {
+                        // Closing the master would hang up the terminal: end input the way a
+                        // typist would, with the terminal's EOF character.
+                        let eof = spawn::tty_eof(pty, self.tty_line_empty);
+                        self.stdin_buf.extend(&eof);
+                    } else if self.stdin_buf.is_empty() {
+                        self.stdin = None;
+                    }
+                }
+            }
+            Message::Signal(signal) => {
+                let alive = self.status.is_none();
+                match spawn::kill_group(self.pid, signal, alive) {
+                    Ok(()) => log!("[{}] signal {signal} to group {}", self.id, self.pid),
+                    Err(e) => log!("[{}] signal {signal} to group {}: {e}", self.id, self.pid),
+                }
+            }
+            Message::Resize(size) => match &self.pty {
+                Some(pty) => {
+                    if let Err(e) = spawn::set_winsize(pty, &size) {
+                        log!("[{}] resize: {e}", self.id);
+                    }
+                }
+                None => log!("[{}] resize ignored: no tty", self.id),
+            },
+            other => return Err(format!("protocol error: unexpected {}", other.name())),
+        }
+        Ok(())
+    }
+
+    fn write_host(&mut self) -> Result<(), String> {
+        while !self.out.is_empty() {
+            match self.sock.write(self.out.bytes()) {
+                Ok(n) => self.out.consume(n),
+                Err(e) if is_transient(&e) => return Ok(()),
+                Err(e) => return Err(format!("writing to host: {e}")),
+            }
+        }
+        Ok(())
+    }
+
+    fn write_stdin(&mut self) {
+        let Some(fd) = &self.stdin else {
+            self.stdin_buf.clear();
+            return;
+        };
+        while !self.stdin_buf.is_empty() {
+            match write_fd(fd.as_raw_fd(), self.stdin_buf.bytes()) {
+                Ok(n) => self.stdin_buf.consume(n),
+                Err(e) if is_transient(&e) => return,
+                Err(e) => {
+                    // The command closed its stdin (EPIPE) or the tty is gone: what the host
+                    // still sends has nowhere to go.
+                    log!("[{}] stdin closed: {e}", self.id);
+                    self.stdin = None;
+                    self.stdin_closed = true;
+                    self.stdin_buf.clear();
+                    return;
+                }
+            }
+        }
+        if self.stdin_closed && self.pty.is_none() {
+            // Everything before StdinEof is written: now the command sees end-of-file.
+            self.stdin = None;
+        }
+    }
+
+    fn try_reap(&mut self) {
+        match self.child.try_wait() {
+            Ok(Some(status)) => {
+                self.status = Some(Outcome::Status(status));
+                self.pidfd = None;
+            }
+            Ok(None) => {}
+            Err(e) => {
+                log!("[{}] waiting for pid {}: {e}", self.id, self.pid);
+                self.status = Some(Outcome::Lost);
+                self.pidfd = None;
+            }
+        }
+    }
+
+    /// The host is gone or broke the protocol: nobody will see the command's output, so it and
+    /// everything it started are killed, and the command reaped.
+    fn kill_and_reap(&mut self) {
+        let alive = self.status.is_none();
+        if let Err(e) = spawn::kill_group(self.pid, libc::SIGKILL, alive) {
+            if e.raw_os_error() != Some(libc::ESRCH) {
+                log!("[{}] killing group {}: {e}", self.id, self.pid);
+            }
+        }
+        if alive {
+            if let Err(e) = self.child.wait() {
+                log!("[{}] waiting for pid {}: {e}", self.id, self.pid);
+            }
+        }
+    }
+}
+
+/// Reads one chunk of a command's output into the host's queue; end-of-file (or, on a pty, EIO
+/// once every holder of the slave has closed it) closes the stream.
+fn read_output(
+    id: u64,
+    fd: &mut Option<OwnedFd>,
+    out: &mut Queue,
+    buf: &mut [u8],
+    make: fn(Vec<u8>) -> Message,
+) {
+    let Some(raw) = fd.as_ref().map(AsRawFd::as_raw_fd) else {
+        return;
+    };
+    // SAFETY: `buf` is valid for writes of its length, at most MAX_CHUNK; the fd is ours.
+    let n = unsafe { libc::read(raw, buf.as_mut_ptr().cast(), buf.len().min(MAX_CHUNK)) };
+    if n > 0 {
+        out.push_message(&make(buf[..n as usize].to_vec()));
+        return;
+    }
+    if n < 0 {
+        let e = io::Error::last_os_error();
+        if is_transient(&e) {
+            return;
+        }
+        // EIO is how a pty master says "the other side is closed"; anything else is treated
+        // the same way, so a broken stream cannot keep the loop spinning.
+        if e.raw_os_error() != Some(libc::EIO) {
+            log!("[{id}] reading output: {e}");
+        }
+    }
+    *fd = None;
+}
+
+fn write_fd(fd: RawFd, data: &[u8]) -> io::Result<usize> {
+    // SAFETY: `data` is valid for reads of its length; the fd is ours.
+    let n = unsafe { libc::write(fd, data.as_ptr().cast(), data.len()) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(n as usize)
+}
+
+fn is_transient(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+    )
+}
+
+fn pollfd(fd: RawFd, events: libc::c_short) -> libc::pollfd {
+    libc::pollfd {
+        fd,
+        events,
+        revents: 0,
+    }
+}
+
+fn raw(fd: &Option<OwnedFd>) -> RawFd {
+    fd.as_ref().map_or(-1, AsRawFd::as_raw_fd)
+}
+
+/// A pidfd for the child, so the loop sleeps until it exits instead of polling; `None` on
+/// kernels without pidfd_open (before 5.3).
+fn pidfd_open(pid: i32) -> Option<OwnedFd> {
+    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1. The pid is our
+    // unreaped child, so it cannot name another process.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if fd < 0 {
+        return None;
+    }
+    // SAFETY: the syscall just returned this fd (it fits in an int), owned by nobody else.
+    Some(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
