@@ -11,6 +11,7 @@ pub mod mmio;
 pub mod net;
 #[cfg(test)]
 pub(crate) mod test_support;
+pub mod vsock;
 
 use std::sync::atomic::{AtomicU32, Ordering};
 

@@ -1,0 +1,354 @@
+//! virtio-vsock (virtio 1.2, 5.10): stream sockets between the guest and host programs, with
+//! the host side over Unix sockets as in Firecracker's hybrid vsock, so the same tools work.
+//!
+//! - host → guest: a program connects to the socket at `uds_path`, writes `CONNECT <port>\n`,
+//!   reads `OK <host port>\n`, and from then on the stream is the guest socket's peer. If nothing
+//!   listens on that guest port, the guest answers RST and the stream is closed.
+//! - guest → host port P: ember connects to `<uds_path>_P`; if nobody listens there, the guest
+//!   gets RST (ECONNRESET).
+//!
+//! Three queues: receive (0, packets to the guest), transmit (1, packets from the guest) and
+//! event (2, for transport resets after a snapshot restore, which this device does not do: its
+//! buffers stay with the guest). Both directions keep to the spec's credit flow control, so
+//! ember's memory per connection is bounded by the credit it advertises, whatever the guest or
+//! the host program does (see `connection.rs` and `muxer.rs`).
+//!
+//! Everything in a descriptor chain comes from the guest and may be hostile: a malformed chain
+//! is returned unused and its packet dropped (`packet.rs` lists the checks), a packet for no
+//! connection is answered with RST, and only a ring that cannot be walked makes the device
+//! [`DeviceBroken`].
+//!
+//! This file is the device as the transport sees it; `packet.rs` is the wire format,
+//! `connection.rs` one connection, `muxer.rs` all of them and the host sockets.
+
+use std::os::fd::RawFd;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use vm_memory::GuestMemoryMmap;
+
+use super::device_queue::DeviceQueue;
+use super::{
+    DeviceBroken, Interrupt, Progress, Queue, QueueT, VirtioDevice, VIRTIO_F_VERSION_1,
+    VIRTIO_RING_F_EVENT_IDX,
+};
+use muxer::Muxer;
+use packet::{read_tx_packet, RxBuffer, MAX_PKT_BUF};
+
+mod connection;
+mod muxer;
+mod packet;
+
+/// The virtio device ID of a socket device (virtio 1.2, 5).
+const DEVICE_TYPE_VSOCK: u32 = 19;
+const RX_QUEUE: usize = 0;
+const TX_QUEUE: usize = 1;
+const EVENT_QUEUE: usize = 2;
+const QUEUE_MAX_SIZES: [u16; 3] = [256, 256, 256];
+/// The smallest CID a guest may have: 0 is the hypervisor, 1 local loopback, 2 the host.
+const MIN_GUEST_CID: u64 = 3;
+/// Linux keeps CIDs in 32 bits, and `u32::MAX` is `VMADDR_CID_ANY`.
+const MAX_GUEST_CID: u64 = u32::MAX as u64 - 1;
+
+/// How to build a vsock device (`--vsock cid=N,socket=PATH`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VsockDeviceConfig {
+    /// The guest's context ID, 3 or more.
+    pub guest_cid: u64,
+    /// Where host programs connect to reach the guest; guest connections to host port P go to
+    /// this path with `_P` appended. The device creates the socket and removes it when dropped.
+    pub uds_path: PathBuf,
+}
+
+/// Why a vsock device cannot be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum VsockError {
+    /// The CID is one of the reserved ones or does not fit Linux's 32 bits.
+    #[error("guest CID {0} is reserved or too big: use 3 to 4294967294")]
+    InvalidCid(u64),
+    /// Something already exists at the socket path.
+    #[error(
+        "{} already exists: remove it (a socket left by an earlier run?) or choose another path",
+        .0.display()
+    )]
+    SocketExists(PathBuf),
+    /// The listening socket cannot be made.
+    #[error("cannot listen at {}", path.display())]
+    Listen {
+        /// The socket path.
+        path: PathBuf,
+        /// What failed.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The epoll set for host sockets cannot be made.
+    #[error("cannot create the epoll set for vsock host sockets")]
+    Epoll(#[source] std::io::Error),
+}
+
+/// A virtio-vsock device whose host side is Unix sockets.
+pub struct Vsock {
+    guest_cid: u64,
+    muxer: Muxer,
+    /// The payload of the packet being transmitted, allocated once: a flood never grows memory.
+    tx_payload: Box<[u8]>,
+    /// The payload of the packet being received, allocated once.
+    rx_payload: Box<[u8]>,
+    /// Present between activation and reset.
+    active: Option<Active>,
+}
+
+/// What the driver handed over at DRIVER_OK.
+struct Active {
+    mem: GuestMemoryMmap,
+    rx: DeviceQueue,
+    tx: DeviceQueue,
+    interrupt: Arc<Interrupt>,
+    /// A receive buffer taken off the ring with nothing to put in it yet.
+    rx_buffer: Option<RxBuffer>,
+    /// The last transmit pass stopped with chains left, because the muxer could take no more
+    /// packets until the guest takes some of its answers.
+    tx_waiting: bool,
+}
+
+impl Vsock {
+    /// Creates the device and its listening socket at `config.uds_path`.
+    pub fn new(config: VsockDeviceConfig) -> Result<Self, VsockError> {
+        if !(MIN_GUEST_CID..=MAX_GUEST_CID).contains(&config.guest_cid) {
+            return Err(VsockError::InvalidCid(config.guest_cid));
+        }
+        Ok(Self {
+            guest_cid: config.guest_cid,
+            muxer: Muxer::new(config.guest_cid, config.uds_path)?,
+            tx_payload: vec![0; MAX_PKT_BUF].into_boxed_slice(),
+            rx_payload: vec![0; MAX_PKT_BUF].into_boxed_slice(),
+            active: None,
+        })
+    }
+
+    /// The guest's context ID.
+    pub fn guest_cid(&self) -> u64 {
+        self.guest_cid
+    }
+
+    /// Moves packets both ways as far as the rings allow, then interrupts the guest if it asked.
+    fn run(&mut self) -> Result<(), DeviceBroken> {
+        let Some(active) = self.active.as_mut() else {
+            return Ok(());
+        };
+        loop {
+            active.transmit(&mut self.muxer, self.guest_cid, &mut self.tx_payload)?;
+            // After transmitting there is often something to answer (a RESPONSE the guest waits
+            // for), and the receive side may make room for a stopped transmit pass.
+            active.receive(&mut self.muxer, &mut self.rx_payload)?;
+            if !(active.tx_waiting && self.muxer.accepts_guest_packets()) {
+                break;
+            }
+        }
+        let tx_signalled = active.tx.signal_used(&active.mem, &active.interrupt);
+        let rx_signalled = active.rx.signal_used(&active.mem, &active.interrupt);
+        tx_signalled.and(rx_signalled)
+    }
+}
+
+impl Active {
+    /// Hands the guest's packets to the muxer, until the ring is empty or the muxer is full.
+    /// Uncapped, as for virtio-net: a packet costs one copy and a non-blocking write or connect.
+    fn transmit(
+        &mut self,
+        muxer: &mut Muxer,
+        guest_cid: u64,
+        payload: &mut [u8],
+    ) -> Result<(), DeviceBroken> {
+        self.tx_waiting = false;
+        if !self.tx.ready() {
+            return Ok(());
+        }
+        loop {
+            self.tx.disable_notification(&self.mem)?;
+            loop {
+                if !muxer.accepts_guest_packets() {
+                    // The chains stay in the ring: the guest's own memory holds the backlog.
+                    self.tx_waiting = true;
+                    break;
+                }
+                let Some(chain) = self.tx.pop(&self.mem)? else {
+                    break;
+                };
+                let head = chain.head_index();
+                match read_tx_packet(&self.mem, chain, guest_cid, payload) {
+                    Ok(packet) => {
+                        let data = payload.get(..packet.len()).unwrap_or_default();
+                        muxer.on_guest_packet(&packet, data);
+                    }
+                    Err(e) => log::debug!("vsock: TX chain {head} dropped: {e}"),
+                }
+                // The device writes nothing into a transmit chain.
+                self.tx.add_used(&self.mem, head, 0)?;
+            }
+            // Back on even when stopped: a new chain still wakes the device, which then finds
+            // whether the muxer has room again.
+            let more = self.tx.enable_notification(&self.mem)?;
+            if self.tx_waiting || !more {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Fills the guest's receive buffers with what the muxer has for it.
+    fn receive(&mut self, muxer: &mut Muxer, payload: &mut [u8]) -> Result<(), DeviceBroken> {
+        if !self.rx.ready() {
+            return Ok(());
+        }
+        while muxer.has_packet_for_guest() {
+            let buffer = match self.rx_buffer.take() {
+                Some(buffer) => buffer,
+                None => match self.take_rx_buffer()? {
+                    Some(buffer) => buffer,
+                    None => {
+                        // The work waits in the muxer (bounded there) until the guest posts
+                        // buffers and says so; unless it posted some meanwhile.
+                        if self.rx.enable_notification(&self.mem)? {
+                            continue;
+                        }
+                        return Ok(());
+                    }
+                },
+            };
+            let room = buffer.payload_capacity().min(payload.len());
+            let Some((header, len)) = muxer.next_packet(&mut payload[..room]) else {
+                self.rx_buffer = Some(buffer);
+                return Ok(());
+            };
+            let data = payload.get(..len).unwrap_or_default();
+            let used = match buffer.write(&self.mem, &header, data) {
+                Ok(written) => written,
+                Err(e) => {
+                    // Not expected: the buffer was checked to lie in guest memory.
+                    log::warn!("vsock: cannot write a packet to the guest: {e}");
+                    0
+                }
+            };
+            // At most a header and 64 KiB.
+            self.rx.add_used(&self.mem, buffer.head(), used as u32)?;
+        }
+        Ok(())
+    }
+
+    /// The next usable receive buffer on the ring, returning the unusable ones it meets with
+    /// length 0; None when the ring has no more.
+    fn take_rx_buffer(&mut self) -> Result<Option<RxBuffer>, DeviceBroken> {
+        while let Some(chain) = self.rx.pop(&self.mem)? {
+            let head = chain.head_index();
+            match RxBuffer::new(&self.mem, chain) {
+                Ok(buffer) => return Ok(Some(buffer)),
+                Err(e) => {
+                    log::debug!("vsock: RX buffer {head} refused: {e}");
+                    self.rx.add_used(&self.mem, head, 0)?;
+                }
+            }
+        }
+        Ok(None)
+    }
+}
+
+impl VirtioDevice for Vsock {
+    fn device_type(&self) -> u32 {
+        DEVICE_TYPE_VSOCK
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &QUEUE_MAX_SIZES
+    }
+
+    fn available_features(&self) -> u64 {
+        // Stream sockets only: without VIRTIO_VSOCK_F_SEQPACKET the driver uses no other type.
+        (1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_RING_F_EVENT_IDX)
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        // struct virtio_vsock_config { le64 guest_cid; } (virtio 1.2, 5.10.4).
+        super::read_config_space(&self.guest_cid.to_le_bytes(), offset, data);
+    }
+
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        // The guest CID is read-only.
+        log::debug!(
+            "virtio-vsock: ignoring a {}-byte config write at {offset:#x}",
+            data.len()
+        );
+    }
+
+    fn activate(
+        &mut self,
+        mem: GuestMemoryMmap,
+        features: u64,
+        queues: Vec<Queue>,
+        interrupt: Arc<Interrupt>,
+    ) -> Result<(), DeviceBroken> {
+        let [mut rx, mut tx, _event] = <[Queue; 3]>::try_from(queues).map_err(|queues| {
+            DeviceBroken(format!(
+                "virtio-vsock has three queues, but was given {}",
+                queues.len()
+            ))
+        })?;
+        let event_idx = features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0;
+        rx.set_event_idx(event_idx);
+        tx.set_event_idx(event_idx);
+        self.active = Some(Active {
+            mem,
+            rx: DeviceQueue::new(rx, "virtio-vsock RX"),
+            tx: DeviceQueue::new(tx, "virtio-vsock TX"),
+            interrupt,
+            rx_buffer: None,
+            tx_waiting: false,
+        });
+        // Host programs may have connected before the driver was ready: the transport kicks
+        // every queue once after activation, and that pass sends their REQUESTs.
+        Ok(())
+    }
+
+    fn process_queue(&mut self, index: usize) -> Result<Progress, DeviceBroken> {
+        if self.active.is_none() {
+            log::debug!("virtio-vsock: queue notified before activation; ignored");
+            return Ok(Progress::Done);
+        }
+        match index {
+            RX_QUEUE | TX_QUEUE => {
+                // Readiness edges that came before activation, or while the device waited for
+                // receive buffers, are picked up here too.
+                self.muxer.handle_host_events();
+                self.run()?;
+            }
+            EVENT_QUEUE => {}
+            _ => {
+                return Err(DeviceBroken(format!(
+                    "virtio-vsock has three queues; the guest notified queue {index}"
+                )))
+            }
+        }
+        Ok(Progress::Done)
+    }
+
+    fn reset(&mut self) {
+        // The guest's sockets are gone with its driver: so are the connections. The listener
+        // stays for the next driver.
+        self.active = None;
+        self.muxer.reset();
+    }
+
+    fn host_event_fds(&self) -> Vec<RawFd> {
+        vec![self.muxer.host_fd()]
+    }
+
+    fn process_host_event(&mut self, index: usize) -> Result<(), DeviceBroken> {
+        if index != 0 {
+            log::debug!("virtio-vsock: event on unknown host descriptor {index}");
+            return Ok(());
+        }
+        // Before activation too: host programs are accepted and their CONNECT lines read; their
+        // REQUESTs wait for the guest.
+        self.muxer.handle_host_events();
+        self.run()
+    }
+}

@@ -1,0 +1,545 @@
+//! The host side of the device: the connections, the Unix sockets behind them, and what the
+//! guest is owed.
+//!
+//! Host programs reach the guest as with Firecracker's hybrid vsock: they connect to the
+//! listening socket at `PATH` and write `CONNECT <guest port>\n`; the guest gets a REQUEST from a
+//! host port ember allocates (from 2^30 up), and once it answers RESPONSE the program reads
+//! `OK <host port>\n` and the stream is the connection. A guest connecting to host port P
+//! reaches the program listening at `PATH_P`; nobody there means RST.
+//!
+//! Every host descriptor (the listener, streams waiting for their CONNECT line, connections) is
+//! in one epoll set of our own, edge-triggered, whose descriptor is the device's single host
+//! event: connections come and go without the device thread re-registering anything.
+//!
+//! Memory is bounded whatever the guest or the host programs do: at most [`MAX_CONNECTIONS`]
+//! streams (connected or still sending their CONNECT line), each holding at most the credit it
+//! advertised (see `connection.rs`); one queue of connections with packets for the guest, each
+//! in it once; and a queue of RSTs for packets that match no connection, of at most
+//! [`RST_QUEUE_LEN`]: while it is full the device takes no more transmit chains, so a flood of
+//! REQUESTs waits in the guest's own ring until the guest takes the answers.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::ffi::OsString;
+use std::io::{self, Read};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+
+use super::connection::Connection;
+use super::packet::{Op, TxPacket, VsockHeader, HOST_CID, TYPE_STREAM};
+use super::VsockError;
+
+/// The most host streams at once, connected or still sending their CONNECT line.
+pub(super) const MAX_CONNECTIONS: usize = 1024;
+/// The most RSTs waiting for the guest's receive buffers; the transmit queue waits while full.
+pub(super) const RST_QUEUE_LEN: usize = 256;
+/// `CONNECT 4294967295` is 18 bytes: a longer line is not a CONNECT line.
+const MAX_CONNECT_LINE: usize = 32;
+/// Host ports for host-initiated connections are allocated from here up, as in Firecracker, far
+/// from the ports host services listen on.
+const FIRST_HOST_PORT: u32 = 1 << 30;
+/// The listener's epoll token; other descriptors get fresh ones, never reused.
+const LISTENER_TOKEN: u64 = 0;
+/// Events fetched per `epoll_wait`.
+const EVENT_BATCH: usize = 64;
+
+/// A connection's identity from the host side.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(super) struct ConnKey {
+    /// The host-side port.
+    pub local_port: u32,
+    /// The guest-side port.
+    pub peer_port: u32,
+}
+
+/// What an epoll token stands for.
+enum Endpoint {
+    Listener,
+    /// A host program that connected and has not finished its CONNECT line.
+    Awaiting {
+        stream: UnixStream,
+        line: Vec<u8>,
+    },
+    Connection(ConnKey),
+}
+
+/// A connection and what the muxer keeps beside it.
+struct Live {
+    token: u64,
+    /// Its local port came from the allocator and goes back there.
+    host_initiated: bool,
+    connection: Connection,
+}
+
+/// All connections of one device, and the host sockets behind them.
+pub(super) struct Muxer {
+    guest_cid: u64,
+    uds_path: PathBuf,
+    listener: UnixListener,
+    epoll: Epoll,
+    endpoints: HashMap<u64, Endpoint>,
+    next_token: u64,
+    /// Streams in `endpoints` still sending their CONNECT line.
+    awaiting: usize,
+    connections: HashMap<ConnKey, Live>,
+    /// Connections that may have a packet for the guest, each at most once, in turn.
+    ready: VecDeque<ConnKey>,
+    /// RSTs for guest packets that match no connection.
+    rsts: VecDeque<VsockHeader>,
+    /// Local ports of host-initiated connections.
+    host_ports: HashSet<u32>,
+    next_host_port: u32,
+}
+
+impl Muxer {
+    /// Listens at `uds_path` for host programs; the guest is `guest_cid`.
+    pub(super) fn new(guest_cid: u64, uds_path: PathBuf) -> Result<Self, VsockError> {
+        // Before the socket file exists, so that no error leaves it behind.
+        let epoll = Epoll::new().map_err(VsockError::Epoll)?;
+        let listener = UnixListener::bind(&uds_path).map_err(|source| {
+            if source.kind() == io::ErrorKind::AddrInUse {
+                VsockError::SocketExists(uds_path.clone())
+            } else {
+                VsockError::Listen {
+                    path: uds_path.clone(),
+                    source,
+                }
+            }
+        })?;
+        // From here on the socket file is ours: dropping `muxer` on an error removes it.
+        let muxer = Self {
+            guest_cid,
+            uds_path,
+            listener,
+            epoll,
+            endpoints: HashMap::from([(LISTENER_TOKEN, Endpoint::Listener)]),
+            next_token: LISTENER_TOKEN + 1,
+            awaiting: 0,
+            connections: HashMap::new(),
+            ready: VecDeque::new(),
+            rsts: VecDeque::new(),
+            host_ports: HashSet::new(),
+            next_host_port: FIRST_HOST_PORT,
+        };
+        muxer
+            .listener
+            .set_nonblocking(true)
+            .map_err(|source| VsockError::Listen {
+                path: muxer.uds_path.clone(),
+                source,
+            })?;
+        muxer
+            .epoll
+            .ctl(
+                ControlOperation::Add,
+                muxer.listener.as_raw_fd(),
+                EpollEvent::new(EventSet::IN | EventSet::EDGE_TRIGGERED, LISTENER_TOKEN),
+            )
+            .map_err(VsockError::Epoll)?;
+        Ok(muxer)
+    }
+
+    /// The descriptor that becomes readable when any host socket is ready.
+    pub(super) fn host_fd(&self) -> RawFd {
+        self.epoll.as_raw_fd()
+    }
+
+    /// Whether the device may take another transmit chain: its packet may need an RST queued.
+    pub(super) fn accepts_guest_packets(&self) -> bool {
+        self.rsts.len() < RST_QUEUE_LEN
+    }
+
+    /// Whether [`Muxer::next_packet`] may have something.
+    pub(super) fn has_packet_for_guest(&self) -> bool {
+        !self.rsts.is_empty() || !self.ready.is_empty()
+    }
+
+    /// Handles everything the host sockets have to report, until epoll has nothing more: the
+    /// set is edge-triggered, and so is the device's watch on it.
+    pub(super) fn handle_host_events(&mut self) {
+        let mut events = [EpollEvent::default(); EVENT_BATCH];
+        loop {
+            let count = match self.epoll.wait(0, &mut events) {
+                Ok(count) => count,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    log::warn!("vsock: cannot wait for host sockets: {e}");
+                    return;
+                }
+            };
+            for event in &events[..count] {
+                self.on_host_event(event.data(), event.event_set());
+            }
+            if count < events.len() {
+                return;
+            }
+        }
+    }
+
+    fn on_host_event(&mut self, token: u64, events: EventSet) {
+        match self.endpoints.get(&token) {
+            // Gone since epoll reported it.
+            None => {}
+            Some(Endpoint::Listener) => self.accept(),
+            Some(Endpoint::Awaiting { .. }) => self.read_connect_line(token),
+            Some(&Endpoint::Connection(key)) => {
+                if let Some(live) = self.connections.get_mut(&key) {
+                    live.connection.on_host_event(events);
+                }
+                self.update(key);
+            }
+        }
+    }
+
+    /// Takes every host program waiting at the listener.
+    fn accept(&mut self) {
+        loop {
+            let stream = match self.listener.accept() {
+                Ok((stream, _)) => stream,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) => {
+                    // Out of descriptors, say: the program waits in the backlog until the next
+                    // one connects.
+                    log::warn!("vsock: cannot accept a connection: {e}");
+                    return;
+                }
+            };
+            if self.stream_count() >= MAX_CONNECTIONS {
+                log::debug!("vsock: {MAX_CONNECTIONS} connections already; closing a new one");
+                continue;
+            }
+            if let Err(e) = stream.set_nonblocking(true) {
+                log::warn!("vsock: cannot make an accepted stream non-blocking: {e}");
+                continue;
+            }
+            let fd = stream.as_raw_fd();
+            let endpoint = Endpoint::Awaiting {
+                stream,
+                line: Vec::with_capacity(MAX_CONNECT_LINE),
+            };
+            if self
+                .register(fd, EventSet::IN | EventSet::READ_HANG_UP, endpoint)
+                .is_some()
+            {
+                self.awaiting += 1;
+            }
+        }
+    }
+
+    /// Adds `fd` to the epoll set for `events` (edge-triggered) as `endpoint`; None (and the
+    /// endpoint dropped) if epoll refuses it.
+    fn register(&mut self, fd: RawFd, events: EventSet, endpoint: Endpoint) -> Option<u64> {
+        let token = self.next_token;
+        self.next_token += 1;
+        // Readiness that came before this call is reported too: no edge is lost.
+        let event = EpollEvent::new(events | EventSet::EDGE_TRIGGERED, token);
+        if let Err(e) = self.epoll.ctl(ControlOperation::Add, fd, event) {
+            log::warn!("vsock: cannot watch a host stream: {e}");
+            return None;
+        }
+        self.endpoints.insert(token, endpoint);
+        Some(token)
+    }
+
+    /// Reads what has come of a CONNECT line; once it is whole, asks the guest.
+    fn read_connect_line(&mut self, token: u64) {
+        let Some(Endpoint::Awaiting { stream, line }) = self.endpoints.get_mut(&token) else {
+            return;
+        };
+        // Byte by byte: what follows the line is the connection's data, for the guest.
+        let outcome = loop {
+            let mut byte = [0u8];
+            match stream.read(&mut byte) {
+                Ok(0) => break Err("closed before the end of its CONNECT line".to_string()),
+                Ok(_) if byte[0] == b'\n' => break parse_connect(line),
+                Ok(_) if line.len() >= MAX_CONNECT_LINE => {
+                    break Err(format!("no CONNECT line in {MAX_CONNECT_LINE} bytes"))
+                }
+                Ok(_) => line.push(byte[0]),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) => break Err(e.to_string()),
+            }
+        };
+        let Some(Endpoint::Awaiting { stream, .. }) = self.endpoints.remove(&token) else {
+            return;
+        };
+        self.awaiting -= 1;
+        match outcome {
+            Ok(peer_port) => self.connect_guest(token, stream, peer_port),
+            // Closing the stream tells the program; the descriptor leaves epoll with it.
+            Err(why) => log::debug!("vsock: host connection refused: {why}"),
+        }
+    }
+
+    /// A host program asked for guest port `peer_port` over `stream` (epoll token `token`).
+    fn connect_guest(&mut self, token: u64, stream: UnixStream, peer_port: u32) {
+        let Some(local_port) = self.allocate_host_port(peer_port) else {
+            log::warn!("vsock: no host port free for a connection to guest port {peer_port}");
+            return;
+        };
+        // From now on guest data may be written to the stream: watch for room too.
+        let event = EpollEvent::new(
+            EventSet::IN | EventSet::OUT | EventSet::READ_HANG_UP | EventSet::EDGE_TRIGGERED,
+            token,
+        );
+        if let Err(e) = self
+            .epoll
+            .ctl(ControlOperation::Modify, stream.as_raw_fd(), event)
+        {
+            log::warn!("vsock: cannot watch a host stream: {e}");
+            self.host_ports.remove(&local_port);
+            return;
+        }
+        let key = ConnKey {
+            local_port,
+            peer_port,
+        };
+        self.endpoints.insert(token, Endpoint::Connection(key));
+        let connection = Connection::host_initiated(stream, self.guest_cid, local_port, peer_port);
+        self.connections.insert(
+            key,
+            Live {
+                token,
+                host_initiated: true,
+                connection,
+            },
+        );
+        self.update(key);
+    }
+
+    /// A free host port for a connection to guest port `peer_port`: the next from 2^30 up,
+    /// wrapping, that no host-initiated connection holds and no guest connection uses with
+    /// `peer_port`.
+    fn allocate_host_port(&mut self, peer_port: u32) -> Option<u32> {
+        // Each connection blocks at most one port: among MAX_CONNECTIONS + 1 one is free.
+        for _ in 0..=MAX_CONNECTIONS {
+            let port = self.next_host_port;
+            self.next_host_port = port.checked_add(1).unwrap_or(FIRST_HOST_PORT);
+            let key = ConnKey {
+                local_port: port,
+                peer_port,
+            };
+            if !self.host_ports.contains(&port) && !self.connections.contains_key(&key) {
+                self.host_ports.insert(port);
+                return Some(port);
+            }
+        }
+        None
+    }
+
+    fn stream_count(&self) -> usize {
+        self.connections.len() + self.awaiting
+    }
+
+    /// A packet from the guest (checked by `packet.rs`); `payload` is its data.
+    pub(super) fn on_guest_packet(&mut self, packet: &TxPacket, payload: &[u8]) {
+        let header = &packet.header;
+        let key = ConnKey {
+            local_port: header.dst_port,
+            peer_port: header.src_port,
+        };
+        if let Some(live) = self.connections.get_mut(&key) {
+            live.connection.on_guest_packet(packet, payload);
+            self.update(key);
+            return;
+        }
+        match packet.op {
+            Op::Request => self.connect_host(header),
+            // An RST is never answered, or two confused ends could trade them forever.
+            Op::Rst => {}
+            _ => self.queue_rst(header),
+        }
+    }
+
+    /// The guest connects to host port `request.dst_port`: ember connects to `PATH_<port>`.
+    fn connect_host(&mut self, request: &VsockHeader) {
+        if self.stream_count() >= MAX_CONNECTIONS {
+            log::debug!("vsock: {MAX_CONNECTIONS} connections already; refusing the guest's");
+            self.queue_rst(request);
+            return;
+        }
+        let path = port_path(&self.uds_path, request.dst_port);
+        let stream = match connect_nonblocking(&path) {
+            Ok(stream) => stream,
+            Err(e) => {
+                log::debug!("vsock: guest connection to {}: {e}", path.display());
+                self.queue_rst(request);
+                return;
+            }
+        };
+        let key = ConnKey {
+            local_port: request.dst_port,
+            peer_port: request.src_port,
+        };
+        let events = EventSet::IN | EventSet::OUT | EventSet::READ_HANG_UP;
+        let Some(token) = self.register(stream.as_raw_fd(), events, Endpoint::Connection(key))
+        else {
+            self.queue_rst(request);
+            return;
+        };
+        let connection = Connection::guest_initiated(stream, request);
+        self.connections.insert(
+            key,
+            Live {
+                token,
+                host_initiated: false,
+                connection,
+            },
+        );
+        self.update(key);
+    }
+
+    /// Answers `to` (from the guest, matching no connection) with an RST, if there is room.
+    fn queue_rst(&mut self, to: &VsockHeader) {
+        if self.rsts.len() >= RST_QUEUE_LEN {
+            // The device stops taking transmit chains before this can happen.
+            log::debug!("vsock: RST queue full; dropping one");
+            return;
+        }
+        self.rsts.push_back(VsockHeader {
+            src_cid: HOST_CID,
+            dst_cid: self.guest_cid,
+            src_port: to.dst_port,
+            dst_port: to.src_port,
+            len: 0,
+            kind: TYPE_STREAM,
+            op: Op::Rst as u16,
+            flags: 0,
+            buf_alloc: 0,
+            fwd_cnt: 0,
+        });
+    }
+
+    /// After anything happened to connection `key`: forgets it if it is over, or queues it for
+    /// the guest if it has something to send.
+    fn update(&mut self, key: ConnKey) {
+        let Some(live) = self.connections.get_mut(&key) else {
+            return;
+        };
+        if live.connection.is_closed() {
+            self.remove(key);
+        } else if !live.connection.scheduled && live.connection.has_packet_for_guest() {
+            live.connection.scheduled = true;
+            self.ready.push_back(key);
+        }
+    }
+
+    fn remove(&mut self, key: ConnKey) {
+        if let Some(live) = self.connections.remove(&key) {
+            // Its stream, if still open, closes here and leaves the epoll set with it.
+            self.endpoints.remove(&live.token);
+            if live.host_initiated {
+                self.host_ports.remove(&key.local_port);
+            }
+        }
+    }
+
+    /// The next packet for the guest, its payload (if any) read into `payload`, which holds as
+    /// much as the receive buffer at hand; None when nothing can be sent now.
+    pub(super) fn next_packet(&mut self, payload: &mut [u8]) -> Option<(VsockHeader, usize)> {
+        if let Some(rst) = self.rsts.pop_front() {
+            return Some((rst, 0));
+        }
+        while let Some(key) = self.ready.pop_front() {
+            let Some(live) = self.connections.get_mut(&key) else {
+                continue;
+            };
+            live.connection.scheduled = false;
+            let packet = live.connection.next_packet(payload);
+            // Back in line, behind the others, if it has more.
+            self.update(key);
+            if packet.is_some() {
+                return packet;
+            }
+        }
+        None
+    }
+
+    /// Device reset: the guest's sockets are gone, and so are the connections. Host programs
+    /// still sending their CONNECT line stay: the guest has not heard of them.
+    pub(super) fn reset(&mut self) {
+        for (_, live) in self.connections.drain() {
+            self.endpoints.remove(&live.token);
+        }
+        self.ready.clear();
+        self.rsts.clear();
+        self.host_ports.clear();
+    }
+}
+
+impl Drop for Muxer {
+    fn drop(&mut self) {
+        // The socket file outlives the listener; a later run could not bind it.
+        if let Err(e) = std::fs::remove_file(&self.uds_path) {
+            log::warn!("vsock: cannot remove {}: {e}", self.uds_path.display());
+        }
+    }
+}
+
+/// The guest port in a `CONNECT <port>` line (without its newline).
+fn parse_connect(line: &[u8]) -> Result<u32, String> {
+    let text = std::str::from_utf8(line).map_err(|_| "a CONNECT line that is not text")?;
+    let port = text
+        .trim_end_matches('\r')
+        .strip_prefix("CONNECT ")
+        .and_then(|port| port.trim().parse().ok());
+    port.ok_or_else(|| format!("{text:?} is not `CONNECT <port>`"))
+}
+
+/// Where the host program for host port `port` listens: `PATH_<port>`.
+pub(super) fn port_path(uds_path: &Path, port: u32) -> PathBuf {
+    let mut path = OsString::from(uds_path.as_os_str());
+    path.push(format!("_{port}"));
+    PathBuf::from(path)
+}
+
+/// Connects to the Unix stream socket at `path` without blocking: a listener whose backlog is
+/// full fails at once (EAGAIN) rather than stall the device's thread. std's `connect` blocks.
+fn connect_nonblocking(path: &Path) -> io::Result<UnixStream> {
+    let bytes = path.as_os_str().as_bytes();
+    // SAFETY: sockaddr_un is plain old data, for which all zeroes is a valid value.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    // The last byte stays NUL.
+    if bytes.len() >= addr.sun_path.len() || bytes.contains(&0) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "not usable as a Unix socket path (too long, or a NUL byte)",
+        ));
+    }
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    for (to, from) in addr.sun_path.iter_mut().zip(bytes) {
+        *to = *from as libc::c_char;
+    }
+    // SAFETY: a plain socket(2) call; the result is checked before use.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_UNIX,
+            libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            0,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just created and nothing else owns it.
+    let socket = unsafe { OwnedFd::from_raw_fd(fd) };
+    let len = std::mem::offset_of!(libc::sockaddr_un, sun_path) + bytes.len() + 1;
+    // SAFETY: `addr` is a valid sockaddr_un that outlives the call, and `len` (the path and its
+    // NUL) is within its size.
+    let ret = unsafe {
+        libc::connect(
+            socket.as_raw_fd(),
+            std::ptr::addr_of!(addr).cast::<libc::sockaddr>(),
+            len as libc::socklen_t,
+        )
+    };
+    if ret < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(UnixStream::from(socket))
+}
