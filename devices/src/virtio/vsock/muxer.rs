@@ -170,11 +170,13 @@ impl Muxer {
                     return;
                 }
             };
+            if count == 0 {
+                return;
+            }
+            // Not done after a short batch: a stream accepted in it may already be readable,
+            // and epoll reports that only to the next wait.
             for event in &events[..count] {
                 self.on_host_event(event.data(), event.event_set());
-            }
-            if count < events.len() {
-                return;
             }
         }
     }
