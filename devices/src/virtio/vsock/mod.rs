@@ -38,6 +38,8 @@ use packet::{read_tx_packet, RxBuffer, MAX_PKT_BUF};
 mod connection;
 mod muxer;
 mod packet;
+#[cfg(test)]
+mod test_driver;
 
 /// The virtio device ID of a socket device (virtio 1.2, 5).
 const DEVICE_TYPE_VSOCK: u32 = 19;
@@ -350,5 +352,191 @@ impl VirtioDevice for Vsock {
         // REQUESTs wait for the guest.
         self.muxer.handle_host_events();
         self.run()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read, Write};
+    use std::os::unix::net::UnixStream;
+    use std::time::Duration;
+
+    use vm_memory::{Bytes, GuestAddress};
+    use vmm_sys_util::tempdir::TempDir;
+
+    use super::packet::{Op, HDR_LEN};
+    use super::test_driver::*;
+    use super::*;
+
+    #[test]
+    fn identity_features_and_config_space() {
+        let mem = memory();
+        let driver = Driver::new(&mem);
+        let vsock = &driver.vsock;
+        assert_eq!(vsock.device_type(), 19);
+        assert_eq!(vsock.queue_max_sizes(), &[256, 256, 256]);
+        assert_eq!(vsock.available_features(), (1 << 32) | (1 << 29));
+        assert_eq!(vsock.guest_cid(), GUEST_CID);
+        let mut config = [0xff; 12];
+        vsock.read_config(0, &mut config);
+        assert_eq!(config, [3, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+        let mut high = [0xff; 4];
+        vsock.read_config(4, &mut high);
+        assert_eq!(high, [0; 4]);
+    }
+
+    #[test]
+    fn the_config_is_checked_and_the_socket_cleaned_up() {
+        let dir = TempDir::new_with_prefix("/tmp/ember-vsock-").unwrap();
+        let path = dir.as_path().join("v.sock");
+        let config = |guest_cid| VsockDeviceConfig {
+            guest_cid,
+            uds_path: path.clone(),
+        };
+        for cid in [0, 1, 2, u64::from(u32::MAX), u64::MAX] {
+            assert!(matches!(
+                Vsock::new(config(cid)),
+                Err(VsockError::InvalidCid(c)) if c == cid
+            ));
+        }
+        assert!(!path.exists(), "a refused config leaves no socket");
+        let vsock = Vsock::new(config(3)).unwrap();
+        assert!(path.exists());
+        let taken = Vsock::new(config(4)).err().unwrap();
+        assert!(matches!(taken, VsockError::SocketExists(_)), "{taken}");
+        assert!(taken.to_string().contains("remove it"));
+        drop(vsock);
+        assert!(!path.exists(), "the device removes its socket");
+        let missing_dir = dir.as_path().join("no/such/dir/v.sock");
+        let error = Vsock::new(VsockDeviceConfig {
+            guest_cid: 3,
+            uds_path: missing_dir,
+        });
+        assert!(matches!(error, Err(VsockError::Listen { .. })));
+    }
+
+    #[test]
+    fn hostile_transmit_chains_are_returned_and_dropped() {
+        let mem = memory();
+        let mut driver = Driver::new(&mem);
+        driver.post_rx(16);
+        let at = 0x3_0000;
+        let good = header(Op::Request, 1000, 9, 0, 4096, 0);
+        let with = |f: &dyn Fn(&mut packet::VsockHeader)| {
+            let mut header = good;
+            f(&mut header);
+            header
+        };
+        let hostile = [
+            with(&|h| h.src_cid = 7),
+            with(&|h| h.src_cid = 2),
+            with(&|h| h.dst_cid = 3),
+            with(&|h| h.dst_cid = 99),
+            with(&|h| h.kind = 2),
+            with(&|h| h.op = 0),
+            with(&|h| h.op = 42),
+            with(&|h| h.len = 70_000),
+            with(&|h| h.len = 10),
+        ];
+        for (i, header) in hostile.iter().enumerate() {
+            let addr = at + i as u64 * 64;
+            mem.write_slice(&header.to_bytes(), GuestAddress(addr))
+                .unwrap();
+            driver.push(TX_QUEUE, &[readable(addr, HDR_LEN as u32)]);
+        }
+        driver.push(TX_QUEUE, &[readable(at, 20)]);
+        driver.push(TX_QUEUE, &[writable(at, 44)]);
+        driver.push(TX_QUEUE, &[readable(MEMORY_SIZE as u64 - 8, 44)]);
+        driver.push(TX_QUEUE, &[readable(u64::MAX - 4, 44)]);
+        driver.vsock.process_queue(TX_QUEUE).unwrap();
+        let count = hostile.len() as u16 + 4;
+        assert_eq!(driver.used_idx(TX_QUEUE), count);
+        for n in 0..count {
+            assert_eq!(driver.used(TX_QUEUE, n).1, 0);
+        }
+        assert!(driver.irq.fired());
+        // Dropped without an answer: nothing says who to answer.
+        assert!(driver.received().is_empty());
+        assert_eq!(driver.vsock.muxer.connection_count(), 0);
+        // The device still works: the same REQUEST, well formed, is refused properly.
+        driver.send(&good, &[]);
+        let answers = driver.received();
+        assert_eq!(answers.len(), 1);
+        assert_eq!(answers[0].0.op, Op::Rst as u16);
+    }
+
+    #[test]
+    fn hostile_receive_buffers_come_back_unused() {
+        let mem = memory();
+        let mut driver = Driver::new(&mem);
+        let at = 0x3_0000;
+        let bad = [
+            vec![readable(at, 4096)],
+            vec![writable(at, 20), readable(at + 20, 100)],
+            vec![writable(MEMORY_SIZE as u64 - 10, 100)],
+            vec![writable(u64::MAX - 10, 100)],
+            vec![writable(at, 43)],
+            vec![writable(at, 0)],
+        ];
+        for chain in &bad {
+            driver.push(RX_QUEUE, chain);
+        }
+        // A header split over two descriptors is fine.
+        let split = driver.push(RX_QUEUE, &[writable(at, 20), writable(at + 0x100, 24)]);
+        let request = header(Op::Request, 1000, 9, 0, 4096, 0);
+        driver.send(&request, &[]);
+        assert_eq!(driver.used_idx(RX_QUEUE), bad.len() as u16 + 1);
+        for n in 0..bad.len() as u16 {
+            assert_eq!(driver.used(RX_QUEUE, n).1, 0);
+        }
+        assert_eq!(
+            driver.used(RX_QUEUE, bad.len() as u16),
+            (u32::from(split), HDR_LEN as u32)
+        );
+        let mut bytes = guest_bytes(&mem, at, 20);
+        bytes.extend(guest_bytes(&mem, at + 0x100, 24));
+        let rst = packet::VsockHeader::from_bytes(&bytes.try_into().unwrap());
+        assert_eq!(rst.op, Op::Rst as u16);
+        assert_eq!((rst.src_port, rst.dst_port), (9, 1000));
+    }
+
+    #[test]
+    fn a_host_program_before_activation_is_served_after() {
+        let mem = memory();
+        let mut driver = Driver::new(&mem);
+        driver.vsock.reset();
+        let mut host = UnixStream::connect(driver.socket_path()).unwrap();
+        host.write_all(b"CONNECT 52\n").unwrap();
+        // The device thread sees the event before the driver is ready.
+        driver.vsock.process_host_event(0).unwrap();
+        driver.activate(BASE_FEATURES | (1 << VIRTIO_RING_F_EVENT_IDX));
+        driver.post_rx(4);
+        // The transport kicks every queue after activation.
+        driver.kick_event();
+        let packets = driver.kick_rx();
+        assert_eq!(packets.len(), 1);
+        assert_eq!(packets[0].0.op, Op::Request as u16);
+        assert_eq!(packets[0].0.dst_port, 52);
+        assert_eq!(driver.rx_posted(), 4, "the buffer was posted again");
+        // The driver resets: the connection goes, the program reads EOF, the listener stays.
+        driver.vsock.reset();
+        host.set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        assert_eq!(host.read(&mut [0; 8]).unwrap(), 0);
+        assert_eq!(driver.vsock.muxer.connection_count(), 0);
+        driver.activate(BASE_FEATURES);
+        driver.post_rx(4);
+        let mut again = UnixStream::connect(driver.socket_path()).unwrap();
+        again.write_all(b"CONNECT 53\n").unwrap();
+        let packets = driver.pump();
+        assert_eq!(packets[0].0.dst_port, 53);
+    }
+
+    #[test]
+    fn notifications_for_a_queue_that_does_not_exist_break_the_device() {
+        let mem = memory();
+        let mut driver = Driver::new(&mem);
+        assert!(driver.vsock.process_queue(3).is_err());
+        assert!(driver.vsock.process_host_event(1).is_ok());
     }
 }

@@ -472,6 +472,34 @@ impl Muxer {
         self.rsts.clear();
         self.host_ports.clear();
     }
+
+    /// How many RSTs wait for the guest.
+    #[cfg(test)]
+    pub(super) fn queued_rsts(&self) -> usize {
+        self.rsts.len()
+    }
+
+    /// How many connections wait to send to the guest.
+    #[cfg(test)]
+    pub(super) fn queued_connections(&self) -> usize {
+        self.ready.len()
+    }
+
+    /// How many connections there are.
+    #[cfg(test)]
+    pub(super) fn connection_count(&self) -> usize {
+        self.connections.len()
+    }
+
+    /// Guest bytes waiting for host streams, for the connection that holds the most.
+    #[cfg(test)]
+    pub(super) fn most_buffered(&self) -> usize {
+        self.connections
+            .values()
+            .map(|live| live.connection.buffered())
+            .max()
+            .unwrap_or(0)
+    }
 }
 
 impl Drop for Muxer {
@@ -544,4 +572,524 @@ fn connect_nonblocking(path: &Path) -> io::Result<UnixStream> {
         return Err(io::Error::last_os_error());
     }
     Ok(UnixStream::from(socket))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+    use std::io::{Read, Write};
+    use std::net::Shutdown;
+    use std::time::Duration;
+
+    use super::super::connection::BUF_ALLOC;
+    use super::super::packet::{SHUTDOWN_BOTH, SHUTDOWN_SEND};
+    use super::super::test_driver::*;
+    use super::super::TX_QUEUE;
+    use super::*;
+    use crate::virtio::VirtioDevice;
+
+    /// A host program connecting to guest port `port`.
+    fn connect_host(driver: &Driver<'_>, port: u32) -> UnixStream {
+        let mut stream = UnixStream::connect(driver.socket_path()).unwrap();
+        stream
+            .write_all(format!("CONNECT {port}\n").as_bytes())
+            .unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        stream
+    }
+
+    /// Reads one line, byte by byte, as a host program reads `OK <port>`.
+    fn read_line(stream: &mut UnixStream) -> String {
+        let mut line = Vec::new();
+        let mut byte = [0];
+        while line.last() != Some(&b'\n') {
+            assert_eq!(stream.read(&mut byte).unwrap(), 1, "EOF after {line:?}");
+            line.push(byte[0]);
+        }
+        String::from_utf8(line).unwrap()
+    }
+
+    /// What is left on `stream` until it is closed: EOF, or ECONNRESET when ember closed it
+    /// with bytes unread.
+    fn read_to_eof(stream: &mut UnixStream) -> Vec<u8> {
+        stream.set_nonblocking(false).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let mut rest = Vec::new();
+        match stream.read_to_end(&mut rest) {
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::ConnectionReset => {}
+            Err(e) => panic!("not closed: {e}"),
+        }
+        rest
+    }
+
+    /// The guest accepts the REQUEST a host program's CONNECT made.
+    fn accept_in_guest(driver: &mut Driver<'_>, request: &VsockHeader) -> GuestSocket {
+        assert_eq!(request.op, Op::Request as u16);
+        assert!(request.src_port >= FIRST_HOST_PORT);
+        let mut guest = GuestSocket::new(request.dst_port, request.src_port);
+        guest.learn(request);
+        let response = guest.header(Op::Response, 0);
+        driver.send(&response, &[]);
+        guest
+    }
+
+    /// A host program connects to guest port `port` and the guest accepts.
+    fn open_from_host(driver: &mut Driver<'_>, port: u32) -> (UnixStream, GuestSocket) {
+        let mut host = connect_host(driver, port);
+        let packets = driver.pump();
+        assert_eq!(packets.len(), 1, "{packets:?}");
+        assert_eq!(packets[0].0.dst_port, port);
+        let guest = accept_in_guest(driver, &packets[0].0);
+        assert_eq!(read_line(&mut host), format!("OK {}\n", guest.host_port));
+        host.set_nonblocking(true).unwrap();
+        (host, guest)
+    }
+
+    /// The guest connects to host port `port`, where `listener` waits.
+    fn open_from_guest(
+        driver: &mut Driver<'_>,
+        listener: &UnixListener,
+        guest_port: u32,
+        port: u32,
+    ) -> (UnixStream, GuestSocket) {
+        let mut guest = GuestSocket::new(guest_port, port);
+        let request = guest.header(Op::Request, 0);
+        driver.send(&request, &[]);
+        let packets = driver.received();
+        assert_eq!(packets.len(), 1, "{packets:?}");
+        let (response, _) = &packets[0];
+        assert_eq!(response.op, Op::Response as u16);
+        guest.learn(response);
+        assert_eq!(guest.credit(), BUF_ALLOC);
+        let (host, _) = listener.accept().unwrap();
+        host.set_nonblocking(true).unwrap();
+        (host, guest)
+    }
+
+    /// The host program writes `data`; the guest reads it, giving credit back as it goes.
+    fn host_to_guest(
+        driver: &mut Driver<'_>,
+        host: &mut UnixStream,
+        guest: &mut GuestSocket,
+        data: &[u8],
+    ) {
+        let (mut written, mut got) = (0, Vec::new());
+        for _ in 0..100_000 {
+            if got.len() >= data.len() {
+                break;
+            }
+            if written < data.len() {
+                match host.write(&data[written..]) {
+                    Ok(n) => written += n,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) => panic!("{e}"),
+                }
+            }
+            for (header, payload) in driver.pump() {
+                guest.learn(&header);
+                assert!(header.len <= guest.buf_alloc);
+                match Op::from_test(header.op) {
+                    Op::Rw => got.extend(payload),
+                    Op::CreditRequest => {
+                        let update = guest.header(Op::CreditUpdate, 0);
+                        driver.send(&update, &[]);
+                    }
+                    op => panic!("{op:?} while receiving"),
+                }
+            }
+            // Like Linux, the guest gives credit back once it has consumed a good part.
+            if guest.fwd_cnt.wrapping_sub(guest.fwd_cnt_told) >= 64 * 1024 {
+                let update = guest.header(Op::CreditUpdate, 0);
+                driver.send(&update, &[]);
+            }
+        }
+        assert_eq!(got.len(), data.len());
+        assert!(got == data, "host to guest data differs");
+    }
+
+    /// The guest sends `data` within its credit; the host program reads it.
+    fn guest_to_host(
+        driver: &mut Driver<'_>,
+        host: &mut UnixStream,
+        guest: &mut GuestSocket,
+        data: &[u8],
+    ) {
+        let (mut sent, mut got) = (0, Vec::new());
+        let mut buf = vec![0; 64 * 1024];
+        for _ in 0..100_000 {
+            if got.len() >= data.len() {
+                break;
+            }
+            let credit = guest.credit() as usize;
+            if sent < data.len() && credit > 0 {
+                let len = credit.min(32 * 1024).min(data.len() - sent);
+                let header = guest.header(Op::Rw, len as u32);
+                driver.send(&header, &data[sent..sent + len]);
+                sent += len;
+            }
+            match host.read(&mut buf) {
+                Ok(0) => panic!("EOF after {} bytes", got.len()),
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => panic!("{e}"),
+            }
+            for (header, _) in driver.pump() {
+                guest.learn(&header);
+                assert_eq!(header.op, Op::CreditUpdate as u16);
+            }
+        }
+        assert_eq!(got.len(), data.len());
+        assert!(got == data, "guest to host data differs");
+    }
+
+    impl Op {
+        fn from_test(op: u16) -> Op {
+            Op::from_wire(op).unwrap()
+        }
+    }
+
+    #[test]
+    fn a_host_program_connects_and_data_flows_both_ways() {
+        let mem = memory();
+        let mut driver = Driver::new(&mem);
+        driver.post_rx(64);
+        let (mut host, mut guest) = open_from_host(&mut driver, 52);
+        host_to_guest(&mut driver, &mut host, &mut guest, &pattern(300 * 1024, 1));
+        guest_to_host(&mut driver, &mut host, &mut guest, &pattern(300 * 1024, 2));
+        // Once more, now that the counters are past a few credit windows.
+        host_to_guest(&mut driver, &mut host, &mut guest, &pattern(200 * 1024, 3));
+
+        // The host program closes its writing half: the guest hears SHUTDOWN(SEND).
+        host.shutdown(Shutdown::Write).unwrap();
+        let packets = driver.pump();
+        assert_eq!(packets.len(), 1, "{packets:?}");
+        assert_eq!(packets[0].0.op, Op::Shutdown as u16);
+        assert_eq!(packets[0].0.flags, SHUTDOWN_SEND);
+        // The guest can still answer, then closes: RST ends it, the host program reads EOF.
+        guest_to_host(&mut driver, &mut host, &mut guest, b"last words");
+        let mut shutdown = guest.header(Op::Shutdown, 0);
+        shutdown.flags = SHUTDOWN_BOTH;
+        driver.send(&shutdown, &[]);
+        let packets = driver.received();
+        assert_eq!(packets.len(), 1, "{packets:?}");
+        assert_eq!(packets[0].0.op, Op::Rst as u16);
+        assert!(read_to_eof(&mut host).is_empty());
+        assert_eq!(driver.vsock.muxer.connection_count(), 0);
+    }
+
+    #[test]
+    fn a_guest_port_nobody_listens_on_closes_the_host_stream() {
+        let mem = memory();
+        let mut driver = Driver::new(&mem);
+        driver.post_rx(8);
+        let mut host = connect_host(&driver, 99);
+        let packets = driver.pump();
+        let (request, _) = &packets[0];
+        assert_eq!(request.op, Op::Request as u16);
+        // The guest's answer to a port without a listener.
+        let rst = header(Op::Rst, 99, request.src_port, 0, 0, 0);
+        driver.send(&rst, &[]);
+        assert!(read_to_eof(&mut host).is_empty(), "no OK line");
+        assert_eq!(driver.vsock.muxer.connection_count(), 0);
+        assert!(driver.received().is_empty(), "an RST is not answered");
+    }
+
+    #[test]
+    fn a_guest_request_with_nobody_at_the_host_port_gets_rst() {
+        let mem = memory();
+        let mut driver = Driver::new(&mem);
+        driver.post_rx(8);
+        let mut guest = GuestSocket::new(1000, 5000);
+        let request = guest.header(Op::Request, 0);
+        driver.send(&request, &[]);
+        let packets = driver.received();
+        assert_eq!(packets.len(), 1);
+        let (rst, _) = &packets[0];
+        assert_eq!(rst.op, Op::Rst as u16);
+        assert_eq!((rst.src_port, rst.dst_port), (5000, 1000));
+        assert_eq!(driver.vsock.muxer.connection_count(), 0);
+        // A socket file nobody listens on refuses too.
+        let path = port_path(&driver.socket_path(), 5001);
+        drop(UnixListener::bind(&path).unwrap());
+        let mut guest = GuestSocket::new(1001, 5001);
+        let request = guest.header(Op::Request, 0);
+        driver.send(&request, &[]);
+        assert_eq!(driver.received()[0].0.op, Op::Rst as u16);
+    }
+
+    #[test]
+    fn the_guest_connects_to_a_host_listener() {
+        let mem = memory();
+        let mut driver = Driver::new(&mem);
+        driver.post_rx(64);
+        let listener = UnixListener::bind(port_path(&driver.socket_path(), 5000)).unwrap();
+        let (mut host, mut guest) = open_from_guest(&mut driver, &listener, 1000, 5000);
+        guest_to_host(&mut driver, &mut host, &mut guest, &pattern(150 * 1024, 4));
+        host_to_guest(&mut driver, &mut host, &mut guest, &pattern(150 * 1024, 5));
+        // The host program goes away entirely: SHUTDOWN of both directions, the guest resets.
+        drop(host);
+        let packets = driver.pump();
+        assert_eq!(packets.len(), 1, "{packets:?}");
+        assert_eq!(packets[0].0.op, Op::Shutdown as u16);
+        assert_eq!(packets[0].0.flags, SHUTDOWN_BOTH);
+        let rst = guest.header(Op::Rst, 0);
+        driver.send(&rst, &[]);
+        assert_eq!(driver.vsock.muxer.connection_count(), 0);
+    }
+
+    #[test]
+    fn data_written_with_the_connect_line_reaches_the_guest() {
+        let mem = memory();
+        let mut driver = Driver::new(&mem);
+        driver.post_rx(8);
+        let mut host = UnixStream::connect(driver.socket_path()).unwrap();
+        host.write_all(b"CONNECT 7\r\nearly bird").unwrap();
+        let packets = driver.pump();
+        let mut guest = accept_in_guest(&mut driver, &packets[0].0);
+        let packets = driver.received();
+        assert_eq!(packets.len(), 1, "{packets:?}");
+        guest.learn(&packets[0].0);
+        assert_eq!(packets[0].1, b"early bird");
+    }
+
+    #[test]
+    fn bad_connect_lines_close_the_stream() {
+        let mem = memory();
+        let mut driver = Driver::new(&mem);
+        driver.post_rx(8);
+        let long = [b'7'; 40];
+        let lines: [&[u8]; 5] = [
+            b"HELLO 52\n",
+            b"CONNECT 4294967296\n",
+            b"CONNECT -1\n",
+            b"CONNECT \xff\n",
+            &long,
+        ];
+        for line in lines {
+            let mut host = UnixStream::connect(driver.socket_path()).unwrap();
+            host.write_all(line).unwrap();
+            assert!(driver.pump().is_empty());
+            assert!(read_to_eof(&mut host).is_empty(), "{line:?}");
+        }
+        // A program that goes away mid-line costs nothing either.
+        let mut host = UnixStream::connect(driver.socket_path()).unwrap();
+        host.write_all(b"CONN").unwrap();
+        assert!(driver.pump().is_empty());
+        drop(host);
+        assert!(driver.pump().is_empty());
+        assert_eq!(driver.vsock.muxer.awaiting, 0);
+        assert_eq!(driver.vsock.muxer.endpoints.len(), 1, "only the listener");
+    }
+
+    #[test]
+    fn a_request_flood_waits_in_the_guest_ring() {
+        let mem = memory();
+        let mut driver = Driver::new(&mem);
+        let mut pushed = 0u32;
+        let push = |driver: &mut Driver<'_>, pushed: &mut u32| {
+            // REQUESTs to a port with no listener and RWs for connections that do not exist.
+            let op = if pushed.is_multiple_of(2) {
+                Op::Request
+            } else {
+                Op::Rw
+            };
+            let flood = header(op, 10_000 + *pushed, 7, 0, 4096, 0);
+            driver.queue_tx(&flood, &[]);
+            *pushed += 1;
+        };
+        // No receive buffers: the device takes chains until its RST queue is full, then leaves
+        // the rest in the ring.
+        loop {
+            let before = driver.used_idx(TX_QUEUE);
+            while driver.tx_outstanding() < QUEUE_SIZE {
+                push(&mut driver, &mut pushed);
+            }
+            driver.vsock.process_queue(TX_QUEUE).unwrap();
+            assert!(driver.vsock.muxer.queued_rsts() <= RST_QUEUE_LEN);
+            if driver.used_idx(TX_QUEUE) == before {
+                break;
+            }
+        }
+        assert_eq!(driver.vsock.muxer.queued_rsts(), RST_QUEUE_LEN);
+        assert_eq!(driver.tx_outstanding(), QUEUE_SIZE);
+        assert_eq!(pushed, RST_QUEUE_LEN as u32 + u32::from(QUEUE_SIZE));
+        assert_eq!(driver.vsock.muxer.connection_count(), 0);
+        driver.vsock.process_queue(TX_QUEUE).unwrap();
+        assert_eq!(driver.tx_outstanding(), QUEUE_SIZE);
+
+        // The guest posts buffers and takes its answers: the flood goes on, to 100 000 packets,
+        // with the device's queue never longer.
+        driver.post_rx(128);
+        let mut rsts = 0;
+        while pushed < 100_000
+            || driver.tx_outstanding() > 0
+            || driver.vsock.muxer.queued_rsts() > 0
+        {
+            while pushed < 100_000 && driver.tx_outstanding() < QUEUE_SIZE {
+                push(&mut driver, &mut pushed);
+            }
+            driver.vsock.process_queue(TX_QUEUE).unwrap();
+            let mut answers = driver.received();
+            answers.extend(driver.kick_rx());
+            for (answer, _) in answers {
+                assert_eq!(answer.op, Op::Rst as u16);
+                assert_eq!(answer.dst_port, 10_000 + rsts);
+                rsts += 1;
+            }
+            assert!(driver.vsock.muxer.queued_rsts() <= RST_QUEUE_LEN);
+            assert_eq!(driver.vsock.muxer.connection_count(), 0);
+        }
+        assert_eq!(rsts, 100_000);
+        assert_eq!(driver.vsock.muxer.queued_rsts(), 0);
+    }
+
+    /// Lets this process hold the thousands of descriptors a test needs.
+    fn raise_descriptor_limit(wanted: u64) {
+        let mut limit = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: getrlimit only writes the struct it is given.
+        let got = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) };
+        assert_eq!(got, 0);
+        if limit.rlim_cur < wanted {
+            limit.rlim_cur = wanted.min(limit.rlim_max);
+            // SAFETY: setrlimit only reads the struct it is given.
+            unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) };
+        }
+    }
+
+    #[test]
+    fn a_thousand_connections_at_once() {
+        const COUNT: u32 = 1000;
+        raise_descriptor_limit(4 * u64::from(COUNT) + 256);
+        let mem = memory();
+        let mut driver = Driver::new(&mem);
+        driver.post_rx(256);
+        let mut hosts = Vec::new();
+        let mut guests: HashMap<u32, GuestSocket> = HashMap::new();
+        for batch in 0..COUNT / 50 {
+            // In batches, so that the listener's backlog never fills.
+            for i in 0..50 {
+                hosts.push(connect_host(&driver, 2000 + batch * 50 + i));
+            }
+            for _ in 0..100 {
+                for (request, _) in driver.pump() {
+                    let guest = accept_in_guest(&mut driver, &request);
+                    assert!(guests.insert(request.dst_port, guest).is_none());
+                }
+                if guests.len() == hosts.len() {
+                    break;
+                }
+            }
+        }
+        assert_eq!(guests.len(), COUNT as usize);
+        assert_eq!(driver.vsock.muxer.connection_count(), COUNT as usize);
+        // Every program got its own host port, and every connection carries its own data.
+        for (i, host) in hosts.iter_mut().enumerate() {
+            let guest = &guests[&(2000 + i as u32)];
+            assert_eq!(read_line(host), format!("OK {}\n", guest.host_port));
+            host.write_all(&(i as u32).to_le_bytes()).unwrap();
+        }
+        let mut delivered = 0;
+        for _ in 0..1000 {
+            for (packet, payload) in driver.pump() {
+                let guest = guests.get_mut(&packet.dst_port).unwrap();
+                guest.learn(&packet);
+                assert_eq!(packet.op, Op::Rw as u16);
+                assert_eq!(payload, (guest.port - 2000).to_le_bytes());
+                delivered += 1;
+            }
+            if delivered == COUNT {
+                break;
+            }
+        }
+        assert_eq!(delivered, COUNT);
+        assert_eq!(driver.vsock.muxer.queued_connections(), 0);
+    }
+
+    #[test]
+    fn a_slow_host_reader_stops_the_guest_not_memory() {
+        let mem = memory();
+        let mut driver = Driver::new(&mem);
+        driver.post_rx(64);
+        let listener = UnixListener::bind(port_path(&driver.socket_path(), 6000)).unwrap();
+        let (mut host, mut guest) = open_from_guest(&mut driver, &listener, 1000, 6000);
+        // The host program reads nothing; the guest sends while its credit lasts.
+        let mut expected = Vec::new();
+        for round in 0..1000u32 {
+            let credit = guest.credit() as usize;
+            if credit == 0 {
+                break;
+            }
+            let chunk = pattern(credit.min(32 * 1024), round);
+            let header = guest.header(Op::Rw, chunk.len() as u32);
+            driver.send(&header, &chunk);
+            expected.extend(chunk);
+            for (packet, _) in driver.pump() {
+                guest.learn(&packet);
+            }
+            assert!(driver.vsock.muxer.most_buffered() <= BUF_ALLOC as usize);
+            assert_eq!(driver.vsock.muxer.connection_count(), 1, "no RST");
+        }
+        assert_eq!(guest.credit(), 0, "the credit ran out");
+        // The kernel's socket buffer is full, and ember holds exactly what it advertised.
+        assert_eq!(driver.vsock.muxer.most_buffered(), BUF_ALLOC as usize);
+        // More kicks, more host events: nothing changes until the program reads.
+        for _ in 0..10 {
+            assert!(driver.pump().is_empty());
+        }
+        let mut got = Vec::new();
+        let mut buf = vec![0; 64 * 1024];
+        for _ in 0..100_000 {
+            if got.len() >= expected.len() {
+                break;
+            }
+            match host.read(&mut buf) {
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => panic!("{e}"),
+            }
+            for (packet, _) in driver.pump() {
+                guest.learn(&packet);
+            }
+        }
+        assert!(got == expected, "the data arrived intact");
+        assert_eq!(driver.vsock.muxer.most_buffered(), 0);
+        assert_eq!(guest.credit(), BUF_ALLOC, "all the credit came back");
+    }
+
+    #[test]
+    fn guest_data_beyond_the_credit_resets_the_connection() {
+        let mem = memory();
+        let mut driver = Driver::new(&mem);
+        driver.post_rx(64);
+        let listener = UnixListener::bind(port_path(&driver.socket_path(), 6001)).unwrap();
+        let (mut host, mut guest) = open_from_guest(&mut driver, &listener, 1000, 6001);
+        // A guest that ignores its credit, with a host program that reads nothing.
+        let chunk = vec![0x5a; 64 * 1024];
+        let mut reset = false;
+        for _ in 0..100 {
+            let header = guest.header(Op::Rw, chunk.len() as u32);
+            driver.send(&header, &chunk);
+            assert!(driver.vsock.muxer.most_buffered() <= BUF_ALLOC as usize);
+            if driver
+                .received()
+                .iter()
+                .any(|(p, _)| p.op == Op::Rst as u16)
+            {
+                reset = true;
+                break;
+            }
+        }
+        assert!(reset);
+        assert_eq!(driver.vsock.muxer.connection_count(), 0);
+        let rest = read_to_eof(&mut host);
+        assert!(rest.iter().all(|&b| b == 0x5a));
+    }
 }

@@ -50,7 +50,7 @@ pub(super) enum Op {
 }
 
 impl Op {
-    fn from_wire(op: u16) -> Option<Self> {
+    pub(super) fn from_wire(op: u16) -> Option<Self> {
         Some(match op {
             1 => Op::Request,
             2 => Op::Response,

@@ -15,7 +15,7 @@ use crate::virtio::{VirtioDevice, VIRTIO_F_VERSION_1};
 
 pub(super) const GUEST_CID: u64 = 3;
 /// Guest RAM for vsock tests: room for a ring's worth of receive buffers.
-const MEMORY_SIZE: usize = 4 << 20;
+pub(super) const MEMORY_SIZE: usize = 4 << 20;
 const RX_RING: u64 = 0x1000;
 const TX_RING: u64 = 0x4000;
 const EVENT_RING: u64 = 0x7000;
@@ -71,7 +71,10 @@ impl<'m> Driver<'m> {
                 DriverQueue::new(mem, EVENT_RING),
             ],
             rx_posted: HashMap::new(),
-            free_rx: (0..RX_SLOTS).rev().map(|i| RX_BUFFERS + i * RX_SLOT).collect(),
+            free_rx: (0..RX_SLOTS)
+                .rev()
+                .map(|i| RX_BUFFERS + i * RX_SLOT)
+                .collect(),
             rx_seen: 0,
             tx_pushed: 0,
             dir,
@@ -88,7 +91,10 @@ impl<'m> Driver<'m> {
             DriverQueue::new(self.mem, EVENT_RING),
         ];
         self.rx_posted.clear();
-        self.free_rx = (0..RX_SLOTS).rev().map(|i| RX_BUFFERS + i * RX_SLOT).collect();
+        self.free_rx = (0..RX_SLOTS)
+            .rev()
+            .map(|i| RX_BUFFERS + i * RX_SLOT)
+            .collect();
         self.rx_seen = 0;
         self.tx_pushed = 0;
         let queues = self.rings.iter().map(DriverQueue::queue).collect();
@@ -174,7 +180,10 @@ impl<'m> Driver<'m> {
         while self.rx_seen != used_idx {
             let (head, len) = self.used(RX_QUEUE, self.rx_seen);
             self.rx_seen = self.rx_seen.wrapping_add(1);
-            let addr = self.rx_posted.remove(&(head as u16)).expect("a posted buffer");
+            let addr = self
+                .rx_posted
+                .remove(&(head as u16))
+                .expect("a posted buffer");
             self.free_rx.push(addr);
             let len = len as usize;
             assert!(len >= HDR_LEN, "a used length of {len}");
@@ -245,12 +254,22 @@ impl GuestSocket {
         if op == Op::Rw {
             self.tx_cnt = self.tx_cnt.wrapping_add(len);
         }
-        header(op, self.port, self.host_port, len, self.buf_alloc, self.fwd_cnt)
+        header(
+            op,
+            self.port,
+            self.host_port,
+            len,
+            self.buf_alloc,
+            self.fwd_cnt,
+        )
     }
 
     /// Takes in a packet from the device on this connection.
     pub(super) fn learn(&mut self, header: &VsockHeader) {
-        assert_eq!((header.src_port, header.dst_port), (self.host_port, self.port));
+        assert_eq!(
+            (header.src_port, header.dst_port),
+            (self.host_port, self.port)
+        );
         self.peer_buf_alloc = header.buf_alloc;
         self.peer_fwd_cnt = header.fwd_cnt;
         if header.op == Op::Rw as u16 {
