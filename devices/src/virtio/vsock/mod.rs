@@ -533,6 +533,40 @@ mod tests {
     }
 
     #[test]
+    fn receive_buffers_with_room_for_a_header_only_carry_no_data() {
+        let mem = memory();
+        let mut driver = Driver::new(&mem);
+        let mut host = UnixStream::connect(driver.socket_path()).unwrap();
+        host.write_all(b"CONNECT 52\nwaiting data").unwrap();
+        let at = 0x3_0000;
+        for i in 0..4 {
+            driver.push(RX_QUEUE, &[writable(at + i * 64, HDR_LEN as u32)]);
+        }
+        // The REQUEST fits; once the guest answers, the data does not, and the device waits
+        // with the next buffer in hand instead of spinning.
+        driver.vsock.process_host_event(0).unwrap();
+        assert_eq!(driver.used_idx(RX_QUEUE), 1);
+        let request =
+            packet::VsockHeader::from_bytes(&guest_bytes(&mem, at, HDR_LEN).try_into().unwrap());
+        let response = header(Op::Response, 52, request.src_port, 0, 4096, 0);
+        driver.send(&response, &[]);
+        assert_eq!(driver.used_idx(RX_QUEUE), 1);
+        // A CREDIT_REQUEST is a header alone: it goes.
+        let credit_request = header(Op::CreditRequest, 52, request.src_port, 0, 4096, 0);
+        driver.send(&credit_request, &[]);
+        assert_eq!(driver.used_idx(RX_QUEUE), 2);
+        assert_eq!(driver.used(RX_QUEUE, 1).1, HDR_LEN as u32);
+        // The guest that posts such buffers only stalls its own data: the buffer in hand stays
+        // in hand, and every pass ends.
+        for _ in 0..3 {
+            driver.vsock.process_queue(RX_QUEUE).unwrap();
+            driver.vsock.process_host_event(0).unwrap();
+        }
+        assert_eq!(driver.used_idx(RX_QUEUE), 2);
+        assert_eq!(driver.vsock.muxer.connection_count(), 1);
+    }
+
+    #[test]
     fn notifications_for_a_queue_that_does_not_exist_break_the_device() {
         let mem = memory();
         let mut driver = Driver::new(&mem);

@@ -447,7 +447,13 @@ impl Muxer {
         if let Some(rst) = self.rsts.pop_front() {
             return Some((rst, 0));
         }
-        while let Some(key) = self.ready.pop_front() {
+        // One turn over the queue at most: a connection with work it cannot do into this
+        // buffer (host data, and a buffer with no room past the header) goes back in line, and
+        // would otherwise come round again forever.
+        for _ in 0..self.ready.len() {
+            let Some(key) = self.ready.pop_front() else {
+                break;
+            };
             let Some(live) = self.connections.get_mut(&key) else {
                 continue;
             };
