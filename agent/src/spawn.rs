@@ -65,7 +65,20 @@ pub fn spawn(request: &ExecRequest) -> Result<Spawned, SpawnError> {
         )));
     }
 
-    let mut command = Command::new(program);
+    let path = request
+        .env
+        .iter()
+        .rev()
+        .find(|(key, _)| key == "PATH")
+        .map_or(DEFAULT_PATH, |(_, value)| value.as_str());
+    let mut command = match busybox_applet(program, path) {
+        Some(busybox) => {
+            let mut command = Command::new(busybox);
+            command.arg0(program);
+            command
+        }
+        None => Command::new(program),
+    };
     command.args(args).current_dir(cwd).env_clear();
     // The PATH set here is also the one std searches for `program` (it honours a PATH given to
     // the command), so a request's own PATH works as it would in a shell.
@@ -164,6 +177,29 @@ pub fn spawn(request: &ExecRequest) -> Result<Spawned, SpawnError> {
             Err(SpawnError::other(format!("setting up I/O: {e}")))
         }
     }
+}
+
+/// Where busybox is, in Ember's default guest.
+const BUSYBOX: &str = "/bin/busybox";
+
+/// The default guest's static busybox runs its applets without a link per applet (the links cost
+/// seconds of boot time to unpack on software KVM; its shell finds the applets by itself). So a
+/// bare command name found nowhere on `path` runs through busybox, which picks the applet from
+/// argv[0], as the guest's shell would. Busybox answers an unknown applet with status 127, as a
+/// missing command would be. Any other guest, or a name with a slash, is left alone.
+fn busybox_applet(program: &str, path: &str) -> Option<&'static str> {
+    busybox_applet_at(BUSYBOX, program, path)
+}
+
+fn busybox_applet_at<'a>(busybox: &'a str, program: &str, path: &str) -> Option<&'a str> {
+    if program.is_empty() || program.contains('/') || !Path::new(busybox).is_file() {
+        return None;
+    }
+    let on_path = path
+        .split(':')
+        .filter(|dir| !dir.is_empty())
+        .any(|dir| Path::new(dir).join(program).exists());
+    (!on_path).then_some(busybox)
 }
 
 /// Maps an exec failure the way a shell does: 127 for a missing program, 126 for one that
@@ -285,4 +321,28 @@ pub fn kill_group(pid: i32, signal: i32, leader_alive: bool) -> io::Result<()> {
         return Err(io::Error::last_os_error());
     }
     Err(group_err)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bare_names_off_path_go_to_busybox() {
+        let dir = std::env::temp_dir().join(format!("ember-agent-bb-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let busybox = dir.join("busybox");
+        std::fs::write(&busybox, b"").unwrap();
+        std::fs::write(dir.join("ls"), b"").unwrap();
+        let (bb, path) = (busybox.to_str().unwrap(), dir.to_str().unwrap());
+        assert_eq!(busybox_applet_at(bb, "head", path), Some(bb));
+        // On PATH, a path, or no busybox: left alone.
+        assert_eq!(busybox_applet_at(bb, "ls", path), None);
+        assert_eq!(busybox_applet_at(bb, "./head", path), None);
+        assert_eq!(
+            busybox_applet_at("/nonexistent/busybox", "head", path),
+            None
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }
