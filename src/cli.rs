@@ -1,12 +1,15 @@
 //! The `ember` command line.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
 use crate::config::{
-    parse_memory_size, ConsoleConfig, DiskConfig, NetConfig, SoftwareKvmMode, VmConfig, MAX_CPUS,
+    parse_memory_size, ConsoleConfig, DiskConfig, NetConfig, SoftwareKvmMode, VmConfig,
+    VsockConfig, MAX_CPUS,
 };
+use crate::job::{parse_env, JobSpec};
 
 /// Command line used when `--cmdline` is not given: console on COM1, reboot through the i8042
 /// (which ends the VM), reboot on panic, and a quiet boot (every console byte is a VM exit).
@@ -24,8 +27,74 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Boot a guest kernel and run it until it powers off, resets or exits.
+    /// Boot a guest kernel and run it until it powers off, resets or exits; with `-- CMD`, run CMD
+    /// in it through the guest agent and exit with CMD's status.
     Run(RunArgs),
+    /// Run a command in a VM already running with --vsock, through its guest agent.
+    Exec(ExecArgs),
+}
+
+/// How a command runs in the guest (job mode).
+#[derive(Debug, Args)]
+pub struct JobArgs {
+    /// Connect ember's stdin to the command's
+    #[arg(short, long)]
+    pub interactive: bool,
+    /// Give the command a pseudo-terminal (the host terminal goes to raw mode meanwhile)
+    #[arg(short, long)]
+    pub tty: bool,
+    /// Set an environment variable for the command (repeatable)
+    #[arg(short, long = "env", value_name = "KEY=VAL", value_parser = parse_env)]
+    pub env: Vec<(String, String)>,
+    /// The command's working directory [default: /]
+    #[arg(short, long, value_name = "DIR")]
+    pub workdir: Option<String>,
+    /// Kill the command after SECS seconds; ember then exits 124
+    #[arg(long, value_name = "SECS")]
+    pub timeout: Option<f64>,
+}
+
+impl JobArgs {
+    /// The job for `argv`.
+    pub fn spec(&self, argv: Vec<String>) -> Result<JobSpec, CliError> {
+        let timeout = match self.timeout {
+            None => None,
+            Some(secs) => Some(
+                Duration::try_from_secs_f64(secs)
+                    .ok()
+                    .filter(|d| !d.is_zero())
+                    .ok_or(CliError::Timeout(secs))?,
+            ),
+        };
+        Ok(JobSpec {
+            argv,
+            env: self.env.clone(),
+            cwd: self.workdir.clone(),
+            stdin: self.interactive,
+            tty: self.tty,
+            timeout,
+        })
+    }
+
+    fn is_default(&self) -> bool {
+        !self.interactive
+            && !self.tty
+            && self.env.is_empty()
+            && self.workdir.is_none()
+            && self.timeout.is_none()
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct ExecArgs {
+    /// The VM's vsock socket (the socket= of its --vsock)
+    #[arg(long, value_name = "PATH")]
+    pub vsock: PathBuf,
+    #[command(flatten)]
+    pub job: JobArgs,
+    /// The command and its arguments
+    #[arg(last = true, required = true, value_name = "CMD")]
+    pub command: Vec<String>,
 }
 
 #[derive(Debug, Args)]
@@ -46,9 +115,10 @@ pub struct RunArgs {
     /// Guest RAM: 128M, 2G, or a number of MiB
     #[arg(long, value_name = "SIZE", default_value = "128M", value_parser = parse_memory_size)]
     pub memory: u64,
-    /// Where the serial console goes: stdio, off, or file=PATH
-    #[arg(long, value_name = "WHERE", default_value = "stdio")]
-    pub console: ConsoleConfig,
+    /// Where the serial console goes: stdio, off, or file=PATH [default: stdio; with -- CMD, a
+    /// buffer shown only if the VM fails before CMD runs]
+    #[arg(long, value_name = "WHERE")]
+    pub console: Option<ConsoleConfig>,
     /// A virtio block device (repeatable): path=FILE[,readonly=on][,id=NAME]; the first is /dev/vda
     #[arg(long = "disk", value_name = "SPEC")]
     pub disks: Vec<DiskConfig>,
@@ -58,9 +128,18 @@ pub struct RunArgs {
     /// Root filesystem image: the first disk, with root=/dev/vda rw on the command line
     #[arg(long, value_name = "FILE")]
     pub rootfs: Option<PathBuf>,
+    /// A virtio-vsock device (cid=N,socket=PATH): host programs reach guest port P by connecting
+    /// to PATH and writing "CONNECT P"; the guest reaches host port P at PATH_P
+    #[arg(long, value_name = "SPEC")]
+    pub vsock: Option<VsockConfig>,
     /// Workarounds for software KVM (kvm_pvm): auto applies them when it is detected
     #[arg(long, value_name = "MODE", value_enum, default_value_t = SoftwareKvmMode::Auto)]
     pub software_kvm: SoftwareKvmMode,
+    #[command(flatten)]
+    pub job: JobArgs,
+    /// Run this command in the guest (job mode) and exit with its status
+    #[arg(last = true, value_name = "CMD")]
+    pub command: Vec<String>,
 }
 
 /// Problems with the command line that clap cannot see.
@@ -68,6 +147,10 @@ pub struct RunArgs {
 pub enum CliError {
     #[error("no --kernel given and the default guest is not built (looked for {0}); build it with resources/build-guest.sh")]
     NoDefaultGuest(PathBuf),
+    #[error("--timeout {0} is not a positive number of seconds")]
+    Timeout(f64),
+    #[error("-i, -t, -e, -w and --timeout are for a command: add -- CMD")]
+    JobOptionsWithoutCommand,
 }
 
 /// Where the default guest (built by `resources/build-guest.sh`) is cached.
@@ -81,8 +164,20 @@ pub fn default_guest_dir() -> PathBuf {
 }
 
 impl RunArgs {
+    /// The command to run in the guest, if any (job mode).
+    pub fn job_spec(&self) -> Result<Option<JobSpec>, CliError> {
+        if self.command.is_empty() {
+            if !self.job.is_default() {
+                return Err(CliError::JobOptionsWithoutCommand);
+            }
+            return Ok(None);
+        }
+        self.job.spec(self.command.clone()).map(Some)
+    }
+
     /// The VM to boot; without `--kernel`, the default guest and its initramfs.
     pub fn into_config(self) -> Result<VmConfig, CliError> {
+        let job_mode = !self.command.is_empty();
         let (kernel, initrd) = match self.kernel {
             Some(kernel) => (kernel, self.initrd),
             None => {
@@ -116,9 +211,15 @@ impl RunArgs {
             cmdline,
             disks,
             nets: self.nets,
+            vsock: self.vsock,
             cpus: self.cpus,
             memory_bytes: self.memory,
-            console: self.console,
+            // In job mode the console is not mixed into the command's output.
+            console: self.console.unwrap_or(if job_mode {
+                ConsoleConfig::Memory
+            } else {
+                ConsoleConfig::Stdio
+            }),
             software_kvm: self.software_kvm,
         })
     }
@@ -135,14 +236,68 @@ mod tests {
     #[test]
     fn run_defaults() {
         let cli = parse(&["run", "--kernel", "/k"]).unwrap();
-        let Command::Run(args) = cli.command;
+        let Command::Run(args) = cli.command else {
+            panic!("not run")
+        };
         assert_eq!(args.cpus, 1);
         assert_eq!(args.memory, 128 << 20);
-        assert_eq!(args.console, ConsoleConfig::Stdio);
+        assert_eq!(args.console, None);
         assert_eq!(args.cmdline, DEFAULT_CMDLINE);
+        assert_eq!(args.job_spec().unwrap(), None);
         let config = args.into_config().unwrap();
         assert_eq!(config.kernel, PathBuf::from("/k"));
         assert_eq!(config.initrd, None);
+        assert_eq!(config.console, ConsoleConfig::Stdio);
+    }
+
+    #[test]
+    fn job_mode() {
+        let cli = parse(&[
+            "run",
+            "--kernel",
+            "/k",
+            "-i",
+            "-e",
+            "A=1",
+            "-w",
+            "/src",
+            "--timeout",
+            "1.5",
+            "--",
+            "sh",
+            "-c",
+            "exit 7",
+        ])
+        .unwrap();
+        let Command::Run(args) = cli.command else {
+            panic!("not run")
+        };
+        let spec = args.job_spec().unwrap().unwrap();
+        assert_eq!(spec.argv, ["sh", "-c", "exit 7"]);
+        assert!(spec.stdin && !spec.tty);
+        assert_eq!(spec.env, [("A".to_string(), "1".to_string())]);
+        assert_eq!(spec.cwd.as_deref(), Some("/src"));
+        assert_eq!(spec.timeout, Some(Duration::from_millis(1500)));
+        assert_eq!(args.into_config().unwrap().console, ConsoleConfig::Memory);
+        // Job options without a command are a mistake, not ignored.
+        let Command::Run(args) = parse(&["run", "-i"]).unwrap().command else {
+            panic!("not run")
+        };
+        assert!(args.job_spec().is_err());
+        let Command::Run(args) = parse(&["run", "--timeout", "0", "--", "true"])
+            .unwrap()
+            .command
+        else {
+            panic!("not run")
+        };
+        assert!(args.job_spec().is_err());
+        let cli = parse(&["exec", "--vsock", "/v.sock", "-t", "--", "sh"]).unwrap();
+        let Command::Exec(exec) = cli.command else {
+            panic!("not exec")
+        };
+        assert_eq!(exec.vsock, PathBuf::from("/v.sock"));
+        assert!(exec.job.tty);
+        assert!(parse(&["exec", "--vsock", "/v.sock"]).is_err());
     }
 
     #[test]

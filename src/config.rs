@@ -12,6 +12,7 @@ use std::str::FromStr;
 
 use ember_devices::virtio::block::BlockConfig;
 use ember_devices::virtio::net::NetDeviceConfig;
+use ember_devices::virtio::vsock::VsockDeviceConfig;
 use serde::{Deserialize, Serialize};
 
 /// Largest vCPU count: APIC IDs are 8-bit and 0xff is the broadcast ID.
@@ -181,6 +182,9 @@ pub enum ConsoleConfig {
     Off,
     /// Output to a file, no input.
     File(PathBuf),
+    /// Output kept in a bounded in-memory ring, no input: job mode's default, shown only when the
+    /// VM fails before its command runs.
+    Memory,
 }
 
 impl FromStr for ConsoleConfig {
@@ -220,6 +224,9 @@ pub struct VmConfig {
     pub disks: Vec<DiskConfig>,
     /// virtio network devices, eth0 first.
     pub nets: Vec<NetConfig>,
+    /// A virtio-vsock device, reached from the host through a Unix socket.
+    #[serde(default)]
+    pub vsock: Option<VsockConfig>,
 }
 
 const MIB: u64 = 1 << 20;
@@ -325,6 +332,54 @@ impl FromStr for NetConfig {
             tap: options.required("tap")?.to_string(),
             mac,
         })
+    }
+}
+
+/// The lowest guest CID: 0-2 are the hypervisor, the local loopback and the host.
+pub const MIN_GUEST_CID: u32 = 3;
+
+/// A virtio-vsock device: `cid=N,socket=PATH`. The host reaches the guest's port P by connecting to
+/// `PATH` and writing `CONNECT P`; the guest reaches the host's port P at `PATH_P` (Firecracker's
+/// hybrid vsock).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VsockConfig {
+    /// The guest's context ID, at least [`MIN_GUEST_CID`].
+    pub cid: u32,
+    /// The Unix socket Ember listens on for host-initiated connections.
+    pub socket: PathBuf,
+}
+
+impl FromStr for VsockConfig {
+    type Err = ConfigError;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        const USAGE: &str = "cid=N,socket=PATH";
+        let options = OptionParser::new("a vsock", USAGE, &["cid", "socket"]).parse(text)?;
+        let cid: u32 = options.convert("cid")?.ok_or(ConfigError::Missing {
+            key: "cid",
+            what: "a vsock",
+            usage: USAGE,
+        })?;
+        if cid < MIN_GUEST_CID {
+            return Err(ConfigError::InvalidValue {
+                key: "cid".into(),
+                value: cid.to_string(),
+                reason: format!("guest CIDs start at {MIN_GUEST_CID} (0-2 are reserved)"),
+            });
+        }
+        Ok(VsockConfig {
+            cid,
+            socket: options.required("socket")?.into(),
+        })
+    }
+}
+
+impl From<&VsockConfig> for VsockDeviceConfig {
+    fn from(vsock: &VsockConfig) -> Self {
+        VsockDeviceConfig {
+            guest_cid: u64::from(vsock.cid),
+            uds_path: vsock.socket.clone(),
+        }
     }
 }
 
@@ -461,6 +516,20 @@ mod tests {
     }
 
     #[test]
+    fn vsock_options() {
+        assert_eq!(
+            "cid=3,socket=/run/v.sock".parse(),
+            Ok(VsockConfig {
+                cid: 3,
+                socket: "/run/v.sock".into()
+            })
+        );
+        for bad in ["cid=2,socket=/a", "socket=/a", "cid=3", "cid=x,socket=/a"] {
+            assert!(bad.parse::<VsockConfig>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
     fn vm_config_round_trips_through_serde() {
         let config = VmConfig {
             kernel: "/k".into(),
@@ -472,6 +541,7 @@ mod tests {
             software_kvm: SoftwareKvmMode::Auto,
             disks: vec!["path=/a.img,readonly=on".parse().unwrap()],
             nets: vec!["tap=tap0,mac=02:00:00:00:00:01".parse().unwrap()],
+            vsock: Some("cid=3,socket=/tmp/v.sock".parse().unwrap()),
         };
         let json = serde_json::to_string(&config).unwrap();
         assert_eq!(serde_json::from_str::<VmConfig>(&json).unwrap(), config);

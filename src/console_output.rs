@@ -82,6 +82,47 @@ impl Write for BufferedWriter {
     }
 }
 
+/// Where the UART writes, and what Ember keeps to finish or show it later.
+pub struct ConsoleSink {
+    /// The UART's writer.
+    pub writer: Box<dyn Write + Send>,
+    /// The drain thread, when output goes to stdout or a file.
+    pub output: Option<ConsoleOutput>,
+    /// The kept output, when the console goes to memory.
+    pub ring: Option<ConsoleRing>,
+}
+
+/// How much of an unwatched console is kept: the end of a boot log, enough to see why it failed.
+const RING_BYTES: usize = 64 << 10;
+
+/// The last [`RING_BYTES`] of a console nobody watches (job mode), shown when the VM fails before
+/// its command runs.
+#[derive(Clone, Default)]
+pub struct ConsoleRing(Arc<Mutex<VecDeque<u8>>>);
+
+impl ConsoleRing {
+    /// What is kept, oldest byte first.
+    pub fn contents(&self) -> Vec<u8> {
+        let ring = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        ring.iter().copied().collect()
+    }
+}
+
+impl Write for ConsoleRing {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        let mut ring = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let keep = data.len().min(RING_BYTES);
+        let overflow = (ring.len() + keep).saturating_sub(RING_BYTES);
+        ring.drain(..overflow);
+        ring.extend(&data[data.len() - keep..]);
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
 /// The drain thread and the buffer it drains.
 pub struct ConsoleOutput {
     shared: Arc<Shared>,
@@ -92,16 +133,34 @@ pub struct ConsoleOutput {
 }
 
 impl ConsoleOutput {
-    /// Opens where `config` sends the console and starts draining into it. `None` (with a sink
-    /// for the UART) when the console is off.
-    pub fn start(config: &ConsoleConfig) -> io::Result<(Option<Self>, Box<dyn Write + Send>)> {
+    /// Opens where `config` sends the console and starts draining into it.
+    pub fn start(config: &ConsoleConfig) -> io::Result<ConsoleSink> {
         let out: Box<dyn Write + Send> = match config {
-            ConsoleConfig::Off => return Ok((None, Box::new(io::sink()))),
+            ConsoleConfig::Off => {
+                return Ok(ConsoleSink {
+                    writer: Box::new(io::sink()),
+                    output: None,
+                    ring: None,
+                })
+            }
+            // Memory never blocks: no thread needed.
+            ConsoleConfig::Memory => {
+                let ring = ConsoleRing::default();
+                return Ok(ConsoleSink {
+                    writer: Box::new(ring.clone()),
+                    output: None,
+                    ring: Some(ring),
+                });
+            }
             ConsoleConfig::Stdio => Box::new(io::stdout()),
             ConsoleConfig::File(path) => Box::new(File::create(path)?),
         };
         let (output, writer) = Self::spawn(out)?;
-        Ok((Some(output), Box::new(writer)))
+        Ok(ConsoleSink {
+            writer: Box::new(writer),
+            output: Some(output),
+            ring: None,
+        })
     }
 
     /// Starts draining into `out`; returns the writer that feeds it.
@@ -275,6 +334,19 @@ mod tests {
         fn flush(&mut self) -> io::Result<()> {
             Ok(())
         }
+    }
+
+    #[test]
+    fn the_ring_keeps_the_end() {
+        let mut ring = ConsoleRing::default();
+        for i in 0..(2 * RING_BYTES) {
+            ring.write_all(&[(i % 251) as u8]).unwrap();
+        }
+        let kept = ring.contents();
+        assert_eq!(kept.len(), RING_BYTES);
+        assert_eq!(kept[RING_BYTES - 1], ((2 * RING_BYTES - 1) % 251) as u8);
+        ring.write_all(&vec![7; 3 * RING_BYTES]).unwrap();
+        assert_eq!(ring.contents(), vec![7; RING_BYTES]);
     }
 
     #[test]

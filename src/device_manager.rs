@@ -41,6 +41,7 @@ pub enum VirtioError {
 pub enum DeviceKind {
     Block,
     Net,
+    Vsock,
 }
 
 impl DeviceKind {
@@ -49,6 +50,7 @@ impl DeviceKind {
         match self {
             DeviceKind::Block => "block",
             DeviceKind::Net => "net",
+            DeviceKind::Vsock => "vsock",
         }
     }
 }

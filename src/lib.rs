@@ -15,6 +15,7 @@ pub mod console_output;
 pub mod device_manager;
 pub mod device_threads;
 pub mod irqchip;
+pub mod job;
 pub mod kvm;
 pub mod main_loop;
 pub mod outcome;

@@ -17,12 +17,34 @@ fn main() -> ExitCode {
         Err(e) => return usage_error(e),
     };
     init_logging(cli.verbose);
-    let Command::Run(args) = cli.command;
+    let args = match cli.command {
+        Command::Run(args) => args,
+        Command::Exec(args) => {
+            let spec = match args.job.spec(args.command) {
+                Ok(spec) => spec,
+                Err(e) => return fail(&e),
+            };
+            let outcome = ember::job::exec(&args.vsock, &spec);
+            ember::terminal::restore();
+            if !outcome.is_clean() {
+                eprintln!("ember: {outcome}");
+            }
+            return ExitCode::from(outcome.exit_code());
+        }
+    };
+    let job = match args.job_spec() {
+        Ok(job) => job,
+        Err(e) => return fail(&e),
+    };
     let config = match args.into_config() {
         Ok(config) => config,
         Err(e) => return fail(&e),
     };
-    match vmm::run(&config, started) {
+    let result = match job {
+        Some(job) => vmm::run_job(&config, job, started),
+        None => vmm::run(&config, started),
+    };
+    match result {
         Ok(outcome) => {
             if outcome.is_clean() {
                 log::info!("{outcome}");

@@ -15,7 +15,7 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 pub enum Wakeup {
     /// Something asked the VM to stop (`VmControl::request_stop`).
     StopRequested,
-    /// SIGINT, SIGTERM or SIGHUP arrived.
+    /// SIGINT, SIGTERM, SIGHUP or SIGWINCH arrived.
     Signal,
 }
 
@@ -119,7 +119,12 @@ pub fn with_termination_signals_blocked<T>(spawn: impl FnOnce() -> T) -> T {
 
 const TERMINATION_SIGNALS: [libc::c_int; 3] = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP];
 
-/// SIGINT, SIGTERM and SIGHUP, blocked and read from a signalfd.
+/// What the main thread reads from its signalfd: the termination signals, and SIGWINCH, which job
+/// mode forwards to a command's terminal (elsewhere it is read and ignored, as by default).
+const MAIN_LOOP_SIGNALS: [libc::c_int; 4] =
+    [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGWINCH];
+
+/// SIGINT, SIGTERM, SIGHUP and SIGWINCH, blocked and read from a signalfd.
 struct TerminationSignals {
     fd: OwnedFd,
 }
@@ -131,7 +136,7 @@ impl TerminationSignals {
         unsafe {
             let mut set: libc::sigset_t = std::mem::zeroed();
             libc::sigemptyset(&mut set);
-            for signal in TERMINATION_SIGNALS {
+            for signal in MAIN_LOOP_SIGNALS {
                 libc::sigaddset(&mut set, signal);
             }
             let rc = libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());

@@ -4,6 +4,8 @@ use std::fmt;
 
 use ember_devices::VmRequest;
 
+use crate::job::JobOutcome;
+
 /// Exit code: the command line is wrong (as clap and most tools use).
 pub const EXIT_USAGE: u8 = 2;
 /// Exit code: the guest crashed (triple fault, KVM_EXIT_SHUTDOWN, failed VM entry).
@@ -43,6 +45,8 @@ pub enum VmOutcome {
     Signal(i32),
     /// The user typed the console escape (Ctrl-A x).
     ConsoleQuit,
+    /// Job mode: the command ended (or could not run).
+    Job(JobOutcome),
 }
 
 impl From<VmRequest> for VmOutcome {
@@ -68,15 +72,17 @@ impl VmOutcome {
             VmOutcome::MonitorFailed { .. } => EXIT_MONITOR_FAILED,
             VmOutcome::Signal(signal) => EXIT_SIGNAL_BASE.saturating_add(*signal as u8),
             VmOutcome::ConsoleQuit => EXIT_SIGNAL_BASE + libc::SIGINT as u8,
+            VmOutcome::Job(job) => job.exit_code(),
         }
     }
 
     /// Whether the guest ended on its own terms (nothing to report as an error).
     pub fn is_clean(&self) -> bool {
-        matches!(
-            self,
-            VmOutcome::Reset | VmOutcome::PowerOff | VmOutcome::GuestExit(_)
-        )
+        match self {
+            VmOutcome::Reset | VmOutcome::PowerOff | VmOutcome::GuestExit(_) => true,
+            VmOutcome::Job(job) => job.is_clean(),
+            _ => false,
+        }
     }
 }
 
@@ -115,6 +121,7 @@ impl fmt::Display for VmOutcome {
             VmOutcome::MonitorFailed { cpu, what } => write!(f, "vCPU {cpu}: {what}"),
             VmOutcome::Signal(signal) => write!(f, "stopped by signal {signal}"),
             VmOutcome::ConsoleQuit => write!(f, "stopped from the console (Ctrl-A x)"),
+            VmOutcome::Job(job) => write!(f, "{job}"),
         }
     }
 }

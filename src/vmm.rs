@@ -5,7 +5,7 @@
 //! vCPUs. [`Vm::run`] starts them and waits for the first reason to stop.
 
 use std::fs::File;
-use std::io;
+use std::io::{self, Write};
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -19,6 +19,7 @@ use ember_devices::ioapic::{self, Ioapic, IoapicPin};
 use ember_devices::serial::{self, SerialConsole};
 use ember_devices::virtio::block::{Block, BlockError};
 use ember_devices::virtio::net::{Net, NetError};
+use ember_devices::virtio::vsock::{Vsock, VsockError};
 use ember_devices::{Bus, BusError};
 use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::{IoEventAddress, Kvm, NoDatamatch, VcpuFd, VmFd};
@@ -37,12 +38,16 @@ use crate::arch::x86_64::memory::{self, MIN_RAM_BYTES};
 use crate::arch::x86_64::regs::{self, EntryMode};
 use crate::arch::x86_64::xstate::{XstateLayout, XstateSwitch};
 use crate::arch::x86_64::{acpi, mptable};
-use crate::config::{ConsoleConfig, SoftwareKvmMode, VmConfig, MAX_CPUS};
+use crate::config::{
+    ConsoleConfig, SoftwareKvmMode, VmConfig, VsockConfig, MAX_CPUS, MIN_GUEST_CID,
+};
 use crate::console;
-use crate::console_output::ConsoleOutput;
+use crate::console_output::{ConsoleOutput, ConsoleRing};
 use crate::device_manager::{DeviceKind, DeviceManager, VirtioError, VmWiring};
 use crate::device_threads::DeviceThreads;
 use crate::irqchip::{self, KvmMsi};
+use crate::job::ready::ReadyError;
+use crate::job::{JobOutcome, JobRunner, JobSpec, JobThread, PrivateDir};
 use crate::kvm::{self, KvmError};
 use crate::main_loop::{MainLoop, Wakeup};
 use crate::outcome::VmOutcome;
@@ -61,6 +66,25 @@ pub const SOFTWARE_KVM_CMDLINE: &str = "noxsave clearcpuid=151,59,308,298,534,29
 /// with `noxsave` it cannot switch the AVX/AVX-512 registers its user space uses, so Ember does.
 fn xstate_cmdline() -> String {
     format!("ember.xstate_port={XSTATE_SAVE_PORT:#x}")
+}
+
+/// How the default guest's init starts `ember-agent`, told by `ember.agent=` on the kernel command
+/// line (other kernels ignore it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AgentMode {
+    /// Beside the console (a VM with `--vsock`): `ember exec` can reach it.
+    Background,
+    /// Job mode: the agent is all the guest runs; the console shows no shell.
+    Job,
+}
+
+impl AgentMode {
+    fn cmdline(self) -> &'static str {
+        match self {
+            AgentMode::Background => "ember.agent=1",
+            AgentMode::Job => "ember.agent=job",
+        }
+    }
 }
 
 /// Why a VM could not be built or run.
@@ -130,6 +154,12 @@ pub enum VmmError {
     Disk(#[source] BlockError),
     #[error("cannot attach a network device")]
     Net(#[source] NetError),
+    #[error("cannot attach the vsock device")]
+    Vsock(#[source] VsockError),
+    #[error("cannot make a private directory for the job's vsock socket")]
+    JobSocket(#[source] io::Error),
+    #[error(transparent)]
+    Job(#[from] ReadyError),
     #[error(transparent)]
     Virtio(#[from] VirtioError),
     #[error("cannot wire a device interrupt")]
@@ -157,13 +187,20 @@ pub struct Vm {
     serial_fifo_drained: EventFd,
     console: ConsoleConfig,
     console_output: Option<ConsoleOutput>,
+    /// Job mode's console, kept aside.
+    console_ring: Option<ConsoleRing>,
     devices: DeviceManager,
 }
 
 impl Vm {
     /// Builds the VM `config` describes, up to the point where its vCPUs could run.
     /// `started` is when ember started: the boot timer measures from it.
-    pub fn build(config: &VmConfig, started: Instant) -> Result<Self, VmmError> {
+    /// `agent` says how the default guest's init starts its agent (with a vsock device).
+    pub fn build(
+        config: &VmConfig,
+        started: Instant,
+        agent: Option<AgentMode>,
+    ) -> Result<Self, VmmError> {
         let kvm = kvm::open()?;
         check_resources(&kvm, config)?;
         let software_kvm = match config.software_kvm {
@@ -205,6 +242,9 @@ impl Vm {
             );
             extra.push(xstate_cmdline());
         }
+        if let Some(agent) = agent {
+            extra.push(agent.cmdline().to_string());
+        }
         let mut cmdline = boot::build_cmdline(&config.cmdline, &extra)?;
         let mut mmio = Bus::new();
         mmio.insert(ioapic.clone(), IOAPIC_START, ioapic::MMIO_LEN)?;
@@ -230,9 +270,8 @@ impl Vm {
         let entry = boot::write_boot_info(&guest_memory, &kernel, &cmdline, initrd, &memory_map)?;
         write_firmware_tables(&guest_memory, config.cpus)?;
 
-        let (console_output, console_writer) =
-            ConsoleOutput::start(&config.console).map_err(VmmError::ConsoleOutput)?;
-        let (pio, serial, serial_fifo_drained) = legacy_devices(&ioapic, console_writer, started)?;
+        let console = ConsoleOutput::start(&config.console).map_err(VmmError::ConsoleOutput)?;
+        let (pio, serial, serial_fifo_drained) = legacy_devices(&ioapic, console.writer, started)?;
         let buses = Arc::new(IoBuses { pio, mmio });
         let vcpus = create_vcpus(
             &vm_fd,
@@ -252,14 +291,16 @@ impl Vm {
             serial,
             serial_fifo_drained,
             console: config.console.clone(),
-            console_output,
+            console_output: console.output,
+            console_ring: console.ring,
             devices,
         })
     }
 
-    /// Runs the VM until the guest stops it, a vCPU fails, or a signal arrives. Every vCPU thread
-    /// has been joined and the terminal restored when this returns.
-    pub fn run(self) -> Result<VmOutcome, VmmError> {
+    /// Runs the VM until the guest stops it, a vCPU fails, a signal arrives or, with `job`, the
+    /// job's command ends. Every vCPU thread has been joined and the terminal restored when this
+    /// returns.
+    pub fn run(self, job: Option<JobRunner>) -> Result<VmOutcome, VmmError> {
         let control = Arc::new(VmControl::new().map_err(VmmError::EventLoop)?);
         // Before any thread starts: see MainLoop::new.
         let mut main_loop =
@@ -267,7 +308,21 @@ impl Vm {
         vcpu::install_kick_handler()
             .map_err(|e| VmmError::EventLoop(io::Error::from_raw_os_error(e.errno())))?;
         let vm_fd = self.vm_fd.clone();
-        let running = self.start(&control)?;
+        let console_ring = self.console_ring.clone();
+        let job_mode = job.is_some();
+        let mut running = self.start(&control)?;
+        if let Some(job) = job {
+            let spawned = control
+                .stop_event
+                .try_clone()
+                .and_then(|stopped| job.spawn(control.clone(), stopped));
+            match spawned {
+                Ok(thread) => running.job = Some(thread),
+                Err(e) => control.request_stop(VmOutcome::Job(JobOutcome::Failed(format!(
+                    "cannot start the job thread: {e}"
+                )))),
+            }
+        }
 
         // Only the virtio devices' ioeventfds leave grace periods in flight (the split irqchip
         // leaves none): without them, settling would start one of its own.
@@ -290,8 +345,15 @@ impl Vm {
                     // The loop condition sees it.
                     Wakeup::StopRequested => {}
                     Wakeup::Signal => {
-                        if let Some(signal) = main_loop.read_signal() {
-                            control.request_stop(VmOutcome::Signal(signal));
+                        while let Some(signal) = main_loop.read_signal() {
+                            // A job's command gets the signal first; it ending stops the VM.
+                            let forwarded = running
+                                .job
+                                .as_ref()
+                                .is_some_and(|job| job.on_signal(signal));
+                            if !forwarded && signal != libc::SIGWINCH {
+                                control.request_stop(VmOutcome::Signal(signal));
+                            }
                         }
                     }
                 }
@@ -299,10 +361,27 @@ impl Vm {
         }
 
         running.stop();
-        Ok(control.take_outcome().unwrap_or(VmOutcome::MonitorFailed {
+        let outcome = control.take_outcome().unwrap_or(VmOutcome::MonitorFailed {
             cpu: 0,
             what: "stopped without a reason".into(),
-        }))
+        });
+        Ok(match outcome {
+            VmOutcome::Job(_) => outcome,
+            // The VM ended before its command did: say why, with the console that was kept
+            // aside, so that a broken guest is still diagnosable.
+            other if job_mode => {
+                if let Some(ring) = console_ring {
+                    let mut stderr = io::stderr().lock();
+                    let _ = stderr.write_all(b"ember: the guest's console:\n");
+                    let _ = stderr.write_all(&ring.contents());
+                    let _ = stderr.write_all(b"\n");
+                }
+                VmOutcome::Job(JobOutcome::Failed(format!(
+                    "the VM ended before the command did: {other}"
+                )))
+            }
+            other => other,
+        })
     }
 
     /// Starts the threads: device loop, vCPUs, console input. A thread that cannot start stops
@@ -357,6 +436,7 @@ impl Vm {
             }
         }
         Ok(RunningVm {
+            job: None,
             vcpus,
             device_threads,
             devices: self.devices,
@@ -372,6 +452,7 @@ const CONSOLE_PATIENCE: Duration = Duration::from_millis(500);
 
 /// The threads of a running VM.
 struct RunningVm {
+    job: Option<JobThread>,
     vcpus: Vec<VcpuHandle>,
     device_threads: DeviceThreads,
     /// The devices stay attached (their transports on the MMIO bus) until the VM is gone.
@@ -385,6 +466,9 @@ impl RunningVm {
     /// Finishes every vCPU, then the devices (which flush their data), then restores the
     /// terminal.
     fn stop(self) {
+        if let Some(job) = self.job {
+            job.stop();
+        }
         // A vCPU waiting for room in the console buffer must not wait any more to be joined.
         if let Some(output) = &self.console_output {
             output.stop_waiting();
@@ -431,10 +515,41 @@ fn settle_grace_periods(vm_fd: &VmFd) {
 /// Builds and runs the VM `config` describes; `started` is when ember started (see
 /// [`Vm::build`]).
 pub fn run(config: &VmConfig, started: Instant) -> Result<VmOutcome, VmmError> {
-    let vm = Vm::build(config, started);
+    let agent = config.vsock.as_ref().map(|_| AgentMode::Background);
+    let vm = Vm::build(config, started, agent);
     // Building may have put nothing on the terminal, but restore anyway on every error path.
-    let outcome = vm.and_then(Vm::run);
+    let outcome = vm.and_then(|vm| vm.run(None));
     terminal::restore();
+    outcome
+}
+
+/// Job mode: builds the VM `config` describes with a vsock device (a private one unless the
+/// configuration names one) and the guest agent, runs `job` in it, and returns when it ends.
+pub fn run_job(config: &VmConfig, job: JobSpec, started: Instant) -> Result<VmOutcome, VmmError> {
+    // Nothing else on the host can reach the agent through a socket in a directory of its own.
+    let mut private_dir = None;
+    let mut config = config.clone();
+    if config.vsock.is_none() {
+        let dir = PrivateDir::create().map_err(VmmError::JobSocket)?;
+        config.vsock = Some(VsockConfig {
+            cid: MIN_GUEST_CID,
+            socket: dir.path().join("vsock.sock"),
+        });
+        private_dir = Some(dir);
+    }
+    let socket = config
+        .vsock
+        .as_ref()
+        .map(|vsock| vsock.socket.clone())
+        .unwrap_or_default();
+    let outcome = JobRunner::prepare(job, &socket)
+        .map_err(VmmError::Job)
+        .and_then(|runner| {
+            let vm = Vm::build(&config, started, Some(AgentMode::Job))?;
+            vm.run(Some(runner))
+        });
+    terminal::restore();
+    drop(private_dir);
     outcome
 }
 
@@ -552,7 +667,7 @@ fn load_kernel_and_initrd(
 }
 
 /// One virtio-blk device per `--disk`, in order (/dev/vda, /dev/vdb, …), then one virtio-net
-/// device per `--net` (eth0, eth1, …).
+/// device per `--net` (eth0, eth1, …), then the vsock device.
 fn attach_virtio_devices(config: &VmConfig, vm: &mut VmWiring) -> Result<DeviceManager, VmmError> {
     let mut devices = DeviceManager::default();
     for disk in &config.disks {
@@ -562,6 +677,10 @@ fn attach_virtio_devices(config: &VmConfig, vm: &mut VmWiring) -> Result<DeviceM
     for net in &config.nets {
         let net = Net::new(net.into()).map_err(VmmError::Net)?;
         devices.attach(DeviceKind::Net, Box::new(net), vm)?;
+    }
+    if let Some(vsock) = &config.vsock {
+        let vsock = Vsock::new(vsock.into()).map_err(VmmError::Vsock)?;
+        devices.attach(DeviceKind::Vsock, Box::new(vsock), vm)?;
     }
     Ok(devices)
 }

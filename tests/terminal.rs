@@ -4,7 +4,6 @@
 mod common;
 
 use std::io::{Read, Write};
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::{ember, kvm_available, micro_guest};
@@ -21,13 +20,7 @@ fn ctrl_a_x_quits_and_the_terminal_is_restored() {
         ember().display(),
         kernel.display()
     );
-    let mut child = Command::new("script")
-        .args(["-q", "-e", "-c", &inner, "/dev/null"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run script(1)");
+    let mut child = common::in_pty(&inner);
     let mut stdout = child.stdout.take().unwrap();
     let mut seen = Vec::new();
     let mut buf = [0u8; 512];

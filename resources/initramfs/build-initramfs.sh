@@ -4,7 +4,9 @@
 # (init.sh -> /lib/ember/init.sh) and its command line parsing (lib/cmdline.sh), the test scripts
 # (tests/*.sh -> /tests), ember-exit (ember-exit.c), which ends the VM through port 0xf4, and
 # ember-bench (ember-bench.c), the guest half of resources/bench/bench.py, and ember-vecregs
-# (ember-vecregs.c), which checks that processes keep their vector registers to themselves.
+# (ember-vecregs.c), which checks that processes keep their vector registers to themselves, and
+# the guest agent (the workspace's agent/ crate, built here with cargo: a static binary), which
+# runs job-mode commands sent over vsock.
 # It is written twice, uncompressed (.cpio) and gzip'ed (.cpio.gz). Boot the uncompressed one on
 # software KVM: the kernel's inflate runs emulated and took ~60 s for this ~1 MiB .gz, against
 # ~8 s to copy the 2 MiB .cpio (measured with QEMU on kvm_pvm); the .gz is for hardware KVM or
@@ -26,13 +28,16 @@ log() { printf '[initramfs] %s\n' "$*" >&2; }
 
 install_missing busybox-static cpio gzip build-essential
 
+workspace=$(cd "$here/../.." && pwd)
 inputs=("$here/build-initramfs.sh" "$here/init.sh" "$here/lib/cmdline.sh" "$here/freestanding.h"
     "$here/ember-init.c" "$here/ember-exit.c" "$here/ember-bench.c" "$here/ember-vecregs.c"
-    "$here"/tests/*.sh)
+    "$here"/tests/*.sh "$workspace/Cargo.lock" "$workspace/Cargo.toml" "$workspace/agent/Cargo.toml"
+    $(find "$workspace/agent/src" -name '*.rs' | LC_ALL=C sort))
 hash=$(
     {
         echo "busybox-static $(dpkg-query -W -f='${Version}' busybox-static)"
         echo "gcc $(gcc -dumpfullversion)"
+        echo "$(rustc --version)"
         for f in "${inputs[@]}"; do
             echo "== ${f#"$here"/}"
             cat "$f"
@@ -82,6 +87,10 @@ for helper in ember-init ember-exit ember-bench; do
 done
 # The register check: the compiler must not touch a vector register of its own.
 "${freestanding[@]}" -mgeneral-regs-only -o "$root/bin/ember-vecregs" "$here/ember-vecregs.c"
+# The guest agent: static (the workspace's target links with crt-static), release, stripped.
+log "building the guest agent (cargo build --release -p ember-agent)"
+(cd "$workspace" && cargo build --quiet --release -p ember-agent)
+install -m 755 -s "$workspace/target/x86_64-unknown-linux-gnu/release/ember-agent" "$root/bin/ember-agent"
 
 mv "$root/bin/ember-init" "$root/init"
 install -m 755 "$here/init.sh" "$root/lib/ember/init.sh"

@@ -5,6 +5,9 @@
 #   ember.test=NAME   runs /tests/NAME.sh, then ends the VM with the script's exit status
 #   ember.cmd="CMD"   runs `sh -c "CMD"`, then ends the VM with its exit status
 #   (neither)         an interactive shell on the console; the VM resets when it exits
+#   ember.agent=1     also starts the guest agent (/bin/ember-agent, on vsock) in the background
+#   ember.agent=job   job mode: the agent is all the guest runs (Ember sends the command over vsock);
+#                     should it end, the VM ends with status 125
 # The VM ends through Ember's debug-exit port (0xf4, via /bin/ember-exit): Ember exits with the
 # status itself. Should that fail, `reboot -f` resets the VM (reboot=k: Ember exits 0).
 # Markers on the console, for tests: "EMBER-INIT", "EMBER-EXIT status=N".
@@ -27,6 +30,17 @@ end_vm() {
 }
 
 read -r cmdline </proc/cmdline
+# cmdline_get sets $_value too; a redirected function call runs in this shell.
+if cmdline_get ember.agent "$cmdline" >/dev/null; then
+    case $_value in
+        job)
+            /bin/ember-agent
+            echo "EMBER-ERROR the guest agent ended"
+            end_vm 125
+            ;;
+        *) /bin/ember-agent & ;;
+    esac
+fi
 cmdline_mode "$cmdline"
 case $mode in
     test)

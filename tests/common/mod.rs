@@ -229,6 +229,18 @@ pub fn spawn_until(args: &[&str], marker: &str) -> Child {
     child
 }
 
+/// Runs the shell command `inner` on a pseudo-terminal of its own, made by script(1), with every
+/// stream piped.
+pub fn in_pty(inner: &str) -> Child {
+    Command::new("script")
+        .args(["-q", "-e", "-c", inner, "/dev/null"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run script(1)")
+}
+
 /// Sends `signal` to a child process.
 pub fn send_signal(child: &Child, signal: i32) {
     // SAFETY: kill(2) on the pid of a child we own and have not reaped.

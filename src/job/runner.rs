@@ -1,0 +1,184 @@
+//! Job mode inside `ember run -- CMD`: the thread that waits for the guest agent, runs the command
+//! and stops the VM with the command's outcome, and the private directory its vsock socket lives
+//! in.
+
+use std::io;
+use std::os::unix::fs::DirBuilderExt;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use ember_agent::wire;
+use vmm_sys_util::eventfd::EventFd;
+
+use super::ready::{ReadyError, ReadyListener};
+use super::session::{terminal_size, JobHandle, Session};
+use super::{hybrid, JobOutcome, JobSpec};
+use crate::outcome::VmOutcome;
+use crate::vcpu::VmControl;
+
+/// A directory only this user can enter, removed with everything in it when dropped: where job
+/// mode's vsock socket lives, so that nothing else on the host can reach the agent.
+pub struct PrivateDir {
+    path: PathBuf,
+}
+
+impl PrivateDir {
+    /// Creates `ember-<pid>-<n>` (mode 0700) under `$XDG_RUNTIME_DIR`, or the temp directory.
+    pub fn create() -> io::Result<Self> {
+        let base = std::env::var_os("XDG_RUNTIME_DIR")
+            .map(PathBuf::from)
+            .filter(|p| p.is_dir())
+            .unwrap_or_else(std::env::temp_dir);
+        for n in 0..1000 {
+            let path = base.join(format!("ember-{}-{n}", std::process::id()));
+            match std::fs::DirBuilder::new().mode(0o700).create(&path) {
+                Ok(()) => return Ok(Self { path }),
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        Err(io::Error::new(
+            io::ErrorKind::AlreadyExists,
+            "no free name for a private directory",
+        ))
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for PrivateDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
+
+/// A job waiting for its VM: the ready listener is bound before the guest runs.
+pub struct JobRunner {
+    spec: JobSpec,
+    socket: PathBuf,
+    ready: ReadyListener,
+}
+
+impl JobRunner {
+    /// Prepares to run `spec` through the vsock device at `socket`.
+    pub fn prepare(spec: JobSpec, socket: &Path) -> Result<Self, ReadyError> {
+        Ok(Self {
+            spec,
+            socket: socket.to_path_buf(),
+            ready: ReadyListener::bind(socket)?,
+        })
+    }
+
+    /// Starts the job's thread: it waits for the agent, runs the command, and stops the VM
+    /// through `control` with the command's outcome. `stopped` becomes readable when the VM
+    /// stops (for whatever reason), which ends the wait for the agent.
+    pub fn spawn(self, control: Arc<VmControl>, stopped: EventFd) -> io::Result<JobThread> {
+        let handle: Arc<Mutex<Option<JobHandle>>> = Arc::default();
+        let slot = handle.clone();
+        let thread = std::thread::Builder::new()
+            .name("job".into())
+            .spawn(move || {
+                if let Some(outcome) = self.run(&stopped, &slot) {
+                    control.request_stop(VmOutcome::Job(outcome));
+                }
+            })?;
+        Ok(JobThread { handle, thread })
+    }
+
+    /// `None` when the VM stopped before the agent was ready: the VM's own outcome stands.
+    fn run(self, stopped: &EventFd, slot: &Mutex<Option<JobHandle>>) -> Option<JobOutcome> {
+        let ready = match self.ready.wait(stopped) {
+            Ok(ready) => ready,
+            Err(ReadyError::Stopped) => return None,
+            Err(e) => return Some(JobOutcome::Failed(error_line(&e))),
+        };
+        log::info!("job: the guest agent is ready");
+        let stream = match hybrid::connect(&self.socket, wire::AGENT_PORT) {
+            Ok(stream) => stream,
+            Err(e) => {
+                return Some(JobOutcome::Failed(format!(
+                    "cannot reach the guest agent: {e}"
+                )))
+            }
+        };
+        let session = match Session::start(stream, &self.spec) {
+            Ok(session) => session,
+            Err(e) => {
+                return Some(JobOutcome::Failed(format!(
+                    "cannot send the command to the guest agent: {e}"
+                )))
+            }
+        };
+        let handle = session.handle();
+        *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(handle.clone());
+        watch_agent(ready, handle);
+        Some(session.run())
+    }
+}
+
+/// The agent's ready connection stays open while it lives: its end aborts the session, so a
+/// command whose agent died is not waited for forever.
+fn watch_agent(mut ready: UnixStream, handle: JobHandle) {
+    let spawned = std::thread::Builder::new()
+        .name("job-agent".into())
+        .spawn(move || {
+            let mut buf = [0u8; 64];
+            loop {
+                match io::Read::read(&mut ready, &mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {}
+                }
+            }
+            handle.abort("the guest agent died before the command ended");
+        });
+    if let Err(e) = spawned {
+        log::warn!("job: cannot watch the guest agent: {e}");
+    }
+}
+
+fn error_line(error: &dyn std::error::Error) -> String {
+    let mut line = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        line.push_str(&format!(": {cause}"));
+        source = cause.source();
+    }
+    line
+}
+
+/// The running job, as the main thread sees it.
+pub struct JobThread {
+    handle: Arc<Mutex<Option<JobHandle>>>,
+    thread: JoinHandle<()>,
+}
+
+impl JobThread {
+    /// Handles a signal Ember received: SIGWINCH resizes the command's terminal, others go to the
+    /// command once it runs. False when the signal is Ember's to act on (no command yet).
+    pub fn on_signal(&self, signal: i32) -> bool {
+        let handle = self.handle.lock().unwrap_or_else(|e| e.into_inner());
+        match (&*handle, signal) {
+            (Some(handle), libc::SIGWINCH) => {
+                handle.resize(terminal_size());
+                true
+            }
+            (None, libc::SIGWINCH) => true,
+            (Some(handle), _) => handle.forward_signal(signal),
+            (None, _) => false,
+        }
+    }
+
+    /// The VM is stopping: a session still running ends now.
+    pub fn stop(self) {
+        if let Some(handle) = &*self.handle.lock().unwrap_or_else(|e| e.into_inner()) {
+            handle.abort("the VM stopped before the command ended");
+        }
+        if self.thread.join().is_err() {
+            log::error!("the job thread panicked");
+        }
+    }
+}
