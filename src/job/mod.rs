@@ -125,11 +125,17 @@ pub fn exec(socket: &Path, spec: &JobSpec) -> JobOutcome {
         Err(e) => return JobOutcome::Failed(format!("cannot send the command: {e}")),
     };
     let handle = session.handle();
+    // The thread signals a copy: the original stays open here, because closing the last
+    // descriptor of a file takes it out of the epoll set, and the wake-up with it.
+    let finished = match done.try_clone() {
+        Ok(finished) => finished,
+        Err(e) => return JobOutcome::Failed(format!("cannot create an eventfd: {e}")),
+    };
     let runner = std::thread::Builder::new()
         .name("job".into())
         .spawn(move || {
             let outcome = session.run();
-            let _ = done.write(1);
+            let _ = finished.write(1);
             outcome
         });
     let runner = match runner {
