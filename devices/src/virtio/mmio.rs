@@ -305,12 +305,21 @@ impl MmioTransport {
         }
         let value = value & !status::DEVICE_NEEDS_RESET;
         if added & status::FEATURES_OK != 0 && !self.features_acceptable() {
-            // Leaving FEATURES_OK unset tells the driver the features were refused.
-            self.status = value & !status::FEATURES_OK;
+            // Leaving FEATURES_OK unset tells the driver the features were refused; a DRIVER_OK
+            // in the same write goes with it (see below).
+            self.status = value & !(status::FEATURES_OK | status::DRIVER_OK);
+            return;
+        }
+        if added & status::DRIVER_OK != 0 && value & status::FEATURES_OK == 0 {
+            // The driver must not set DRIVER_OK before FEATURES_OK (virtio 1.2, 3.1.1). Taking
+            // it would leave a device that says DRIVER_OK yet was never activated, which no
+            // later write can activate; refusing it keeps "DRIVER_OK implies FEATURES_OK" true,
+            // which a saved state can then be held to.
+            log::debug!("virtio: DRIVER_OK without FEATURES_OK; ignored");
             return;
         }
         self.status = value;
-        if added & status::DRIVER_OK != 0 && self.status & status::FEATURES_OK != 0 {
+        if added & status::DRIVER_OK != 0 {
             self.activate();
         }
     }
@@ -678,6 +687,33 @@ mod tests {
             status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK,
         );
         assert_eq!(read32(&mut t, reg::STATUS) & status::FEATURES_OK, 0);
+    }
+
+    #[test]
+    fn driver_ok_needs_features_ok() {
+        let (mut t, seen, _) = transport();
+        write32(&mut t, reg::STATUS, status::ACKNOWLEDGE | status::DRIVER);
+        write32(&mut t, reg::DRIVER_FEATURES_SEL, 1);
+        write32(&mut t, reg::DRIVER_FEATURES, 1);
+        let early = status::ACKNOWLEDGE | status::DRIVER | status::DRIVER_OK;
+        write32(&mut t, reg::STATUS, early);
+        assert_eq!(
+            read32(&mut t, reg::STATUS),
+            status::ACKNOWLEDGE | status::DRIVER
+        );
+        // Refused features take a DRIVER_OK of the same write with them.
+        write32(&mut t, reg::DRIVER_FEATURES_SEL, 0);
+        write32(&mut t, reg::DRIVER_FEATURES, 1 << 7);
+        write32(&mut t, reg::STATUS, early | status::FEATURES_OK);
+        assert_eq!(
+            read32(&mut t, reg::STATUS),
+            status::ACKNOWLEDGE | status::DRIVER
+        );
+        // Both at once with good features activate.
+        write32(&mut t, reg::DRIVER_FEATURES, 1 << 5);
+        write32(&mut t, reg::STATUS, early | status::FEATURES_OK);
+        assert_eq!(read32(&mut t, reg::STATUS), early | status::FEATURES_OK);
+        assert_eq!(seen.lock().unwrap().activations, 1);
     }
 
     #[test]
