@@ -517,11 +517,18 @@ mod tests {
         more_work_next: bool,
         /// The next pass waits for a message here, as a pass blocked in host I/O would.
         hold_next: Option<std::sync::mpsc::Receiver<()>>,
+        sleeps: usize,
+        wakes: usize,
     }
 
     struct FakeDevice {
         seen: Arc<Mutex<Seen>>,
         config: [u8; 8],
+        /// The queues while active; each pass serves one chain of its queue, as far as the
+        /// queue positions tell.
+        queues: Option<Vec<Queue>>,
+        /// Features while activated (active or asleep).
+        features: Option<u64>,
     }
 
     impl VirtioDevice for FakeDevice {
@@ -551,9 +558,15 @@ mod tests {
             let mut seen = self.seen.lock().unwrap();
             seen.activations += 1;
             seen.features = features;
+            self.queues = Some(queues);
+            self.features = Some(features);
             Ok(())
         }
         fn process_queue(&mut self, index: usize) -> Result<Progress, DeviceBroken> {
+            if let Some(queue) = self.queues.as_mut().and_then(|q| q.get_mut(index)) {
+                queue.set_next_avail(queue.next_avail().wrapping_add(1));
+                queue.set_next_used(queue.next_used().wrapping_add(1));
+            }
             let hold = self.seen.lock().unwrap().hold_next.take();
             if let Some(hold) = hold {
                 hold.recv().unwrap();
@@ -570,6 +583,28 @@ mod tests {
         }
         fn reset(&mut self) {
             self.seen.lock().unwrap().resets += 1;
+            self.queues = None;
+            self.features = None;
+        }
+        fn sleep(&mut self) -> Result<Option<Vec<Queue>>, DeviceBroken> {
+            let queues = self.queues.take();
+            if queues.is_some() {
+                self.seen.lock().unwrap().sleeps += 1;
+            }
+            Ok(queues)
+        }
+        fn wake(
+            &mut self,
+            _: GuestMemoryMmap,
+            queues: Vec<Queue>,
+            _: Arc<Interrupt>,
+        ) -> Result<(), DeviceBroken> {
+            if self.features.is_none() || self.queues.is_some() {
+                return Err(DeviceBroken("not asleep".into()));
+            }
+            self.seen.lock().unwrap().wakes += 1;
+            self.queues = Some(queues);
+            Ok(())
         }
     }
 
@@ -580,6 +615,8 @@ mod tests {
         let device = FakeDevice {
             seen: seen.clone(),
             config: *b"ABCDEFGH",
+            queues: None,
+            features: None,
         };
         let t = MmioTransport::new(Box::new(device), mem, irq.try_clone().unwrap()).unwrap();
         (t, seen, irq)

@@ -155,4 +155,27 @@ pub trait VirtioDevice: Send {
     }
     /// The VM is ending: finish or fail in-flight work and make written data durable.
     fn shutdown(&mut self) {}
+    /// Stops the device for a snapshot or a pause and hands its queues back, as they stand:
+    /// every chain the device took off an avail ring is either returned to the driver (in the
+    /// used ring) or given back to the ring (`next_avail` moved back over it), so that each
+    /// queue's `next_used` equals its `next_avail` and a [`VirtioDevice::wake`] with these
+    /// queues, here or in a restored VM, neither loses nor repeats a request. What the device
+    /// keeps besides (a frame read from the host and not yet delivered, say) stays in it, and in
+    /// its saved state. Written data is made durable.
+    ///
+    /// `Ok(None)` when the device is not active: there are no queues to hand back. On an error
+    /// the device stays as it was, active if it was.
+    fn sleep(&mut self) -> Result<Option<Vec<Queue>>, DeviceBroken>;
+    /// Resumes a device that [`VirtioDevice::sleep`] stopped, or that
+    /// `VirtioDevice::restore_state` left asleep, with `queues` as sleep handed them back (or a
+    /// snapshot kept them) and the features the driver accepted at activation. Unlike
+    /// [`VirtioDevice::activate`], what the device kept while asleep is served first.
+    ///
+    /// Fails when the device is not asleep, or `queues` are not its queues.
+    fn wake(
+        &mut self,
+        mem: GuestMemoryMmap,
+        queues: Vec<Queue>,
+        interrupt: std::sync::Arc<Interrupt>,
+    ) -> Result<(), DeviceBroken>;
 }
