@@ -15,7 +15,7 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{
-    status, DeviceBroken, Interrupt, Progress, Queue, QueueT, VirtioDevice, VIRTIO_F_VERSION_1,
+    check_acked_features, status, DeviceBroken, Interrupt, Progress, Queue, QueueT, VirtioDevice,
 };
 use crate::bus::lock;
 use crate::interrupt::InterruptLine;
@@ -325,9 +325,7 @@ impl MmioTransport {
     }
 
     fn features_acceptable(&self) -> bool {
-        let offered = self.available_features;
-        self.driver_features & !offered == 0
-            && self.driver_features & (1 << VIRTIO_F_VERSION_1) != 0
+        check_acked_features(self.driver_features, self.available_features).is_ok()
     }
 
     fn activate(&mut self) {
@@ -500,7 +498,9 @@ impl BusDevice for MmioTransport {
 
 #[cfg(test)]
 mod tests {
-    use super::super::DeviceBroken;
+    use super::super::{
+        DeviceBroken, VirtioDeviceState, VirtioDeviceStateError, VIRTIO_F_VERSION_1,
+    };
     use super::*;
     use std::sync::Mutex;
     use vm_memory::GuestAddress;
@@ -604,6 +604,25 @@ mod tests {
             }
             self.seen.lock().unwrap().wakes += 1;
             self.queues = Some(queues);
+            Ok(())
+        }
+        fn save_state(&self) -> VirtioDeviceState {
+            VirtioDeviceState::Fake {
+                acked_features: self.features,
+            }
+        }
+        fn restore_state(
+            &mut self,
+            state: &VirtioDeviceState,
+        ) -> Result<(), VirtioDeviceStateError> {
+            let VirtioDeviceState::Fake { acked_features } = state else {
+                return Err(VirtioDeviceStateError::WrongDevice {
+                    saved: state.device_type(),
+                    device: 2,
+                });
+            };
+            self.queues = None;
+            self.features = *acked_features;
             Ok(())
         }
     }

@@ -27,20 +27,22 @@ use virtio_bindings::virtio_blk::{
 use vm_memory::GuestMemoryMmap;
 
 use super::{
-    DeviceBroken, Interrupt, Progress, Queue, QueueT, VirtioDevice, VIRTIO_F_VERSION_1,
-    VIRTIO_RING_F_EVENT_IDX,
+    DeviceBroken, Interrupt, Progress, Queue, QueueT, VirtioDevice, VirtioDeviceState,
+    VirtioDeviceStateError, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
 };
 use image::Disk;
 use queue::ActiveQueue;
+pub use state::{BlockState, BlockStateError};
 
 mod image;
 mod queue;
 mod request;
+mod state;
 #[cfg(test)]
 mod test_driver;
 
 /// The virtio device ID of a block device (virtio 1.2, 5).
-const DEVICE_TYPE_BLOCK: u32 = 2;
+pub(crate) const DEVICE_TYPE_BLOCK: u32 = 2;
 /// One request queue of up to 256 entries.
 const QUEUE_MAX_SIZES: [u16; 1] = [256];
 
@@ -335,6 +337,14 @@ impl VirtioDevice for Block {
             return Err(DeviceBroken("virtio-block: woken while not asleep".into()));
         };
         self.start(mem, features, queues, interrupt)
+    }
+
+    fn save_state(&self) -> VirtioDeviceState {
+        VirtioDeviceState::Block(self.state())
+    }
+
+    fn restore_state(&mut self, state: &VirtioDeviceState) -> Result<(), VirtioDeviceStateError> {
+        self.restore(state)
     }
 }
 

@@ -38,23 +38,25 @@ use vm_memory::{GuestMemoryError, GuestMemoryMmap};
 
 use super::device_queue::DeviceQueue;
 use super::{
-    DeviceBroken, Interrupt, Progress, Queue, QueueT, VirtioDevice, VIRTIO_F_VERSION_1,
-    VIRTIO_RING_F_EVENT_IDX,
+    DeviceBroken, Interrupt, Progress, Queue, QueueT, VirtioDevice, VirtioDeviceState,
+    VirtioDeviceStateError, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
 };
 use mac::guest_mac;
 pub use mac::{mac_for_tap, parse_mac};
 use rx::RxBuffer;
+pub use state::{NetState, NetStateError};
 use tap::{Tap, TapError, VNET_HDR_LEN};
 
 mod mac;
 mod rx;
+mod state;
 pub mod tap;
 #[cfg(test)]
 mod test_driver;
 mod tx;
 
 /// The virtio device ID of a network device (virtio 1.2, 5).
-const DEVICE_TYPE_NET: u32 = 1;
+pub(crate) const DEVICE_TYPE_NET: u32 = 1;
 const RX_QUEUE: usize = 0;
 const TX_QUEUE: usize = 1;
 const QUEUE_MAX_SIZES: [u16; 2] = [256, 256];
@@ -347,6 +349,14 @@ impl VirtioDevice for Net {
             return Err(DeviceBroken("virtio-net: woken while not asleep".into()));
         };
         self.start(mem, features, queues, interrupt, deferred)
+    }
+
+    fn save_state(&self) -> VirtioDeviceState {
+        VirtioDeviceState::Net(self.state())
+    }
+
+    fn restore_state(&mut self, state: &VirtioDeviceState) -> Result<(), VirtioDeviceStateError> {
+        self.restore(state)
     }
 }
 
