@@ -121,11 +121,13 @@ fn writeback(acked_features: Option<u64>) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use virtio_bindings::virtio_blk::{VIRTIO_BLK_F_RO, VIRTIO_BLK_T_IN};
+    use virtio_bindings::virtio_blk::{VIRTIO_BLK_F_RO, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT};
     use virtio_queue::Queue;
+    use vm_memory::{Bytes, GuestAddress};
 
     use super::super::test_driver::*;
     use super::*;
+    use crate::virtio::mmio::{bring_up, MmioTransport};
     use crate::virtio::net::NetState;
     use crate::virtio::{FeaturesError, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX};
 
@@ -184,6 +186,53 @@ mod tests {
         assert_eq!(driver.used_idx(), 3);
         assert!(!driver.interrupted());
         assert_eq!(driver.queue.avail_event(), 3);
+    }
+
+    /// The same through the transport, as a snapshot takes it: registers and queue saved with
+    /// the device, and a new transport around a new device over the same image.
+    #[test]
+    fn a_restored_transport_serves_the_next_request() {
+        let mem = guest_memory();
+        let image = image(8);
+        let block = open(&image, false, None).unwrap();
+        let line = || vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let mut transport = MmioTransport::new(Box::new(block), mem.clone(), line()).unwrap();
+        let mut ring = DriverQueue::new(&mem, 0x1000);
+        bring_up(&mut transport, FEATURES, &[ring.addresses()]);
+        let request = |ring: &mut DriverQueue<'_>, request_type: u32, data: Buf| {
+            let mut header = [0; 16];
+            header[..4].copy_from_slice(&request_type.to_le_bytes());
+            header[8..].copy_from_slice(&2u64.to_le_bytes());
+            mem.write_slice(&header, GuestAddress(HEADER)).unwrap();
+            mem.write_obj(NO_STATUS, GuestAddress(STATUS)).unwrap();
+            ring.push(&[readable(HEADER, 16), data, writable(STATUS, 1)])
+        };
+        mem.write_slice(&pattern(512, 4), GuestAddress(DATA))
+            .unwrap();
+        request(&mut ring, VIRTIO_BLK_T_OUT, readable(DATA, 512));
+        transport.worker().unwrap().process_queue(0);
+        assert_eq!(ring.used_idx(), 1);
+
+        let state = transport.pause_and_save().unwrap();
+        assert_eq!(state.queues[0].next_avail, 1);
+        // The image is free again only once the saved device is gone.
+        drop(transport);
+
+        let block = open(&image, false, None).unwrap();
+        let mut transport =
+            MmioTransport::from_state(Box::new(block), mem.clone(), line(), &state).unwrap();
+        let head = request(&mut ring, VIRTIO_BLK_T_IN, writable(DATA + 0x1000, 512));
+        transport.worker().unwrap().process_queue(0);
+        assert_eq!(ring.used_idx(), 2);
+        assert_eq!(ring.used(1), (u32::from(head), 513));
+        assert_eq!(guest_bytes(&mem, STATUS, 1), [OK]);
+        assert_eq!(guest_bytes(&mem, DATA + 0x1000, 512), pattern(512, 4));
+        let again = transport.pause_and_save().unwrap();
+        assert_eq!(
+            (again.queues[0].next_avail, again.queues[0].next_used),
+            (2, 2)
+        );
+        assert_eq!(again.status, state.status);
     }
 
     #[test]
