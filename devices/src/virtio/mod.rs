@@ -26,11 +26,17 @@ pub const VIRTIO_RING_F_EVENT_IDX: u32 = 29;
 
 /// Device status bits (virtio 1.2, 2.1).
 pub mod status {
+    /// The guest found the device.
     pub const ACKNOWLEDGE: u32 = 1;
+    /// The guest has a driver for it.
     pub const DRIVER: u32 = 2;
+    /// The driver is set up: the device may serve its queues.
     pub const DRIVER_OK: u32 = 4;
+    /// The driver has accepted its features; they are fixed from now on.
     pub const FEATURES_OK: u32 = 8;
+    /// The device hit an error it cannot recover from; only a reset helps.
     pub const DEVICE_NEEDS_RESET: u32 = 0x40;
+    /// The driver gave up on the device.
     pub const FAILED: u32 = 0x80;
 }
 
@@ -46,6 +52,7 @@ pub struct Interrupt {
 }
 
 impl Interrupt {
+    /// An interrupt with nothing pending, raising `line`.
     pub fn new(line: impl InterruptLine + 'static) -> Self {
         Self {
             status: AtomicU32::new(0),

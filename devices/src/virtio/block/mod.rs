@@ -82,34 +82,53 @@ pub struct BlockConfig {
 /// Why a disk image cannot back a virtio-block device.
 #[derive(Debug, thiserror::Error)]
 pub enum BlockError {
+    /// The image cannot be opened.
     #[error("cannot open disk image {}", .path.display())]
     Open {
+        /// The image.
         path: PathBuf,
+        /// Why.
         #[source]
         source: io::Error,
     },
+    /// Another open file description holds the image's lock.
     #[error(
         "disk image {} is in use: another ember (or another --disk of this one) holds its lock",
         .path.display()
     )]
-    ImageLocked { path: PathBuf },
+    ImageLocked {
+        /// The image.
+        path: PathBuf,
+    },
+    /// flock failed for another reason than the lock being held.
     #[error("cannot lock disk image {}", .path.display())]
     Lock {
+        /// The image.
         path: PathBuf,
+        /// Why.
         #[source]
         source: io::Error,
     },
+    /// Seeking to the image's end failed.
     #[error("cannot find the size of disk image {}", .path.display())]
     Size {
+        /// The image.
         path: PathBuf,
+        /// Why.
         #[source]
         source: io::Error,
     },
+    /// The image is not a whole number of sectors.
     #[error(
         "disk image {} is {size} bytes, not a whole number of 512-byte sectors",
         .path.display()
     )]
-    SizeNotSectorAligned { path: PathBuf, size: u64 },
+    SizeNotSectorAligned {
+        /// The image.
+        path: PathBuf,
+        /// Its size in bytes.
+        size: u64,
+    },
 }
 
 /// A virtio-block device backed by a raw image file.

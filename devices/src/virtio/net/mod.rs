@@ -83,10 +83,17 @@ pub struct NetDeviceConfig {
 /// Why a virtio-net device cannot be set up.
 #[derive(Debug, thiserror::Error)]
 pub enum NetError {
+    /// The TAP cannot be attached.
     #[error(transparent)]
     Tap(#[from] TapError),
+    /// The configured MAC is no NIC's own address.
     #[error("invalid MAC address {text:?}: {reason}")]
-    InvalidMac { text: String, reason: &'static str },
+    InvalidMac {
+        /// The MAC as given.
+        text: String,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
 }
 
 /// The host side of the device: where transmitted frames go and received ones come from. Each
