@@ -38,6 +38,24 @@ impl DeviceQueue {
         self.queue.size()
     }
 
+    /// Where the next chain comes from in the avail ring (a free-running index).
+    pub(crate) fn next_avail(&self) -> u16 {
+        self.queue.next_avail()
+    }
+
+    /// Gives the last `count` chains taken back to the avail ring, unused: [`DeviceQueue::pop`]
+    /// takes them again, in the same order. Only for chains the device took last and neither
+    /// returned nor wrote into.
+    pub(crate) fn unpop(&mut self, count: u16) {
+        let next_avail = self.queue.next_avail().wrapping_sub(count);
+        self.queue.set_next_avail(next_avail);
+    }
+
+    /// The queue itself, for the transport to keep while the device sleeps.
+    pub(crate) fn into_queue(self) -> Queue {
+        self.queue
+    }
+
     /// The next chain the driver made available, if any.
     pub(crate) fn pop<'m>(
         &mut self,

@@ -27,11 +27,17 @@ pub const VIRTIO_RING_F_EVENT_IDX: u32 = 29;
 
 /// Device status bits (virtio 1.2, 2.1).
 pub mod status {
+    /// The guest found the device.
     pub const ACKNOWLEDGE: u32 = 1;
+    /// The guest has a driver for it.
     pub const DRIVER: u32 = 2;
+    /// The driver is set up: the device may serve its queues.
     pub const DRIVER_OK: u32 = 4;
+    /// The driver has accepted its features; they are fixed from now on.
     pub const FEATURES_OK: u32 = 8;
+    /// The device hit an error it cannot recover from; only a reset helps.
     pub const DEVICE_NEEDS_RESET: u32 = 0x40;
+    /// The driver gave up on the device.
     pub const FAILED: u32 = 0x80;
 }
 
@@ -47,6 +53,7 @@ pub struct Interrupt {
 }
 
 impl Interrupt {
+    /// An interrupt with nothing pending, raising `line`.
     pub fn new(line: impl InterruptLine + 'static) -> Self {
         Self {
             status: AtomicU32::new(0),
@@ -98,6 +105,94 @@ pub fn read_config_space(config: &[u8], offset: u64, data: &mut [u8]) {
     for (byte, value) in data.iter_mut().zip(field) {
         *byte = *value;
     }
+}
+
+/// What a virtio device keeps of its own, beside its queues (which the transport saves), as
+/// plain data for a snapshot: one variant per device model. Comes back from a file, so
+/// [`VirtioDevice::restore_state`] checks it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+pub enum VirtioDeviceState {
+    /// A virtio-block device.
+    Block(block::BlockState),
+    /// A virtio-net device.
+    Net(net::NetState),
+    /// The transport tests' stand-in device.
+    #[cfg(test)]
+    Fake {
+        /// The features the driver accepted, if it activated the device.
+        acked_features: Option<u64>,
+    },
+}
+
+impl VirtioDeviceState {
+    /// The virtio device ID of the device the state was saved from.
+    pub fn device_type(&self) -> u32 {
+        match self {
+            Self::Block(_) => block::DEVICE_TYPE_BLOCK,
+            Self::Net(_) => net::DEVICE_TYPE_NET,
+            #[cfg(test)]
+            Self::Fake { .. } => block::DEVICE_TYPE_BLOCK,
+        }
+    }
+
+    /// The features the driver accepted at DRIVER_OK; `None` when the device was not activated
+    /// (or was reset since).
+    pub fn acked_features(&self) -> Option<u64> {
+        match self {
+            Self::Block(state) => state.acked_features,
+            Self::Net(state) => state.acked_features,
+            #[cfg(test)]
+            Self::Fake { acked_features } => *acked_features,
+        }
+    }
+}
+
+/// Why a device's saved state was refused.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum VirtioDeviceStateError {
+    /// The state is another kind of device's.
+    #[error(
+        "a state saved from virtio device type {saved} cannot restore a device of type {device}"
+    )]
+    WrongDevice {
+        /// The device type of the state.
+        saved: u32,
+        /// The device type of the device being restored.
+        device: u32,
+    },
+    /// The accepted features are not a set the driver could have had accepted.
+    #[error(transparent)]
+    Features(#[from] FeaturesError),
+    /// The block device's own fields are wrong.
+    #[error("virtio-block: {0}")]
+    Block(#[from] block::BlockStateError),
+    /// The network device's own fields are wrong.
+    #[error("virtio-net: {0}")]
+    Net(#[from] net::NetStateError),
+}
+
+/// Why a set of accepted features is not one the transport lets a driver set FEATURES_OK with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum FeaturesError {
+    /// Features the device does not offer.
+    #[error("features {0:#x} were accepted but are not offered")]
+    NotOffered(u64),
+    /// No VIRTIO_F_VERSION_1: only modern drivers are served.
+    #[error("VIRTIO_F_VERSION_1 was not accepted")]
+    NoVersion1,
+}
+
+/// Whether a driver may accept `acked` of the `offered` features: a subset, with VERSION_1.
+pub(crate) fn check_acked_features(acked: u64, offered: u64) -> Result<(), FeaturesError> {
+    let not_offered = acked & !offered;
+    if not_offered != 0 {
+        return Err(FeaturesError::NotOffered(not_offered));
+    }
+    if acked & (1 << VIRTIO_F_VERSION_1) == 0 {
+        return Err(FeaturesError::NoVersion1);
+    }
+    Ok(())
 }
 
 /// A request the guest made that the device cannot recover from; the transport then sets
@@ -156,4 +251,37 @@ pub trait VirtioDevice: Send {
     }
     /// The VM is ending: finish or fail in-flight work and make written data durable.
     fn shutdown(&mut self) {}
+    /// Stops the device for a snapshot or a pause and hands its queues back, as they stand:
+    /// every chain the device took off an avail ring is either returned to the driver (in the
+    /// used ring) or given back to the ring (`next_avail` moved back over it), so that each
+    /// queue's `next_used` equals its `next_avail` and a [`VirtioDevice::wake`] with these
+    /// queues, here or in a restored VM, neither loses nor repeats a request. What the device
+    /// keeps besides (a frame read from the host and not yet delivered, say) stays in it, and in
+    /// its saved state. Written data is made durable.
+    ///
+    /// `Ok(None)` when the device is not active: there are no queues to hand back. On an error
+    /// the device stays as it was, active if it was.
+    fn sleep(&mut self) -> Result<Option<Vec<Queue>>, DeviceBroken>;
+    /// Resumes a device that [`VirtioDevice::sleep`] stopped, or that
+    /// `VirtioDevice::restore_state` left asleep, with `queues` as sleep handed them back (or a
+    /// snapshot kept them) and the features the driver accepted at activation. Unlike
+    /// [`VirtioDevice::activate`], what the device kept while asleep is served first.
+    ///
+    /// Fails when the device is not asleep, or `queues` are not its queues.
+    fn wake(
+        &mut self,
+        mem: GuestMemoryMmap,
+        queues: Vec<Queue>,
+        interrupt: std::sync::Arc<Interrupt>,
+    ) -> Result<(), DeviceBroken>;
+    /// What the device keeps of its own, for a snapshot. Take it while the device sleeps (or
+    /// was never activated): its queues, which the transport saves, must match it.
+    fn save_state(&self) -> VirtioDeviceState;
+    /// Puts the device in `state` (which [`VirtioDevice::save_state`] gave), replacing whatever
+    /// it held as a reset would: asleep with the saved features if the state was taken from an
+    /// activated device (a [`VirtioDevice::wake`] with the saved queues resumes it), reset
+    /// otherwise. Host-side resources (the image, the TAP) are the ones the device was made with.
+    ///
+    /// Refuses, changing nothing, a state the device could not have been in.
+    fn restore_state(&mut self, state: &VirtioDeviceState) -> Result<(), VirtioDeviceStateError>;
 }

@@ -111,6 +111,12 @@ impl<'m> DriverQueue<'m> {
         self.base + 2 * RING_SPACING
     }
 
+    /// Where the rings are: (descriptor table, avail ring, used ring), as the driver tells the
+    /// transport.
+    pub(crate) fn addresses(&self) -> (u64, u64, u64) {
+        (self.base, self.avail_addr(), self.used_addr())
+    }
+
     /// The queue as the transport hands it to the device at DRIVER_OK.
     pub(crate) fn queue(&self) -> Queue {
         let mut queue = Queue::new(QUEUE_SIZE).unwrap();

@@ -27,20 +27,22 @@ use virtio_bindings::virtio_blk::{
 use vm_memory::GuestMemoryMmap;
 
 use super::{
-    DeviceBroken, Interrupt, Progress, Queue, QueueT, VirtioDevice, VIRTIO_F_VERSION_1,
-    VIRTIO_RING_F_EVENT_IDX,
+    DeviceBroken, Interrupt, Progress, Queue, QueueT, VirtioDevice, VirtioDeviceState,
+    VirtioDeviceStateError, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
 };
 use image::Disk;
 use queue::ActiveQueue;
+pub use state::{BlockState, BlockStateError};
 
 mod image;
 mod queue;
 mod request;
+mod state;
 #[cfg(test)]
 mod test_driver;
 
 /// The virtio device ID of a block device (virtio 1.2, 5).
-const DEVICE_TYPE_BLOCK: u32 = 2;
+pub(crate) const DEVICE_TYPE_BLOCK: u32 = 2;
 /// One request queue of up to 256 entries.
 const QUEUE_MAX_SIZES: [u16; 1] = [256];
 
@@ -80,34 +82,53 @@ pub struct BlockConfig {
 /// Why a disk image cannot back a virtio-block device.
 #[derive(Debug, thiserror::Error)]
 pub enum BlockError {
+    /// The image cannot be opened.
     #[error("cannot open disk image {}", .path.display())]
     Open {
+        /// The image.
         path: PathBuf,
+        /// Why.
         #[source]
         source: io::Error,
     },
+    /// Another open file description holds the image's lock.
     #[error(
         "disk image {} is in use: another ember (or another --disk of this one) holds its lock",
         .path.display()
     )]
-    ImageLocked { path: PathBuf },
+    ImageLocked {
+        /// The image.
+        path: PathBuf,
+    },
+    /// flock failed for another reason than the lock being held.
     #[error("cannot lock disk image {}", .path.display())]
     Lock {
+        /// The image.
         path: PathBuf,
+        /// Why.
         #[source]
         source: io::Error,
     },
+    /// Seeking to the image's end failed.
     #[error("cannot find the size of disk image {}", .path.display())]
     Size {
+        /// The image.
         path: PathBuf,
+        /// Why.
         #[source]
         source: io::Error,
     },
+    /// The image is not a whole number of sectors.
     #[error(
         "disk image {} is {size} bytes, not a whole number of 512-byte sectors",
         .path.display()
     )]
-    SizeNotSectorAligned { path: PathBuf, size: u64 },
+    SizeNotSectorAligned {
+        /// The image.
+        path: PathBuf,
+        /// Its size in bytes.
+        size: u64,
+    },
 }
 
 /// A virtio-block device backed by a raw image file.
@@ -115,8 +136,17 @@ pub struct Block {
     disk: Disk,
     available_features: u64,
     config_space: [u8; CONFIG_SPACE_LEN],
-    /// Present between activation and reset.
-    active: Option<ActiveQueue>,
+    phase: Phase,
+}
+
+/// Where the device is in its life, as the driver and the VMM moved it.
+enum Phase {
+    /// Before activation, or reset since.
+    Reset,
+    /// Activated with these features: the driver's queue is being served.
+    Active { features: u64, queue: ActiveQueue },
+    /// Activated with these features, then put to sleep: the queue went back to the transport.
+    Asleep { features: u64 },
 }
 
 impl Block {
@@ -133,7 +163,7 @@ impl Block {
             available_features: available_features(read_only),
             config_space: config_space(disk.size / SECTOR_SIZE),
             disk,
-            active: None,
+            phase: Phase::Reset,
         })
     }
 
@@ -256,16 +286,7 @@ impl VirtioDevice for Block {
         queues: Vec<Queue>,
         interrupt: Arc<Interrupt>,
     ) -> Result<(), DeviceBroken> {
-        let [mut queue] = <[Queue; 1]>::try_from(queues).map_err(|queues| {
-            DeviceBroken(format!(
-                "virtio-block has one queue, but was given {}",
-                queues.len()
-            ))
-        })?;
-        queue.set_event_idx(features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0);
-        let writeback = features & (1 << VIRTIO_BLK_F_FLUSH) != 0;
-        self.active = Some(ActiveQueue::new(mem, queue, interrupt, writeback));
-        Ok(())
+        self.start(mem, features, queues, interrupt)
     }
 
     fn process_queue(&mut self, index: usize) -> Result<Progress, DeviceBroken> {
@@ -274,10 +295,10 @@ impl VirtioDevice for Block {
                 "virtio-block has one queue; the guest notified queue {index}"
             )));
         }
-        match self.active.as_mut() {
-            Some(active) => active.process(&self.disk),
-            None => {
-                log::debug!("virtio-block: queue notified before activation; ignored");
+        match &mut self.phase {
+            Phase::Active { queue, .. } => queue.process(&self.disk),
+            Phase::Reset | Phase::Asleep { .. } => {
+                log::debug!("virtio-block: queue notified while not active; ignored");
                 Ok(Progress::Done)
             }
         }
@@ -285,7 +306,7 @@ impl VirtioDevice for Block {
 
     fn reset(&mut self) {
         // The image stays open, and so locked: the VM still owns it.
-        self.active = None;
+        self.phase = Phase::Reset;
     }
 
     fn shutdown(&mut self) {
@@ -299,13 +320,81 @@ impl VirtioDevice for Block {
             );
         }
     }
+
+    fn sleep(&mut self) -> Result<Option<Vec<Queue>>, DeviceBroken> {
+        // Requests are served synchronously within a pass, under the device model's lock, which
+        // the caller holds: none is in flight, every chain taken was completed and returned.
+        // What remains is making the completed writes durable, whatever the phase: a writeback
+        // guest may have written and reset since its last flush.
+        if !self.disk.read_only {
+            self.disk.flush().map_err(|e| {
+                DeviceBroken(format!(
+                    "virtio-block: cannot flush {} before sleeping: {e}",
+                    self.disk.path.display()
+                ))
+            })?;
+        }
+        match std::mem::replace(&mut self.phase, Phase::Reset) {
+            Phase::Active { features, queue } => {
+                self.phase = Phase::Asleep { features };
+                Ok(Some(vec![queue.into_queue()]))
+            }
+            phase => {
+                self.phase = phase;
+                Ok(None)
+            }
+        }
+    }
+
+    fn wake(
+        &mut self,
+        mem: GuestMemoryMmap,
+        queues: Vec<Queue>,
+        interrupt: Arc<Interrupt>,
+    ) -> Result<(), DeviceBroken> {
+        let Phase::Asleep { features } = self.phase else {
+            return Err(DeviceBroken("virtio-block: woken while not asleep".into()));
+        };
+        self.start(mem, features, queues, interrupt)
+    }
+
+    fn save_state(&self) -> VirtioDeviceState {
+        VirtioDeviceState::Block(self.state())
+    }
+
+    fn restore_state(&mut self, state: &VirtioDeviceState) -> Result<(), VirtioDeviceStateError> {
+        self.restore(state)
+    }
+}
+
+impl Block {
+    /// Serves `queues` with `features`: activation and wake alike.
+    fn start(
+        &mut self,
+        mem: GuestMemoryMmap,
+        features: u64,
+        queues: Vec<Queue>,
+        interrupt: Arc<Interrupt>,
+    ) -> Result<(), DeviceBroken> {
+        let [mut queue] = <[Queue; 1]>::try_from(queues).map_err(|queues| {
+            DeviceBroken(format!(
+                "virtio-block has one queue, but was given {}",
+                queues.len()
+            ))
+        })?;
+        queue.set_event_idx(features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0);
+        let writeback = features & (1 << VIRTIO_BLK_F_FLUSH) != 0;
+        let queue = ActiveQueue::new(mem, queue, interrupt, writeback);
+        self.phase = Phase::Active { features, queue };
+        Ok(())
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use std::fs::File;
 
-    use virtio_bindings::virtio_blk::VIRTIO_BLK_T_GET_ID;
+    use virtio_bindings::virtio_blk::{VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN};
 
     use super::test_driver::*;
     use super::*;
@@ -428,6 +517,54 @@ mod tests {
         assert_eq!(driver.read(1, 512), (513, OK));
         assert_eq!(driver.guest_bytes(DATA, 512), vec![9; 512]);
         assert_eq!(driver.used_idx(), 1);
+    }
+
+    #[test]
+    fn sleep_hands_the_queue_back_and_wake_serves_on() {
+        let mem = guest_memory();
+        let image = image(8);
+        let features = 1 << VIRTIO_F_VERSION_1 | 1 << VIRTIO_BLK_F_FLUSH;
+        let mut driver = Driver::with_features(&mem, open(&image, false, None).unwrap(), features);
+        assert_eq!(driver.write(1, &[7; 512]), (1, OK));
+        let queues = driver.block.sleep().unwrap().unwrap();
+        // Nothing in flight: every request taken was answered.
+        assert_eq!((queues[0].next_avail(), queues[0].next_used()), (1, 1));
+        assert!(driver.block.sleep().unwrap().is_none());
+        // Asleep, a notification does nothing.
+        driver.write_header(VIRTIO_BLK_T_IN, 1);
+        let head = driver.push(&[
+            readable(HEADER, 16),
+            writable(DATA, 512),
+            writable(STATUS, 1),
+        ]);
+        driver.process();
+        assert_eq!(driver.used_idx(), 1);
+
+        let interrupt = driver.irq.interrupt();
+        driver.block.wake(mem.clone(), queues, interrupt).unwrap();
+        driver.process();
+        assert_eq!(driver.used_idx(), 2);
+        assert_eq!(driver.used(1), (u32::from(head), 513));
+        assert_eq!(driver.guest_bytes(DATA, 512), vec![7; 512]);
+        assert!(driver.interrupted());
+        // Still with FLUSH: writeback, where a flush is a request of its own.
+        assert_eq!(driver.request(VIRTIO_BLK_T_FLUSH, 0, &[]), (1, OK));
+    }
+
+    #[test]
+    fn only_a_sleeping_device_wakes() {
+        let mem = guest_memory();
+        let image = image(8);
+        let mut block = open(&image, false, None).unwrap();
+        assert!(block.sleep().unwrap().is_none());
+        let queue = DriverQueue::new(&mem, 0x1000).queue();
+        let interrupt = Irq::new().interrupt();
+        assert!(block.wake(mem.clone(), vec![queue], interrupt).is_err());
+        let mut driver = Driver::new(&mem, block);
+        let queues = driver.block.sleep().unwrap().unwrap();
+        driver.block.reset();
+        let interrupt = driver.irq.interrupt();
+        assert!(driver.block.wake(mem.clone(), queues, interrupt).is_err());
     }
 
     #[test]

@@ -43,6 +43,12 @@ impl ActiveQueue {
         }
     }
 
+    /// The queue, handed back to the transport for a sleep. Nothing is in flight: every pass
+    /// completes what it took.
+    pub(super) fn into_queue(self) -> Queue {
+        self.queue.into_queue()
+    }
+
     /// Completes the available requests, up to [`MAX_REQUESTS_PER_PASS`], and interrupts the
     /// guest if it asked to be told.
     pub(super) fn process(&mut self, disk: &Disk) -> Result<Progress, DeviceBroken> {

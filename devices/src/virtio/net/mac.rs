@@ -59,7 +59,7 @@ pub fn parse_mac(text: &str) -> Result<[u8; 6], NetError> {
 const FORMAT: &str = "expected six two-digit hex bytes separated by colons, like 02:00:00:00:00:01";
 
 /// A NIC's own address must be unicast and not all zeros.
-fn check_unicast(mac: &[u8; 6]) -> Result<(), &'static str> {
+pub(super) fn check_unicast(mac: &[u8; 6]) -> Result<(), &'static str> {
     if mac[0] & 1 != 0 {
         return Err(
             "it is a multicast address (the first byte is odd); use a unicast one, \

@@ -38,23 +38,25 @@ use vm_memory::{GuestMemoryError, GuestMemoryMmap};
 
 use super::device_queue::DeviceQueue;
 use super::{
-    DeviceBroken, Interrupt, Progress, Queue, QueueT, VirtioDevice, VIRTIO_F_VERSION_1,
-    VIRTIO_RING_F_EVENT_IDX,
+    DeviceBroken, Interrupt, Progress, Queue, QueueT, VirtioDevice, VirtioDeviceState,
+    VirtioDeviceStateError, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
 };
 use mac::guest_mac;
 pub use mac::{mac_for_tap, parse_mac};
 use rx::RxBuffer;
+pub use state::{NetState, NetStateError};
 use tap::{Tap, TapError, VNET_HDR_LEN};
 
 mod mac;
 mod rx;
+mod state;
 pub mod tap;
 #[cfg(test)]
 mod test_driver;
 mod tx;
 
 /// The virtio device ID of a network device (virtio 1.2, 5).
-const DEVICE_TYPE_NET: u32 = 1;
+pub(crate) const DEVICE_TYPE_NET: u32 = 1;
 const RX_QUEUE: usize = 0;
 const TX_QUEUE: usize = 1;
 const QUEUE_MAX_SIZES: [u16; 2] = [256, 256];
@@ -81,10 +83,17 @@ pub struct NetDeviceConfig {
 /// Why a virtio-net device cannot be set up.
 #[derive(Debug, thiserror::Error)]
 pub enum NetError {
+    /// The TAP cannot be attached.
     #[error(transparent)]
     Tap(#[from] TapError),
+    /// The configured MAC is no NIC's own address.
     #[error("invalid MAC address {text:?}: {reason}")]
-    InvalidMac { text: String, reason: &'static str },
+    InvalidMac {
+        /// The MAC as given.
+        text: String,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
 }
 
 /// The host side of the device: where transmitted frames go and received ones come from. Each
@@ -117,8 +126,21 @@ pub struct NetStats {
 pub struct Net {
     host: HostSide,
     mac: [u8; 6],
-    /// Present between activation and reset.
-    active: Option<Active>,
+    phase: Phase,
+}
+
+/// Where the device is in its life, as the driver and the VMM moved it.
+enum Phase {
+    /// Before activation, or reset since.
+    Reset,
+    /// Activated: the driver's queues are being served.
+    Active(Active),
+    /// Activated with `features`, then put to sleep: the queues went back to the transport. A
+    /// frame read from the backend and not yet delivered stays in `HostSide::rx_frame`, this long.
+    Asleep {
+        features: u64,
+        deferred: Option<usize>,
+    },
 }
 
 /// The backend and the host memory frames pass through; kept across guest resets.
@@ -135,6 +157,8 @@ struct HostSide {
 
 /// What the driver handed over at DRIVER_OK.
 struct Active {
+    /// What the driver accepted at DRIVER_OK.
+    features: u64,
     mem: GuestMemoryMmap,
     rx: DeviceQueue,
     tx: DeviceQueue,
@@ -168,7 +192,7 @@ impl Net {
                 tx_errors: ErrorLog::default(),
             },
             mac,
-            active: None,
+            phase: Phase::Reset,
         }
     }
 
@@ -256,35 +280,12 @@ impl VirtioDevice for Net {
         queues: Vec<Queue>,
         interrupt: Arc<Interrupt>,
     ) -> Result<(), DeviceBroken> {
-        let [mut rx, mut tx] = <[Queue; 2]>::try_from(queues).map_err(|queues| {
-            DeviceBroken(format!(
-                "virtio-net has two queues, but was given {}",
-                queues.len()
-            ))
-        })?;
-        let event_idx = features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0;
-        rx.set_event_idx(event_idx);
-        tx.set_event_idx(event_idx);
-        self.host.mirror_offloads(features);
-        let active = Active {
-            mem,
-            rx: DeviceQueue::new(rx, "virtio-net RX"),
-            tx: DeviceQueue::new(tx, "virtio-net TX"),
-            interrupt,
-            mrg_rxbuf: features & (1 << VIRTIO_NET_F_MRG_RXBUF) != 0,
-            rx_buffers: VecDeque::new(),
-            deferred: None,
-        };
-        // Frames may be waiting since before the driver was ready, their edge long gone: the
-        // transport kicks every queue once after activation, and the RX pass picks them up on
-        // the device's thread.
-        self.active = Some(active);
-        Ok(())
+        self.start(mem, features, queues, interrupt, None)
     }
 
     fn process_queue(&mut self, index: usize) -> Result<Progress, DeviceBroken> {
-        let Some(active) = self.active.as_mut() else {
-            log::debug!("virtio-net: queue notified before activation; ignored");
+        let Phase::Active(active) = &mut self.phase else {
+            log::debug!("virtio-net: queue notified while not active; ignored");
             return Ok(Progress::Done);
         };
         match index {
@@ -304,7 +305,7 @@ impl VirtioDevice for Net {
     fn reset(&mut self) {
         // The TAP stays attached: the VM still owns it. A deferred frame and the receive buffers
         // in hand belonged to the old rings and go with them.
-        self.active = None;
+        self.phase = Phase::Reset;
     }
 
     fn host_event_fds(&self) -> Vec<RawFd> {
@@ -312,14 +313,97 @@ impl VirtioDevice for Net {
     }
 
     fn process_host_event(&mut self, index: usize) -> Result<(), DeviceBroken> {
-        match (index, self.active.as_mut()) {
-            (0, Some(active)) => active.receive(&mut self.host),
-            (0, None) => Ok(()),
+        match (index, &mut self.phase) {
+            (0, Phase::Active(active)) => active.receive(&mut self.host),
+            (0, _) => Ok(()),
             _ => {
                 log::debug!("virtio-net: event on unknown host descriptor {index}");
                 Ok(())
             }
         }
+    }
+
+    fn sleep(&mut self) -> Result<Option<Vec<Queue>>, DeviceBroken> {
+        // Frames are sent synchronously within a TX pass, under the device model's lock, which
+        // the caller holds: the transmit ring has nothing in flight. The receive side may hold
+        // buffers taken off the ring and a frame read from the backend.
+        match std::mem::replace(&mut self.phase, Phase::Reset) {
+            Phase::Active(mut active) => {
+                if let Err(e) = active.give_back_rx_buffers() {
+                    self.phase = Phase::Active(active);
+                    return Err(e);
+                }
+                self.phase = Phase::Asleep {
+                    features: active.features,
+                    deferred: active.deferred,
+                };
+                Ok(Some(vec![active.rx.into_queue(), active.tx.into_queue()]))
+            }
+            phase => {
+                self.phase = phase;
+                Ok(None)
+            }
+        }
+    }
+
+    fn wake(
+        &mut self,
+        mem: GuestMemoryMmap,
+        queues: Vec<Queue>,
+        interrupt: Arc<Interrupt>,
+    ) -> Result<(), DeviceBroken> {
+        let Phase::Asleep { features, deferred } = self.phase else {
+            return Err(DeviceBroken("virtio-net: woken while not asleep".into()));
+        };
+        self.start(mem, features, queues, interrupt, deferred)
+    }
+
+    fn save_state(&self) -> VirtioDeviceState {
+        VirtioDeviceState::Net(self.state())
+    }
+
+    fn restore_state(&mut self, state: &VirtioDeviceState) -> Result<(), VirtioDeviceStateError> {
+        self.restore(state)
+    }
+}
+
+impl Net {
+    /// Serves `queues` with `features`, `deferred` bytes of `HostSide::rx_frame` first:
+    /// activation (with nothing deferred) and wake alike.
+    fn start(
+        &mut self,
+        mem: GuestMemoryMmap,
+        features: u64,
+        queues: Vec<Queue>,
+        interrupt: Arc<Interrupt>,
+        deferred: Option<usize>,
+    ) -> Result<(), DeviceBroken> {
+        let [mut rx, mut tx] = <[Queue; 2]>::try_from(queues).map_err(|queues| {
+            DeviceBroken(format!(
+                "virtio-net has two queues, but was given {}",
+                queues.len()
+            ))
+        })?;
+        let event_idx = features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0;
+        rx.set_event_idx(event_idx);
+        tx.set_event_idx(event_idx);
+        // Again on wake: the backend may be a new TAP, in a restored VM.
+        self.host.mirror_offloads(features);
+        let active = Active {
+            features,
+            mem,
+            rx: DeviceQueue::new(rx, "virtio-net RX"),
+            tx: DeviceQueue::new(tx, "virtio-net TX"),
+            interrupt,
+            mrg_rxbuf: features & (1 << VIRTIO_NET_F_MRG_RXBUF) != 0,
+            rx_buffers: VecDeque::new(),
+            deferred,
+        };
+        // Frames may be waiting since before the driver was ready, their edge long gone, and a
+        // woken device may hold one: the transport kicks every queue once after activation and
+        // wake, and the RX pass picks them up on the device's thread.
+        self.phase = Phase::Active(active);
+        Ok(())
     }
 }
 

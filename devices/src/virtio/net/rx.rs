@@ -31,6 +31,8 @@ enum Fit {
 /// A receive buffer: one device-writable descriptor chain, checked to lie in guest memory.
 pub(super) struct RxBuffer {
     head: u16,
+    /// Where it was in the avail ring (the free-running index it was taken at).
+    position: u16,
     /// (address, length) of each non-empty descriptor, in chain order.
     segments: Vec<(GuestAddress, u32)>,
     capacity: usize,
@@ -40,6 +42,7 @@ impl RxBuffer {
     fn new(
         mem: &GuestMemoryMmap,
         chain: DescriptorChain<&GuestMemoryMmap>,
+        position: u16,
     ) -> Result<Self, ChainError> {
         let head = chain.head_index();
         let mut segments = Vec::new();
@@ -65,6 +68,7 @@ impl RxBuffer {
         }
         Ok(Self {
             head,
+            position,
             segments,
             capacity,
         })
@@ -212,9 +216,13 @@ impl Active {
     /// Takes the next usable receive buffer off the avail ring, returning the unusable ones it
     /// meets with length 0. False when the ring has no more.
     fn take_rx_buffer(&mut self) -> Result<bool, DeviceBroken> {
-        while let Some(chain) = self.rx.pop(&self.mem)? {
+        loop {
+            let position = self.rx.next_avail();
+            let Some(chain) = self.rx.pop(&self.mem)? else {
+                return Ok(false);
+            };
             let head = chain.head_index();
-            match RxBuffer::new(&self.mem, chain) {
+            match RxBuffer::new(&self.mem, chain, position) {
                 Ok(buffer) => {
                     self.rx_buffers.push_back(buffer);
                     return Ok(true);
@@ -225,7 +233,39 @@ impl Active {
                 }
             }
         }
-        Ok(false)
+    }
+
+    /// Before a sleep: gives the receive buffers held back, unused, so that the ring's
+    /// `next_used` equals its `next_avail` and a wake takes them again.
+    ///
+    /// None of them holds any part of a frame: a frame is copied only once all the buffers it
+    /// needs are in hand, and returned in the same step, so with MRG_RXBUF too a buffer is
+    /// either untouched or used. The buffers are held in the order they were taken; those taken
+    /// last, one right after another, go back to the avail ring by moving `next_avail` back
+    /// over them. A buffer taken before a chain that was refused (and so already returned, with
+    /// length 0) cannot: moving back over it would take the refused chain a second time, and
+    /// return it twice. Those are returned now, unused, as a refused chain is; only a driver
+    /// that posts chains it should not meets this, and gets its buffer back to post again.
+    pub(super) fn give_back_rx_buffers(&mut self) -> Result<(), DeviceBroken> {
+        let mut position = self.rx.next_avail();
+        let taken_last = self
+            .rx_buffers
+            .iter()
+            .rev()
+            .take_while(|buffer| {
+                position = position.wrapping_sub(1);
+                buffer.position == position
+            })
+            .count();
+        let out_of_order = self.rx_buffers.len() - taken_last;
+        for buffer in self.rx_buffers.drain(..out_of_order) {
+            self.rx.add_used(&self.mem, buffer.head, 0)?;
+        }
+        // At most a ring's worth, so at most 32768.
+        let taken_last = u16::try_from(taken_last).unwrap_or(u16::MAX);
+        self.rx.unpop(taken_last);
+        self.rx_buffers.clear();
+        self.rx.signal_used(&self.mem, &self.interrupt)
     }
 }
 
@@ -256,7 +296,7 @@ impl HostSide {
 mod tests {
     use super::super::test_driver::*;
     use super::super::{MAX_FRAME_LEN, RX_QUEUE};
-    use crate::virtio::VirtioDevice;
+    use crate::virtio::{QueueT, VirtioDevice};
 
     #[test]
     fn receive_fills_a_posted_buffer() {
@@ -442,6 +482,116 @@ mod tests {
         assert_eq!(driver.used(RX_QUEUE, 6), (u32::from(good), 112));
         assert_eq!(driver.guest_bytes(BUF3, 112), received(&frame, 1));
         assert_eq!(driver.guest_bytes(BUF, 16), [0; 16]);
+    }
+
+    /// Puts the device to sleep and wakes it again with the queues it handed back; returns the
+    /// RX queue's (next_avail, next_used) as handed back.
+    fn sleep_and_wake(driver: &mut Driver<'_>) -> (u16, u16) {
+        let queues = driver.net.sleep().unwrap().unwrap();
+        let rx = (queues[RX_QUEUE].next_avail(), queues[RX_QUEUE].next_used());
+        // Asleep, nothing moves.
+        driver.net.process_queue(RX_QUEUE).unwrap();
+        driver.net.process_host_event(0).unwrap();
+        assert!(driver.net.sleep().unwrap().is_none());
+        let interrupt = driver.irq.interrupt();
+        driver
+            .net
+            .wake(driver.mem.clone(), queues, interrupt)
+            .unwrap();
+        rx
+    }
+
+    #[test]
+    fn sleep_gives_a_held_buffer_back_to_the_ring() {
+        let mem = guest_memory();
+        let mut driver = Driver::new(&mem, BASE_FEATURES);
+        let head = driver.post_rx(BUF, 2048);
+        // The pass takes the buffer, then finds the backend empty: the buffer stays in hand.
+        driver.net.process_queue(RX_QUEUE).unwrap();
+        assert_eq!(sleep_and_wake(&mut driver), (0, 0));
+        assert!(driver
+            .net
+            .wake(mem.clone(), vec![], driver.irq.interrupt())
+            .is_err());
+
+        let frame = frame(60, 1);
+        driver.inject(&frame);
+        // The transport kicks the queues after a wake.
+        driver.net.process_queue(RX_QUEUE).unwrap();
+        driver.net.process_host_event(0).unwrap();
+        assert_eq!(driver.used_idx(RX_QUEUE), 1);
+        assert_eq!(driver.used(RX_QUEUE, 0), (u32::from(head), 72));
+        assert_eq!(driver.guest_bytes(BUF, 72), received(&frame, 1));
+    }
+
+    #[test]
+    fn sleep_keeps_the_deferred_frame_and_gives_back_its_buffers() {
+        let mem = guest_memory();
+        let mut driver = Driver::new(&mem, BASE_FEATURES | MRG);
+        driver.post_rx(BUF, 64);
+        driver.post_rx(BUF2, 64);
+        let big = frame(200, 5);
+        let next = frame(10, 6);
+        driver.inject(&big);
+        driver.inject(&next);
+        // Read, and waiting for more than the two buffers it holds.
+        driver.net.process_host_event(0).unwrap();
+        assert_eq!(driver.used_idx(RX_QUEUE), 0);
+        assert_eq!(sleep_and_wake(&mut driver), (0, 0));
+
+        driver.post_rx(BUF3, 64);
+        driver.post_rx(BUF3 + 0x1000, 64);
+        driver.net.process_queue(RX_QUEUE).unwrap();
+        // The same buffers, in the same order, then two more: the frame exactly once.
+        assert_eq!(driver.used_idx(RX_QUEUE), 4);
+        for n in 0..4 {
+            assert_eq!(driver.used(RX_QUEUE, n).0, u32::from(n));
+        }
+        let expected = received(&big, 4);
+        assert_eq!(driver.guest_bytes(BUF, 64), expected[..64]);
+        assert_eq!(driver.guest_bytes(BUF2, 64), expected[64..128]);
+        assert_eq!(driver.guest_bytes(BUF3 + 0x1000, 20), expected[192..]);
+        driver.post_rx(BUF, 64);
+        driver.net.process_queue(RX_QUEUE).unwrap();
+        assert_eq!(driver.used(RX_QUEUE, 4), (4, 22));
+        assert_eq!(driver.guest_bytes(BUF, 22), received(&next, 1));
+        let stats = driver.net.stats();
+        assert_eq!((stats.rx_frames, stats.rx_dropped), (2, 0));
+    }
+
+    #[test]
+    fn sleep_returns_buffers_taken_before_a_refused_chain() {
+        let mem = guest_memory();
+        let mut driver = Driver::new(&mem, BASE_FEATURES | MRG);
+        let first = driver.post_rx(BUF, 64);
+        let big = frame(200, 7);
+        driver.inject(&big);
+        driver.net.process_host_event(0).unwrap();
+        let refused = driver.push(RX_QUEUE, &[readable(BUF2, 64)]);
+        let last = driver.post_rx(BUF3, 64);
+        // Takes the refused chain (returned at once) and the next buffer: still too few.
+        driver.net.process_queue(RX_QUEUE).unwrap();
+        assert_eq!(driver.used_idx(RX_QUEUE), 1);
+        assert_eq!(driver.used(RX_QUEUE, 0), (u32::from(refused), 0));
+
+        // The last buffer goes back to the ring; the first cannot, and comes back unused.
+        assert_eq!(sleep_and_wake(&mut driver), (2, 2));
+        assert_eq!(driver.used_idx(RX_QUEUE), 2);
+        assert_eq!(driver.used(RX_QUEUE, 1), (u32::from(first), 0));
+
+        let more: Vec<u16> = (1..4)
+            .map(|i| driver.post_rx(BUF + i * 0x1000, 64))
+            .collect();
+        driver.net.process_queue(RX_QUEUE).unwrap();
+        assert_eq!(driver.used_idx(RX_QUEUE), 6);
+        assert_eq!(driver.used(RX_QUEUE, 2), (u32::from(last), 64));
+        for (n, head) in more.iter().enumerate() {
+            assert_eq!(driver.used(RX_QUEUE, 3 + n as u16).0, u32::from(*head));
+        }
+        let expected = received(&big, 4);
+        assert_eq!(driver.guest_bytes(BUF3, 64), expected[..64]);
+        assert_eq!(driver.guest_bytes(BUF + 0x3000, 20), expected[192..]);
+        assert_eq!(driver.net.stats().rx_frames, 1);
     }
 
     #[test]

@@ -30,39 +30,64 @@ const MAX_NAME_LEN: usize = libc::IFNAMSIZ - 1;
 /// Why a TAP interface cannot be attached.
 #[derive(Debug, thiserror::Error)]
 pub enum TapError {
+    /// The name does not fit an interface name.
     #[error("invalid TAP interface name {name:?}: {reason}")]
-    InvalidName { name: String, reason: &'static str },
+    InvalidName {
+        /// The name as given.
+        name: String,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
+    /// /dev/net/tun is missing.
     #[error(
         "{TUN_DEVICE} does not exist: load the tun module (`modprobe tun`), or create the device \
          node (`mknod {TUN_DEVICE} c 10 200`)"
     )]
     TunMissing,
+    /// /dev/net/tun cannot be opened for want of permission.
     #[error(
         "no permission to open {TUN_DEVICE}: it is normally world read-writable (mode 0666); \
          restore that with `chmod 0666 {TUN_DEVICE}`"
     )]
     TunAccess,
+    /// /dev/net/tun cannot be opened for another reason.
     #[error("cannot open {TUN_DEVICE}")]
     TunOpen(#[source] io::Error),
+    /// TUNSETIFF was refused for want of permission.
     #[error(
         "no permission to attach TAP interface {name}: create it for your user with \
          `ip tuntap add {name} mode tap user $USER`, or run ember with CAP_NET_ADMIN"
     )]
-    PermissionDenied { name: String },
+    PermissionDenied {
+        /// The interface.
+        name: String,
+    },
+    /// Another process has the TAP attached.
     #[error(
         "TAP interface {name} is busy: another process has it open, and a single-queue TAP can \
          be attached only once; stop that process or give this VM another TAP"
     )]
-    Busy { name: String },
+    Busy {
+        /// The interface.
+        name: String,
+    },
+    /// The interface exists but is not a single-queue TAP.
     #[error(
         "{name} is not a single-queue TAP interface (it is a TUN, a multi-queue TAP, or not a \
          tun/tap interface at all): recreate it with `ip tuntap add {name} mode tap`"
     )]
-    NotATap { name: String },
+    NotATap {
+        /// The interface.
+        name: String,
+    },
+    /// A setup ioctl on the attached TAP failed.
     #[error("cannot {what} on TAP interface {name}")]
     Setup {
+        /// The interface.
         name: String,
+        /// What was being set up.
         what: &'static str,
+        /// Why it failed.
         #[source]
         source: io::Error,
     },
