@@ -14,6 +14,9 @@
 //! holds a value it could not have held live. A device with nothing to keep says so in its
 //! documentation and has no state type: a restored VM gets a new one.
 
+// Every public item says what it is for: the monitor and, later, other users build on this crate.
+#![deny(missing_docs)]
+
 pub mod acpi_sleep;
 pub mod boot_timer;
 pub mod bus;

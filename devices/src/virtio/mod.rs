@@ -117,6 +117,12 @@ pub enum VirtioDeviceState {
     Block(block::BlockState),
     /// A virtio-net device.
     Net(net::NetState),
+    /// A virtio-vsock device that was never activated (or was reset): its identity only. An
+    /// active one cannot sleep yet (see `Vsock`'s `sleep`).
+    Vsock {
+        /// The guest's context ID.
+        guest_cid: u64,
+    },
     /// The transport tests' stand-in device.
     #[cfg(test)]
     Fake {
@@ -131,6 +137,7 @@ impl VirtioDeviceState {
         match self {
             Self::Block(_) => block::DEVICE_TYPE_BLOCK,
             Self::Net(_) => net::DEVICE_TYPE_NET,
+            Self::Vsock { .. } => vsock::DEVICE_TYPE_VSOCK,
             #[cfg(test)]
             Self::Fake { .. } => block::DEVICE_TYPE_BLOCK,
         }
@@ -142,6 +149,7 @@ impl VirtioDeviceState {
         match self {
             Self::Block(state) => state.acked_features,
             Self::Net(state) => state.acked_features,
+            Self::Vsock { .. } => None,
             #[cfg(test)]
             Self::Fake { acked_features } => *acked_features,
         }
@@ -170,6 +178,14 @@ pub enum VirtioDeviceStateError {
     /// The network device's own fields are wrong.
     #[error("virtio-net: {0}")]
     Net(#[from] net::NetStateError),
+    /// A vsock state for another guest CID.
+    #[error("virtio-vsock: the state is for guest CID {saved}, the device has {device}")]
+    VsockCid {
+        /// The CID in the state.
+        saved: u64,
+        /// The device's CID.
+        device: u64,
+    },
 }
 
 /// Why a set of accepted features is not one the transport lets a driver set FEATURES_OK with.

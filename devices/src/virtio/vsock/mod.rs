@@ -29,8 +29,8 @@ use vm_memory::GuestMemoryMmap;
 
 use super::device_queue::DeviceQueue;
 use super::{
-    DeviceBroken, Interrupt, Progress, Queue, QueueT, VirtioDevice, VIRTIO_F_VERSION_1,
-    VIRTIO_RING_F_EVENT_IDX,
+    DeviceBroken, Interrupt, Progress, Queue, QueueT, VirtioDevice, VirtioDeviceState,
+    VirtioDeviceStateError, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
 };
 use muxer::Muxer;
 use packet::{read_tx_packet, RxBuffer, MAX_PKT_BUF};
@@ -42,7 +42,7 @@ mod packet;
 mod test_driver;
 
 /// The virtio device ID of a socket device (virtio 1.2, 5).
-const DEVICE_TYPE_VSOCK: u32 = 19;
+pub(crate) const DEVICE_TYPE_VSOCK: u32 = 19;
 const RX_QUEUE: usize = 0;
 const TX_QUEUE: usize = 1;
 const EVENT_QUEUE: usize = 2;
@@ -339,6 +339,53 @@ impl VirtioDevice for Vsock {
         self.muxer.reset();
     }
 
+    /// An active vsock device cannot sleep yet: its connections live in host sockets that a
+    /// snapshot cannot carry, and a receive buffer it holds would have to go back to the ring.
+    /// (Firecracker resets every connection with a transport-reset event on restore; snapshots
+    /// will decide.) Refusing leaves it running, as the contract asks.
+    fn sleep(&mut self) -> Result<Option<Vec<Queue>>, DeviceBroken> {
+        match self.active {
+            None => Ok(None),
+            Some(_) => Err(DeviceBroken(
+                "virtio-vsock cannot be paused for a snapshot: its connections live in host \
+                 sockets"
+                    .into(),
+            )),
+        }
+    }
+
+    fn wake(
+        &mut self,
+        _mem: GuestMemoryMmap,
+        _queues: Vec<Queue>,
+        _interrupt: Arc<Interrupt>,
+    ) -> Result<(), DeviceBroken> {
+        Err(DeviceBroken("virtio-vsock is not asleep".into()))
+    }
+
+    fn save_state(&self) -> VirtioDeviceState {
+        VirtioDeviceState::Vsock {
+            guest_cid: self.guest_cid,
+        }
+    }
+
+    fn restore_state(&mut self, state: &VirtioDeviceState) -> Result<(), VirtioDeviceStateError> {
+        match state {
+            VirtioDeviceState::Vsock { guest_cid } if *guest_cid == self.guest_cid => {
+                self.reset();
+                Ok(())
+            }
+            VirtioDeviceState::Vsock { guest_cid } => Err(VirtioDeviceStateError::VsockCid {
+                saved: *guest_cid,
+                device: self.guest_cid,
+            }),
+            other => Err(VirtioDeviceStateError::WrongDevice {
+                saved: other.device_type(),
+                device: DEVICE_TYPE_VSOCK,
+            }),
+        }
+    }
+
     fn host_event_fds(&self) -> Vec<RawFd> {
         vec![self.muxer.host_fd()]
     }
@@ -383,6 +430,36 @@ mod tests {
         let mut high = [0xff; 4];
         vsock.read_config(4, &mut high);
         assert_eq!(high, [0; 4]);
+    }
+
+    #[test]
+    fn an_active_device_refuses_to_sleep_and_state_keeps_the_cid() {
+        let mem = memory();
+        let mut driver = Driver::new(&mem);
+        // Active: it cannot sleep, and stays active.
+        assert!(driver.vsock.sleep().is_err());
+        let state = driver.vsock.save_state();
+        assert_eq!(
+            state,
+            VirtioDeviceState::Vsock {
+                guest_cid: GUEST_CID
+            }
+        );
+        assert_eq!(state.device_type(), 19);
+        // Reset, it sleeps with nothing to hand back, and a state restores it (as a reset).
+        driver.vsock.reset();
+        assert!(matches!(driver.vsock.sleep(), Ok(None)));
+        driver.vsock.restore_state(&state).unwrap();
+        assert!(matches!(
+            driver
+                .vsock
+                .restore_state(&VirtioDeviceState::Vsock { guest_cid: 9 }),
+            Err(VirtioDeviceStateError::VsockCid { saved: 9, .. })
+        ));
+        assert!(driver
+            .vsock
+            .wake(mem.clone(), Vec::new(), driver.irq.interrupt())
+            .is_err());
     }
 
     #[test]
