@@ -198,7 +198,30 @@ fn exec_runs_many_commands_in_one_vm() {
         assert_eq!((r.code(), r.stdout.clone()), (0, format!("{n}\n")), "{r:?}");
     }
 
-    // By hand, as another host program would: a guest port nobody listens on is closed.
+    // By hand, as another host program would: CONNECT to the agent's port, read OK and then the
+    // agent's own first frame, its Hello.
+    let mut stream = UnixStream::connect(&socket).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    stream
+        .write_all(format!("CONNECT {}\n", wire::AGENT_PORT).as_bytes())
+        .unwrap();
+    let mut ok = Vec::new();
+    let mut byte = [0u8];
+    while byte[0] != b'\n' {
+        stream.read_exact(&mut byte).unwrap();
+        ok.push(byte[0]);
+    }
+    assert!(ok.starts_with(b"OK "), "{}", String::from_utf8_lossy(&ok));
+    assert_eq!(
+        wire::read_message(&mut stream).unwrap(),
+        Some(Message::Hello {
+            version: wire::VERSION
+        })
+    );
+    drop(stream);
+    // A guest port nobody listens on is closed.
     let mut stream = UnixStream::connect(&socket).unwrap();
     stream.write_all(b"CONNECT 5555\n").unwrap();
     stream
@@ -222,9 +245,11 @@ fn exec_runs_many_commands_in_one_vm() {
 
 fn tty_session(socket: &Path) {
     // Inside a pty made by script(1): the size is set, then changed while the command runs (the
-    // kernel sends ember SIGWINCH), and the settings are compared before and after.
+    // kernel sends ember SIGWINCH), and the settings are compared before and after. The
+    // background stty reads /dev/tty itself: a non-interactive shell gives background jobs
+    // /dev/null for stdin.
     let inner = format!(
-        "stty rows 30 cols 100; stty -g; (sleep 3; stty rows 40 cols 120) & \
+        "stty rows 30 cols 100; stty -g; (sleep 3; stty rows 40 cols 120 </dev/tty) & \
          {} exec --vsock {} -t -- sh -c 'tty; stty size; sleep 15; stty size'; \
          echo \"ember-exit=$?\"; wait; stty -g",
         ember().display(),
