@@ -2,8 +2,8 @@
 //!
 //! Why not KVM's in-kernel IOAPIC and PIC: creating them puts devices on KVM's I/O buses, which on
 //! recent host kernels leaves an SRCU grace period in flight that the VM's destruction then waits
-//! out (~12 ms for a short-lived VM, measured with resources/bench/startup.py). The IOAPIC is a
-//! small device, and Ember's interrupt sources are all in userspace anyway.
+//! out (the figures are in the README, "Start-up"; measured with resources/bench/startup.py). The
+//! IOAPIC is a small device, and Ember's interrupt sources are all in userspace anyway.
 //!
 //! The model: 24 pins, each with a redirection entry the guest programs through the indirect
 //! IOREGSEL/IOWIN register pair. A raised pin whose entry is unmasked becomes an MSI to the local
