@@ -1,8 +1,11 @@
 //! `ember-agent`: runs commands inside the guest for the host.
 //!
 //! ```text
-//! ember-agent [--listen vsock:PORT|unix:PATH] [--ready vsock:CID:PORT|unix:PATH|none]
+//! ember-agent [--listen vsock:PORT|unix:PATH] [--ready vsock:CID:PORT|unix:PATH|none] [--root DIR]
 //! ```
+//!
+//! With `--root DIR` every command runs chrooted into DIR (the guest's image, mounted by /init):
+//! the agent itself lives outside it, so any image works, even one without a shell.
 //!
 //! It listens (by default on vsock port [`AGENT_PORT`](wire::AGENT_PORT)), then tells the host it is ready by
 //! connecting to the ready address (by default the host's vsock port
@@ -46,15 +49,18 @@ const THREAD_STACK: usize = 256 << 10;
 struct Args {
     listen: ListenAddr,
     ready: ReadyAddr,
+    root: Option<std::path::PathBuf>,
 }
 
 const USAGE: &str =
-    "usage: ember-agent [--listen vsock:PORT|unix:PATH] [--ready vsock:CID:PORT|unix:PATH|none]";
+    "usage: ember-agent [--listen vsock:PORT|unix:PATH] [--ready vsock:CID:PORT|unix:PATH|none] \
+     [--root DIR]";
 
 fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Args, String> {
     let mut parsed = Args {
         listen: ListenAddr::default(),
         ready: ReadyAddr::default(),
+        root: None,
     };
     while let Some(arg) = args.next() {
         let (flag, inline) = match arg.split_once('=') {
@@ -70,6 +76,7 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Args, String> {
         match flag.as_str() {
             "--listen" => parsed.listen = value()?.parse()?,
             "--ready" => parsed.ready = value()?.parse()?,
+            "--root" => parsed.root = Some(value()?.into()),
             "-h" | "--help" => return Err(String::new()),
             _ => return Err(format!("unknown argument {flag:?}")),
         }
@@ -88,6 +95,14 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if let Some(root) = args.root {
+        if !root.is_dir() {
+            log!("--root {}: not a directory", root.display());
+            return ExitCode::from(2);
+        }
+        log!("commands run in {}", root.display());
+        spawn::set_root(root);
+    }
     // Children are reaped with waitpid: an inherited SIGCHLD=SIG_IGN would have the kernel
     // reap them first and lose their exit status.
     // SAFETY: setting a signal disposition to the default; no handler runs.
@@ -188,8 +203,9 @@ mod tests {
 
     #[test]
     fn flags_take_a_value_either_way() {
-        let args = parse(&["--listen", "unix:/a", "--ready=none"]).unwrap();
+        let args = parse(&["--listen", "unix:/a", "--ready=none", "--root", "/mnt/root"]).unwrap();
         assert_eq!(args.listen, ListenAddr::Unix("/a".into()));
+        assert_eq!(args.root, Some("/mnt/root".into()));
         assert_eq!(args.ready, ReadyAddr::None);
         assert!(parse(&["--listen"]).is_err());
         assert!(parse(&["--bogus"]).is_err());

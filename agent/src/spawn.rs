@@ -1,6 +1,7 @@
 //! Starting a command: environment, working directory, pipes or a pseudo-terminal, and telling
 //! "not found" from "not executable" when it fails.
 
+use std::ffi::CString;
 use std::ffi::OsStr;
 use std::fs::File;
 use std::io;
@@ -8,8 +9,9 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::process::CommandExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
 
 use ember_agent::wire::{ExecRequest, FailureKind, WinSize};
 
@@ -57,9 +59,14 @@ pub fn spawn(request: &ExecRequest) -> Result<Spawned, SpawnError> {
         return Err(SpawnError::other("empty argv".into()));
     };
     let cwd = request.cwd.as_deref().unwrap_or("/");
+    let root = ROOT.get();
+    let host_cwd = match root {
+        Some(root) => root.join(cwd.trim_start_matches('/')),
+        None => PathBuf::from(cwd),
+    };
     // std reports a failed chdir with the same errno as a failed exec (ENOENT for a missing
     // directory), which would read as "command not found": check it first.
-    if !Path::new(cwd).is_dir() {
+    if !host_cwd.is_dir() {
         return Err(SpawnError::other(format!(
             "working directory {cwd:?} is not a directory"
         )));
@@ -71,7 +78,7 @@ pub fn spawn(request: &ExecRequest) -> Result<Spawned, SpawnError> {
         .rev()
         .find(|(key, _)| key == "PATH")
         .map_or(DEFAULT_PATH, |(_, value)| value.as_str());
-    let mut command = match busybox_applet(program, path) {
+    let mut command = match busybox_applet(root, program, path) {
         Some(busybox) => {
             let mut command = Command::new(busybox);
             command.arg0(program);
@@ -79,7 +86,27 @@ pub fn spawn(request: &ExecRequest) -> Result<Spawned, SpawnError> {
         }
         None => Command::new(program),
     };
-    command.args(args).current_dir(cwd).env_clear();
+    command.args(args).env_clear();
+    match root.and_then(|root| CString::new(root.as_os_str().as_bytes()).ok()) {
+        Some(root) => {
+            let cwd = CString::new(cwd).map_err(|_| SpawnError::other("cwd holds a NUL".into()))?;
+            // SAFETY: the closure runs in the child between fork and exec and only calls chroot
+            // and chdir, which are async-signal-safe, on C strings made before the fork.
+            // std applies its own working directory before this closure, so the directory is
+            // set here, inside the new root; the program is then looked up on PATH in it.
+            unsafe {
+                command.pre_exec(move || {
+                    if libc::chroot(root.as_ptr()) < 0 || libc::chdir(cwd.as_ptr()) < 0 {
+                        return Err(io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        None => {
+            command.current_dir(cwd);
+        }
+    }
     // The PATH set here is also the one std searches for `program` (it honours a PATH given to
     // the command), so a request's own PATH works as it would in a shell.
     command.env("PATH", DEFAULT_PATH).env("HOME", "/root");
@@ -187,8 +214,20 @@ const BUSYBOX: &str = "/bin/busybox";
 /// bare command name found nowhere on `path` runs through busybox, which picks the applet from
 /// argv[0], as the guest's shell would. Busybox answers an unknown applet with status 127, as a
 /// missing command would be. Any other guest, or a name with a slash, is left alone.
-fn busybox_applet(program: &str, path: &str) -> Option<&'static str> {
+fn busybox_applet(root: Option<&PathBuf>, program: &str, path: &str) -> Option<&'static str> {
+    // Inside an image the image's own commands are the ones to run.
+    if root.is_some() {
+        return None;
+    }
     busybox_applet_at(BUSYBOX, program, path)
+}
+
+/// The directory commands run in (`--root`), set once at start.
+static ROOT: OnceLock<PathBuf> = OnceLock::new();
+
+/// Makes every command run chrooted into `root`.
+pub fn set_root(root: PathBuf) {
+    let _ = ROOT.set(root);
 }
 
 fn busybox_applet_at<'a>(busybox: &'a str, program: &str, path: &str) -> Option<&'a str> {

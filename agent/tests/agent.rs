@@ -28,6 +28,11 @@ struct Agent {
 
 impl Agent {
     fn start() -> Agent {
+        Self::start_with(&[])
+    }
+
+    /// An agent with `extra` arguments.
+    fn start_with(extra: &[&str]) -> Agent {
         static NEXT: AtomicU32 = AtomicU32::new(0);
         let dir = std::env::temp_dir().join(format!(
             "ember-agent-test-{}-{}",
@@ -44,6 +49,7 @@ impl Agent {
             .arg(format!("unix:{}", dir.join("agent.sock").display()))
             .arg("--ready")
             .arg(format!("unix:{}", ready_path.display()))
+            .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
@@ -567,4 +573,34 @@ fn large_output_arrives_in_order_in_bounded_chunks() {
     assert!(out.stdout() == expected, "stdout out of order or cut");
     assert_eq!(out.stderr.len(), 1 << 20);
     assert!(out.stderr.iter().all(|&b| b == b'e'));
+}
+
+#[test]
+fn with_a_root_commands_run_inside_it() {
+    // chroot needs root; the image here is a directory with a static busybox.
+    // SAFETY: geteuid only reads the process's credentials.
+    if unsafe { libc::geteuid() } != 0 || !std::path::Path::new("/bin/busybox").exists() {
+        eprintln!("SKIPPED: needs root and /bin/busybox (busybox-static)");
+        return;
+    }
+    let image = std::env::temp_dir().join(format!("ember-agent-root-{}", std::process::id()));
+    let _ = fs::remove_dir_all(&image);
+    for dir in ["bin", "tmp", "work"] {
+        fs::create_dir_all(image.join(dir)).unwrap();
+    }
+    fs::copy("/bin/busybox", image.join("bin/busybox")).unwrap();
+    std::os::unix::fs::symlink("busybox", image.join("bin/sh")).unwrap();
+    let agent = Agent::start_with(&["--root", image.to_str().unwrap()]);
+    let mut req = sh("pwd; ls /; echo written > /tmp/x");
+    req.cwd = Some("/work".into());
+    let out = agent.run(req);
+    assert_eq!(out.last, Some(Message::Exited { code: 0 }), "{}", out.stdout());
+    assert_eq!(out.stdout(), "/work\nbin\ntmp\nwork\n");
+    assert_eq!(fs::read_to_string(image.join("tmp/x")).unwrap(), "written\n");
+    // A working directory outside the image is refused before anything runs.
+    let mut req = sh("true");
+    req.cwd = Some("/nonexistent".into());
+    assert!(matches!(agent.run(req).last, Some(Message::Failed { .. })));
+    drop(agent);
+    fs::remove_dir_all(&image).unwrap();
 }

@@ -266,7 +266,10 @@ pub fn linux_guest() -> &'static (PathBuf, PathBuf) {
             script.display()
         );
         let dir = cache_dir().join("default");
-        let guest = (dir.join("vmlinux"), dir.join("initramfs.cpio"));
+        // Resolved now: default/ follows the newest build, and another checkout building a
+        // different guest meanwhile must not change the one this test binary boots.
+        let resolve = |name: &str| std::fs::canonicalize(dir.join(name)).unwrap_or(dir.join(name));
+        let guest = (resolve("vmlinux"), resolve("initramfs.cpio"));
         assert!(
             guest.0.exists() && guest.1.exists(),
             "no guest in {}",
