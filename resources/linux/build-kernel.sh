@@ -51,24 +51,39 @@ if [ "${1:-}" = --key ]; then
 fi
 out=$cache/kernel-$hash
 
-# One build at a time (test binaries, CI steps and people may call this at once): the others wait
-# here, then find the result cached.
 mkdir -p "$cache"
-exec 9>"$cache/.kernel.lock"
-if ! flock -n 9; then
-    log "waiting for another kernel build to finish"
-    flock 9
-fi
 
+# Points default/ at this build, under the cache's lock (build-guest.sh prunes under it too).
 publish() {
-    mkdir -p "$cache/default"
-    ln -sfn "../kernel-$hash/vmlinux" "$cache/default/vmlinux"
-    ln -sfn "../kernel-$hash/bzImage" "$cache/default/bzImage"
+    (
+        flock 9
+        mkdir -p "$cache/default"
+        ln -sfn "../kernel-$hash/vmlinux" "$cache/default/vmlinux"
+        ln -sfn "../kernel-$hash/bzImage" "$cache/default/bzImage"
+    ) 9>"$cache/.kernel.lock"
     echo "kernel: $out/vmlinux"
     echo "kernel: $out/bzImage"
 }
 
-if [ -f "$out/vmlinux" ] && [ -f "$out/bzImage" ]; then
+cached() {
+    [ -f "$out/vmlinux" ] && [ -f "$out/bzImage" ]
+}
+
+if cached; then
+    log "cached ($source_pkg $version, $(basename "$out"))"
+    publish
+    exit 0
+fi
+
+# One build of this configuration at a time (test binaries, CI steps and people may call this at
+# once): the others wait here, then find it cached. Builds of other configurations (another
+# checkout's) go on beside it, and whoever finds its own kernel cached never waits.
+exec 8>"$cache/.kernel-$hash.lock"
+if ! flock -n 8; then
+    log "waiting for another build of this kernel to finish"
+    flock 8
+fi
+if cached; then
     log "cached ($source_pkg $version, $(basename "$out"))"
     publish
     exit 0
@@ -77,8 +92,9 @@ fi
 work=$cache/build/kernel-$hash
 src=$work/$source_pkg
 buildlog=$work/build.log
-# Build trees of earlier failed builds are kept for debugging until the next build.
-rm -rf "$cache"/build/kernel-*
+# The build tree of an earlier failed build of this kernel is kept for debugging until the next
+# build of it (others' build trees are theirs).
+rm -rf "$work"
 mkdir -p "$work"
 
 fail() {
