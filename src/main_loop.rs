@@ -86,7 +86,8 @@ impl MainLoop {
     }
 }
 
-/// Runs `spawn` with SIGINT, SIGTERM and SIGHUP blocked on the calling thread, then restores its
+/// Runs `spawn` with the main loop's signals (SIGINT, SIGTERM, SIGHUP, SIGWINCH) blocked on the
+/// calling thread, then restores its
 /// mask: a thread started inside inherits the blocked set from its first instruction. For
 /// threads started before [`MainLoop::new`] blocks them for good: the main thread reads them
 /// from a signalfd, and one the kernel hands to a thread that does not block them ends the
@@ -98,7 +99,7 @@ pub fn with_termination_signals_blocked<T>(spawn: impl FnOnce() -> T) -> T {
         let mut set: libc::sigset_t = std::mem::zeroed();
         let mut old: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut set);
-        for signal in TERMINATION_SIGNALS {
+        for signal in MAIN_LOOP_SIGNALS {
             libc::sigaddset(&mut set, signal);
         }
         (libc::pthread_sigmask(libc::SIG_BLOCK, &set, &mut old), old)
@@ -116,8 +117,6 @@ pub fn with_termination_signals_blocked<T>(spawn: impl FnOnce() -> T) -> T {
     }
     result
 }
-
-const TERMINATION_SIGNALS: [libc::c_int; 3] = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP];
 
 /// What the main thread reads from its signalfd: the termination signals, and SIGWINCH, which job
 /// mode forwards to a command's terminal (elsewhere it is read and ignored, as by default).

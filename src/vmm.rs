@@ -369,6 +369,8 @@ impl Vm {
             VmOutcome::Job(_) => outcome,
             // The VM ended before its command did: say why, with the console that was kept
             // aside, so that a broken guest is still diagnosable.
+            // A signal before the command ran ends Ember as it always does (128+N).
+            other @ VmOutcome::Signal(_) => other,
             other if job_mode => {
                 if let Some(ring) = console_ring {
                     let mut stderr = io::stderr().lock();

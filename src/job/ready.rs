@@ -3,7 +3,7 @@
 //! says Hello and Ready. The connection then stays open for the agent's lifetime: its end tells
 //! the host the agent is gone.
 
-use std::io;
+use std::io::{self, Read};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -60,55 +60,81 @@ impl ReadyListener {
     /// Waits for the agent's Hello and Ready, or until `stopped` (a descriptor that becomes
     /// readable when the VM stops) says there is no point any more.
     pub fn wait(&self, stopped: &impl AsRawFd) -> Result<UnixStream, ReadyError> {
-        loop {
-            let mut fds = [
-                libc::pollfd {
-                    fd: self.listener.as_raw_fd(),
-                    events: libc::POLLIN,
-                    revents: 0,
-                },
-                libc::pollfd {
-                    fd: stopped.as_raw_fd(),
-                    events: libc::POLLIN,
-                    revents: 0,
-                },
-            ];
-            // SAFETY: `fds` is a valid array of two pollfd structs for the duration of the call.
-            let ready = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
-            if ready < 0 {
-                let e = io::Error::last_os_error();
-                if e.kind() == io::ErrorKind::Interrupted {
-                    continue;
-                }
-                return Err(ReadyError::Wait(e));
+        wait_readable(&self.listener, stopped)?;
+        let (stream, _) = self.listener.accept().map_err(ReadyError::Wait)?;
+        greet(&stream, stopped)?;
+        Ok(stream)
+    }
+}
+
+/// Waits until `fd` is readable, or `stopped` is (then `Err(Stopped)`).
+fn wait_readable(fd: &impl AsRawFd, stopped: &impl AsRawFd) -> Result<(), ReadyError> {
+    loop {
+        let mut fds = [
+            libc::pollfd {
+                fd: fd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: stopped.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        // SAFETY: `fds` is a valid array of two pollfd structs for the duration of the call.
+        let ready = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+        if ready < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
             }
-            if fds[1].revents != 0 {
-                return Err(ReadyError::Stopped);
-            }
-            if fds[0].revents != 0 {
-                let (mut stream, _) = self.listener.accept().map_err(ReadyError::Wait)?;
-                greet(&mut stream)?;
-                return Ok(stream);
-            }
+            return Err(ReadyError::Wait(e));
+        }
+        if fds[1].revents != 0 {
+            return Err(ReadyError::Stopped);
+        }
+        if fds[0].revents != 0 {
+            return Ok(());
         }
     }
 }
 
-/// Reads the agent's Hello (checking the wire version) and Ready.
-fn greet(stream: &mut UnixStream) -> Result<(), ReadyError> {
-    let mut next = || match wire::read_message(stream) {
-        Ok(Some(message)) => Ok(message),
-        Ok(None) => Err(ReadyError::Greeting(wire::WireError::Truncated)),
-        Err(e) => Err(ReadyError::Greeting(e)),
-    };
-    match next()? {
-        Message::Hello { version } if version == wire::VERSION => {}
-        Message::Hello { version } => return Err(ReadyError::Version(version)),
-        other => return Err(ReadyError::Unexpected(Box::new(other))),
+/// Reads the agent's Hello (checking the wire version) and Ready, a chunk at a time as they
+/// come, watching `stopped` meanwhile: a guest that connects and says nothing must not hold a
+/// stopping Ember.
+fn greet(stream: &UnixStream, stopped: &impl AsRawFd) -> Result<(), ReadyError> {
+    let mut decoder = wire::Decoder::new();
+    let mut messages = Vec::new();
+    let mut buf = [0u8; 256];
+    while messages.len() < 2 {
+        wait_readable(stream, stopped)?;
+        let n = match (&*stream).read(&mut buf) {
+            Ok(0) => return Err(ReadyError::Greeting(wire::WireError::Truncated)),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(ReadyError::Wait(e)),
+        };
+        decoder.push(&buf[..n]);
+        while let Some(message) = decoder.next().map_err(ReadyError::Greeting)? {
+            messages.push(message);
+        }
     }
-    match next()? {
-        Message::Ready => Ok(()),
-        other => Err(ReadyError::Unexpected(Box::new(other))),
+    let mut messages = messages.into_iter();
+    match messages.next() {
+        Some(Message::Hello { version }) if version == wire::VERSION => {}
+        Some(Message::Hello { version }) => return Err(ReadyError::Version(version)),
+        other => {
+            return Err(ReadyError::Unexpected(Box::new(
+                other.unwrap_or(Message::Ready),
+            )))
+        }
+    }
+    match messages.next() {
+        Some(Message::Ready) => Ok(()),
+        other => Err(ReadyError::Unexpected(Box::new(
+            other.unwrap_or(Message::StdinEof),
+        ))),
     }
 }
 
@@ -154,6 +180,25 @@ mod tests {
         });
         listener.wait(&stopped).unwrap();
         drop(agent.join().unwrap());
+        // A guest that connects and says nothing does not hold a stopping VM.
+        let agent_path = host_port_path(&socket, wire::READY_PORT);
+        let silent = UnixStream::connect(agent_path).unwrap();
+        let waiter = std::thread::spawn({
+            let stopped = stopped.try_clone().unwrap();
+            let socket = socket.clone();
+            move || {
+                let listener = listener;
+                let result = listener.wait(&stopped);
+                drop(socket);
+                (listener, result)
+            }
+        });
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        stopped.write(1).unwrap();
+        let (listener, result) = waiter.join().unwrap();
+        assert!(matches!(result, Err(ReadyError::Stopped)), "{result:?}");
+        drop(silent);
+        stopped.read().unwrap();
         stopped.write(1).unwrap();
         assert!(matches!(listener.wait(&stopped), Err(ReadyError::Stopped)));
         drop(listener);

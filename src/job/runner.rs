@@ -77,7 +77,7 @@ impl JobRunner {
     /// through `control` with the command's outcome. `stopped` becomes readable when the VM
     /// stops (for whatever reason), which ends the wait for the agent.
     pub fn spawn(self, control: Arc<VmControl>, stopped: EventFd) -> io::Result<JobThread> {
-        let handle: Arc<Mutex<Option<JobHandle>>> = Arc::default();
+        let handle: Arc<Mutex<Slot>> = Arc::default();
         let slot = handle.clone();
         let thread = std::thread::Builder::new()
             .name("job".into())
@@ -90,7 +90,7 @@ impl JobRunner {
     }
 
     /// `None` when the VM stopped before the agent was ready: the VM's own outcome stands.
-    fn run(self, stopped: &EventFd, slot: &Mutex<Option<JobHandle>>) -> Option<JobOutcome> {
+    fn run(self, stopped: &EventFd, slot: &Mutex<Slot>) -> Option<JobOutcome> {
         let ready = match self.ready.wait(stopped) {
             Ok(ready) => ready,
             Err(ReadyError::Stopped) => return None,
@@ -114,7 +114,14 @@ impl JobRunner {
             }
         };
         let handle = session.handle();
-        *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(handle.clone());
+        {
+            let mut slot = slot.lock().unwrap_or_else(|e| e.into_inner());
+            // The VM began stopping while the command was being sent: nobody will wait for it.
+            if slot.stopping {
+                handle.abort("the VM stopped before the command ended");
+            }
+            slot.handle = Some(handle.clone());
+        }
         watch_agent(ready, handle);
         Some(session.run())
     }
@@ -150,32 +157,49 @@ fn error_line(error: &dyn std::error::Error) -> String {
     line
 }
 
+/// What the main thread and the job thread share about the session.
+#[derive(Default)]
+struct Slot {
+    /// The session, once the command has been sent.
+    handle: Option<JobHandle>,
+    /// The VM is stopping: a session that starts now is aborted at once.
+    stopping: bool,
+    /// Termination signals forwarded to the command so far.
+    signals: u32,
+}
+
 /// The running job, as the main thread sees it.
 pub struct JobThread {
-    handle: Arc<Mutex<Option<JobHandle>>>,
+    handle: Arc<Mutex<Slot>>,
     thread: JoinHandle<()>,
 }
 
 impl JobThread {
     /// Handles a signal Ember received: SIGWINCH resizes the command's terminal, others go to the
     /// command once it runs. False when the signal is Ember's to act on (no command yet).
+    /// A second termination signal is Ember's: a command that ignores the first cannot keep
+    /// the VM up.
     pub fn on_signal(&self, signal: i32) -> bool {
-        let handle = self.handle.lock().unwrap_or_else(|e| e.into_inner());
-        match (&*handle, signal) {
-            (Some(handle), libc::SIGWINCH) => {
-                handle.resize(terminal_size());
-                true
-            }
-            (None, libc::SIGWINCH) => true,
-            (Some(handle), _) => handle.forward_signal(signal),
-            (None, _) => false,
+        let mut slot = self.handle.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(handle) = slot.handle.clone() else {
+            return signal == libc::SIGWINCH;
+        };
+        if signal == libc::SIGWINCH {
+            handle.resize(terminal_size());
+            return true;
         }
+        slot.signals += 1;
+        slot.signals == 1 && handle.forward_signal(signal)
     }
 
-    /// The VM is stopping: a session still running ends now.
+    /// The VM is stopping: a session still running ends now, and one about to start does not.
     pub fn stop(self) {
-        if let Some(handle) = &*self.handle.lock().unwrap_or_else(|e| e.into_inner()) {
-            handle.abort("the VM stopped before the command ended");
+        {
+            let mut slot = self.handle.lock().unwrap_or_else(|e| e.into_inner());
+            slot.stopping = true;
+            if let Some(handle) = &slot.handle {
+                handle.abort("the VM stopped before the command ended");
+            }
         }
         if self.thread.join().is_err() {
             log::error!("the job thread panicked");

@@ -2,73 +2,195 @@
 //! stdout and stderr, Ember's stdin to it, and signals, resizes and the timeout, until the agent
 //! says how it ended.
 
+use std::collections::VecDeque;
 use std::io::{self, Read, Write};
 use std::net::Shutdown;
 use std::os::unix::net::UnixStream;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::Duration;
 
 use ember_agent::wire::{self, ExecRequest, FailureKind, Message, WinSize};
 
 use super::{JobOutcome, JobSpec};
 use crate::terminal;
 
+/// How long a command killed by `--timeout` may take to be reported dead before the session is
+/// cut: its SIGKILL can be stuck behind stdin the command never reads.
+const TIMEOUT_GRACE: Duration = Duration::from_secs(5);
+
+/// At most this many stdin chunks wait to be written; the stdin thread waits past it, so a
+/// command that does not read its stdin holds only that thread, never a signal or a resize.
+const MAX_QUEUED_STDIN: usize = 2;
+
 /// What other threads use to reach a running command: the main thread forwards signals and
-/// terminal resizes through it, a watcher aborts it when the agent goes away.
+/// terminal resizes through it, a watcher aborts it when the agent goes away, the timeout kills
+/// it. None of them ever blocks on the connection: frames go through an outbox that one writer
+/// thread empties, control frames (signals, resizes) ahead of stdin.
 #[derive(Clone)]
 pub struct JobHandle {
     shared: Arc<Shared>,
 }
 
 struct Shared {
-    /// The write half of the connection (the session's reader owns the read side).
-    writer: Mutex<UnixStream>,
+    /// A clone of the connection for `abort`: shutting it down needs no lock, so it works
+    /// whatever the writer thread is blocked in.
+    shutdown: UnixStream,
+    outbox: Mutex<Outbox>,
+    /// Signalled when the outbox changes.
+    outbox_changed: Condvar,
+    state: Mutex<JobState>,
+}
+
+#[derive(Default)]
+struct Outbox {
+    control: VecDeque<Message>,
+    stdin: VecDeque<Message>,
+    /// The session ended: the writer thread stops, queued frames are dropped.
+    closed: bool,
+}
+
+#[derive(Default)]
+struct JobState {
     /// The agent said Started: signals now have a process to go to.
-    started: AtomicBool,
-    timed_out: AtomicBool,
+    started: bool,
+    /// The agent said how the command ended: a timeout firing now is too late to count.
+    finished: bool,
+    timed_out: bool,
     /// Why the session was cut short from outside, if it was.
-    aborted: Mutex<Option<String>>,
+    aborted: Option<String>,
+}
+
+impl Shared {
+    fn outbox(&self) -> MutexGuard<'_, Outbox> {
+        self.outbox.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn state(&self) -> MutexGuard<'_, JobState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
 }
 
 impl JobHandle {
-    fn send(&self, message: &Message) -> Result<(), wire::WireError> {
-        let mut writer = self.shared.writer.lock().unwrap_or_else(|e| e.into_inner());
-        wire::write_message(&mut *writer, message)
+    /// Queues a control frame; never blocks.
+    fn send_control(&self, message: Message) {
+        let mut outbox = self.shared.outbox();
+        if !outbox.closed {
+            outbox.control.push_back(message);
+            self.shared.outbox_changed.notify_all();
+        }
     }
 
-    /// Forwards `signal` to the command; false when it has not started yet (or the agent is gone),
-    /// so the caller can act on the signal itself.
+    /// Queues stdin for the command, waiting while enough is already queued. False once the
+    /// session is over.
+    fn send_stdin(&self, message: Message) -> bool {
+        let mut outbox = self.shared.outbox();
+        while outbox.stdin.len() >= MAX_QUEUED_STDIN && !outbox.closed {
+            outbox = self
+                .shared
+                .outbox_changed
+                .wait(outbox)
+                .unwrap_or_else(|e| e.into_inner());
+        }
+        if outbox.closed {
+            return false;
+        }
+        outbox.stdin.push_back(message);
+        self.shared.outbox_changed.notify_all();
+        true
+    }
+
+    /// Forwards `signal` to the command; false when it has not started yet (or has ended), so
+    /// the caller can act on the signal itself.
     pub fn forward_signal(&self, signal: i32) -> bool {
-        self.shared.started.load(Ordering::SeqCst) && self.send(&Message::Signal(signal)).is_ok()
+        let state = self.shared.state();
+        if !state.started || state.finished {
+            return false;
+        }
+        drop(state);
+        self.send_control(Message::Signal(signal));
+        true
     }
 
     /// Tells the command's pseudo-terminal the host terminal's new size.
     pub fn resize(&self, size: WinSize) {
-        if let Err(e) = self.send(&Message::Resize(size)) {
-            log::debug!("job: cannot forward a resize: {e}");
-        }
+        self.send_control(Message::Resize(size));
     }
 
     /// Ends the session from outside: the agent or the VM is gone. The session returns
-    /// `Failed(why)`.
+    /// `Failed(why)` (or `TimedOut` after a timeout).
     pub fn abort(&self, why: &str) {
-        let mut aborted = self
-            .shared
+        self.shared
+            .state()
             .aborted
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        aborted.get_or_insert_with(|| why.to_string());
-        drop(aborted);
-        let writer = self.shared.writer.lock().unwrap_or_else(|e| e.into_inner());
-        // Wakes the session's reader with an end of file.
-        let _ = writer.shutdown(Shutdown::Both);
+            .get_or_insert_with(|| why.to_string());
+        // Wakes the session's reader with an end of file, and the writer with an error.
+        let _ = self.shared.shutdown.shutdown(Shutdown::Both);
+        self.close_outbox();
+    }
+
+    fn close_outbox(&self) {
+        self.shared.outbox().closed = true;
+        self.shared.outbox_changed.notify_all();
+    }
+
+    /// The timeout fired: kill the command, and cut the session if its end does not come back
+    /// within the grace time (`finished` says when it did).
+    fn time_out(&self, finished: &mpsc::Receiver<()>) {
+        let mut state = self.shared.state();
+        if state.finished {
+            return;
+        }
+        state.timed_out = true;
+        let started = state.started;
+        drop(state);
+        if started {
+            self.send_control(Message::Signal(libc::SIGKILL));
+            if finished.recv_timeout(TIMEOUT_GRACE) != Err(RecvTimeoutError::Timeout) {
+                return;
+            }
+        }
+        self.abort("the command did not end after --timeout");
+    }
+}
+
+/// The writer thread: empties the outbox into the connection, control frames first.
+fn write_outbox(shared: &Shared, mut writer: UnixStream) {
+    loop {
+        let message = {
+            let mut outbox = shared.outbox();
+            loop {
+                if outbox.closed {
+                    return;
+                }
+                if let Some(message) = outbox.control.pop_front() {
+                    break message;
+                }
+                if let Some(message) = outbox.stdin.pop_front() {
+                    break message;
+                }
+                outbox = shared
+                    .outbox_changed
+                    .wait(outbox)
+                    .unwrap_or_else(|e| e.into_inner());
+            }
+        };
+        // Room in the stdin queue.
+        shared.outbox_changed.notify_all();
+        if let Err(e) = wire::write_message(&mut writer, &message) {
+            log::debug!("job: writing to the agent: {e}");
+            let mut outbox = shared.outbox();
+            outbox.closed = true;
+            shared.outbox_changed.notify_all();
+            return;
+        }
     }
 }
 
 /// A command requested from the agent, not yet pumped.
 pub struct Session {
     reader: UnixStream,
+    writer: UnixStream,
     handle: JobHandle,
     spec: JobSpec,
 }
@@ -76,28 +198,35 @@ pub struct Session {
 impl Session {
     /// Greets the agent on `stream` (a connection to its port) and asks it to run `spec`.
     pub fn start(stream: UnixStream, spec: &JobSpec) -> Result<Self, wire::WireError> {
-        let writer = stream.try_clone()?;
+        let mut writer = stream.try_clone()?;
+        wire::write_message(
+            &mut writer,
+            &Message::Hello {
+                version: wire::VERSION,
+            },
+        )?;
+        let tty = spec.tty.then(terminal_size);
+        wire::write_message(
+            &mut writer,
+            &Message::Exec(ExecRequest {
+                argv: spec.argv.clone(),
+                env: spec.env.clone(),
+                cwd: spec.cwd.clone(),
+                stdin: spec.stdin,
+                tty,
+            }),
+        )?;
         let handle = JobHandle {
             shared: Arc::new(Shared {
-                writer: Mutex::new(writer),
-                started: AtomicBool::new(false),
-                timed_out: AtomicBool::new(false),
-                aborted: Mutex::new(None),
+                shutdown: stream.try_clone()?,
+                outbox: Mutex::default(),
+                outbox_changed: Condvar::new(),
+                state: Mutex::default(),
             }),
         };
-        handle.send(&Message::Hello {
-            version: wire::VERSION,
-        })?;
-        let tty = spec.tty.then(terminal_size);
-        handle.send(&Message::Exec(ExecRequest {
-            argv: spec.argv.clone(),
-            env: spec.env.clone(),
-            cwd: spec.cwd.clone(),
-            stdin: spec.stdin,
-            tty,
-        }))?;
         Ok(Self {
             reader: stream,
+            writer,
             handle,
             spec: spec.clone(),
         })
@@ -110,7 +239,31 @@ impl Session {
 
     /// Pumps the command's streams until it ends; returns how.
     pub fn run(mut self) -> JobOutcome {
-        let raw_terminal = self.spec.tty && terminal::is_tty(libc::STDIN_FILENO);
+        let outcome = self.run_threads();
+        self.handle.close_outbox();
+        let state = self.handle.shared.state();
+        match (outcome, state.timed_out, state.aborted.clone()) {
+            (_, true, _) => JobOutcome::TimedOut,
+            (JobOutcome::Failed(_), false, Some(why)) => JobOutcome::Failed(why),
+            (outcome, _, _) => outcome,
+        }
+    }
+
+    fn run_threads(&mut self) -> JobOutcome {
+        let shared = self.handle.shared.clone();
+        let writer = match self.writer.try_clone() {
+            Ok(writer) => writer,
+            Err(e) => return JobOutcome::Failed(format!("cannot clone the connection: {e}")),
+        };
+        let spawned = std::thread::Builder::new()
+            .name("job-writer".into())
+            .spawn(move || write_outbox(&shared, writer));
+        if let Err(e) = spawned {
+            return JobOutcome::Failed(format!("cannot start the writer thread: {e}"));
+        }
+        // Raw mode only when the terminal's keys go to the command (-i): with -t alone, Ctrl-C
+        // must still reach Ember, as with docker run -t.
+        let raw_terminal = self.spec.tty && self.spec.stdin && terminal::is_tty(libc::STDIN_FILENO);
         if raw_terminal {
             if let Err(e) = terminal::enter_raw_mode() {
                 log::warn!("cannot put the terminal in raw mode: {e}");
@@ -128,15 +281,11 @@ impl Session {
         let (finished, watchdog) = mpsc::channel::<()>();
         if let Some(timeout) = self.spec.timeout {
             let handle = self.handle.clone();
-            // If the thread cannot start, there is no timeout; say so rather than fail the job.
             let spawned = std::thread::Builder::new()
                 .name("job-timeout".into())
                 .spawn(move || {
                     if watchdog.recv_timeout(timeout) == Err(RecvTimeoutError::Timeout) {
-                        handle.shared.timed_out.store(true, Ordering::SeqCst);
-                        if !handle.forward_signal(libc::SIGKILL) {
-                            handle.abort("the command did not start before --timeout");
-                        }
+                        handle.time_out(&watchdog);
                     }
                 });
             if let Err(e) = spawned {
@@ -148,19 +297,7 @@ impl Session {
         if raw_terminal {
             terminal::restore();
         }
-        let timed_out = self.handle.shared.timed_out.load(Ordering::SeqCst);
-        let aborted = self
-            .handle
-            .shared
-            .aborted
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take();
-        match (outcome, timed_out, aborted) {
-            (_, true, _) => JobOutcome::TimedOut,
-            (JobOutcome::Failed(_), false, Some(why)) => JobOutcome::Failed(why),
-            (outcome, _, _) => outcome,
-        }
+        outcome
     }
 
     fn pump(&mut self) -> JobOutcome {
@@ -181,34 +318,45 @@ impl Session {
                 }
                 Err(e) => return JobOutcome::Failed(format!("talking to the guest agent: {e}")),
             };
-            match message {
-                Message::Hello { version } if version == wire::VERSION => greeted = true,
-                Message::Hello { version } => {
-                    return JobOutcome::Failed(format!(
-                        "the guest agent speaks wire version {version}, Ember {}",
-                        wire::VERSION
-                    ))
+            let end = match message {
+                Message::Hello { version } if version == wire::VERSION => {
+                    greeted = true;
+                    None
                 }
-                _ if !greeted => {
-                    return JobOutcome::Failed("the guest agent did not say Hello".into())
+                Message::Hello { version } => Some(JobOutcome::Failed(format!(
+                    "the guest agent speaks wire version {version}, Ember {}",
+                    wire::VERSION
+                ))),
+                _ if !greeted => Some(JobOutcome::Failed(
+                    "the guest agent did not say Hello".into(),
+                )),
+                Message::Started { .. } => {
+                    self.handle.shared.state().started = true;
+                    None
                 }
-                Message::Started { .. } => self.handle.shared.started.store(true, Ordering::SeqCst),
                 Message::Stdout(data) => {
-                    stdout_ok = stdout_ok && stdout.write_all(&data).and(stdout.flush()).is_ok()
+                    stdout_ok = stdout_ok && stdout.write_all(&data).and(stdout.flush()).is_ok();
+                    None
                 }
                 Message::Stderr(data) => {
-                    stderr_ok = stderr_ok && stderr.write_all(&data).and(stderr.flush()).is_ok()
+                    stderr_ok = stderr_ok && stderr.write_all(&data).and(stderr.flush()).is_ok();
+                    None
                 }
-                Message::Exited { code } => return JobOutcome::Exited(code),
-                Message::Signaled { signal } => return JobOutcome::Signaled(signal),
-                Message::Failed { kind, message } => {
-                    return match kind {
-                        FailureKind::NotFound => JobOutcome::NotFound(message),
-                        FailureKind::NotExecutable => JobOutcome::NotExecutable(message),
-                        FailureKind::Other => JobOutcome::Failed(message),
-                    }
+                Message::Exited { code } => Some(JobOutcome::Exited(code)),
+                Message::Signaled { signal } => Some(JobOutcome::Signaled(signal)),
+                Message::Failed { kind, message } => Some(match kind {
+                    FailureKind::NotFound => JobOutcome::NotFound(message),
+                    FailureKind::NotExecutable => JobOutcome::NotExecutable(message),
+                    FailureKind::Other => JobOutcome::Failed(message),
+                }),
+                other => {
+                    log::debug!("job: ignoring {other:?} from the agent");
+                    None
                 }
-                other => log::debug!("job: ignoring {other:?} from the agent"),
+            };
+            if let Some(outcome) = end {
+                self.handle.shared.state().finished = true;
+                return outcome;
             }
         }
     }
@@ -232,7 +380,7 @@ fn forward_stdin(handle: &JobHandle) {
         } else {
             Message::Stdin(buf[..n].to_vec())
         };
-        if handle.send(&message).is_err() || n == 0 {
+        if !handle.send_stdin(message) || n == 0 {
             return;
         }
     }
