@@ -551,3 +551,93 @@ fn an_active_device_refuses_to_sleep_and_state_keeps_the_tag() {
     ));
     assert!(fs.wake(mem.clone(), Vec::new(), irq.interrupt()).is_err());
 }
+
+/// The real thing: virtiofsd serves a FUSE_INIT the guest put on the request queue. Needs
+/// `virtiofsd` on PATH (`cargo install virtiofsd --locked`), so it only runs when asked:
+/// `cargo test -p ember-devices virtiofsd -- --ignored`.
+#[test]
+#[ignore = "needs virtiofsd on PATH"]
+fn virtiofsd_answers_fuse_init() {
+    use std::process::{Command, Stdio};
+    use vm_memory::Bytes;
+    use vmm_sys_util::tempdir::TempDir;
+
+    let dir = TempDir::new_with_prefix("/tmp/ember-virtiofsd-").unwrap();
+    let shared = dir.as_path().join("shared");
+    std::fs::create_dir(&shared).unwrap();
+    let socket = dir.as_path().join("vfsd.sock");
+    let mut daemon = Command::new("virtiofsd")
+        .arg("--socket-path")
+        .arg(&socket)
+        .arg("--shared-dir")
+        .arg(&shared)
+        .args(["--cache", "auto", "--sandbox", "none"])
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("virtiofsd on PATH");
+    let result = std::panic::catch_unwind(|| {
+        let mut fs = Fs::new(FsDeviceConfig {
+            tag: "shared".into(),
+            socket: socket.clone(),
+        })
+        .unwrap();
+        let features = fs.available_features();
+        assert_ne!(features & VERSION_1, 0);
+        let (mem, _file) = file_memory();
+        let irq = Irq::new();
+        // Twice: after a guest reset, a new driver starts over.
+        for unique in 1..=2u64 {
+            let [hiprio, mut request] = driver_queues(&mem);
+            fs.activate(
+                mem.clone(),
+                VERSION_1,
+                vec![hiprio.queue(), request.queue()],
+                irq.interrupt(),
+            )
+            .unwrap();
+            // FUSE_INIT (opcode 26): fuse_in_header (40 bytes), fuse_init_in 7.31 (16 bytes).
+            let (input, output) = (0x4_0000u64, 0x4_1000u64);
+            let mut init = Vec::new();
+            init.extend(56u32.to_le_bytes());
+            init.extend(26u32.to_le_bytes());
+            init.extend(unique.to_le_bytes());
+            init.extend([0; 24]); // nodeid, uid, gid, pid, extlen, padding
+            init.extend(7u32.to_le_bytes());
+            init.extend(31u32.to_le_bytes());
+            init.extend(0x2_0000u32.to_le_bytes()); // max_readahead
+            init.extend(0u32.to_le_bytes()); // flags
+            mem.write_slice(&init, GuestAddress(input)).unwrap();
+            mem.write_slice(&[0; 24], GuestAddress(output)).unwrap();
+            request.push(&[(input, 56, false), (output, 256, true)]);
+            fs.process_queue(1).unwrap();
+            let mut poll = libc::pollfd {
+                fd: fs.host_event_fds()[1],
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one pollfd, which lives across the call.
+            let ready = unsafe { libc::poll(&mut poll, 1, 10_000) };
+            assert_eq!(ready, 1, "virtiofsd did not answer");
+            fs.process_host_event(1).unwrap();
+            assert!(irq.fired());
+            assert_eq!(request.used_idx(), 1);
+            let (head, len) = request.used(0);
+            assert_eq!(head, 0);
+            let mut out = [0u8; 24];
+            mem.read_slice(&mut out, GuestAddress(output)).unwrap();
+            let word = |at: usize| u32::from_le_bytes(out[at..at + 4].try_into().unwrap());
+            // fuse_out_header: len, error, unique; then fuse_init_out: major, minor.
+            assert_eq!(word(0), len);
+            assert_eq!(word(4), 0, "FUSE_INIT failed");
+            assert_eq!(u64::from_le_bytes(out[8..16].try_into().unwrap()), unique);
+            assert_eq!(word(16), 7);
+            fs.reset();
+        }
+        fs.process_host_event(SOCKET_EVENT).unwrap();
+    });
+    let _ = daemon.kill();
+    let _ = daemon.wait();
+    if let Err(panic) = result {
+        std::panic::resume_unwind(panic);
+    }
+}
