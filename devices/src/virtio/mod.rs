@@ -7,6 +7,7 @@
 
 pub mod block;
 mod device_queue;
+pub mod fs;
 pub mod mmio;
 pub mod net;
 #[cfg(test)]
@@ -123,6 +124,12 @@ pub enum VirtioDeviceState {
         /// The guest's context ID.
         guest_cid: u64,
     },
+    /// A virtio-fs device that was never activated (or was reset): its tag only. An active one
+    /// cannot sleep (see `Fs`'s `sleep`).
+    Fs {
+        /// The tag the guest mounts the file system by.
+        tag: String,
+    },
     /// The transport tests' stand-in device.
     #[cfg(test)]
     Fake {
@@ -138,6 +145,7 @@ impl VirtioDeviceState {
             Self::Block(_) => block::DEVICE_TYPE_BLOCK,
             Self::Net(_) => net::DEVICE_TYPE_NET,
             Self::Vsock { .. } => vsock::DEVICE_TYPE_VSOCK,
+            Self::Fs { .. } => fs::DEVICE_TYPE_FS,
             #[cfg(test)]
             Self::Fake { .. } => block::DEVICE_TYPE_BLOCK,
         }
@@ -149,7 +157,7 @@ impl VirtioDeviceState {
         match self {
             Self::Block(state) => state.acked_features,
             Self::Net(state) => state.acked_features,
-            Self::Vsock { .. } => None,
+            Self::Vsock { .. } | Self::Fs { .. } => None,
             #[cfg(test)]
             Self::Fake { acked_features } => *acked_features,
         }
@@ -185,6 +193,14 @@ pub enum VirtioDeviceStateError {
         saved: u64,
         /// The device's CID.
         device: u64,
+    },
+    /// A virtio-fs state for another tag.
+    #[error("virtio-fs: the state is for tag {saved:?}, the device has {device:?}")]
+    FsTag {
+        /// The tag in the state.
+        saved: String,
+        /// The device's tag.
+        device: String,
     },
 }
 
