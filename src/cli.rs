@@ -7,7 +7,7 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::config::{
     parse_memory_size, ConsoleConfig, DiskConfig, NetConfig, SoftwareKvmMode, VmConfig,
-    VsockConfig, MAX_CPUS,
+    VolumeConfig, VsockConfig, MAX_CPUS,
 };
 use crate::job::{parse_env, JobSpec};
 
@@ -128,6 +128,9 @@ pub struct RunArgs {
     /// Root filesystem image: the first disk, with root=/dev/vda rw on the command line
     #[arg(long, value_name = "FILE")]
     pub rootfs: Option<PathBuf>,
+    /// Share a host directory with the guest over virtio-fs (repeatable): HOST_DIR:GUEST_DIR[:ro]
+    #[arg(long = "volume", value_name = "HOST:GUEST[:ro]")]
+    pub volumes: Vec<VolumeConfig>,
     /// A virtio-vsock device (cid=N,socket=PATH): host programs reach guest port P by connecting
     /// to PATH and writing "CONNECT P"; the guest reaches host port P at PATH_P
     #[arg(long, value_name = "SPEC")]
@@ -212,6 +215,7 @@ impl RunArgs {
             disks,
             nets: self.nets,
             vsock: self.vsock,
+            volumes: self.volumes,
             cpus: self.cpus,
             memory_bytes: self.memory,
             // In job mode the console is not mixed into the command's output.

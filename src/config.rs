@@ -227,6 +227,53 @@ pub struct VmConfig {
     /// A virtio-vsock device, reached from the host through a Unix socket.
     #[serde(default)]
     pub vsock: Option<VsockConfig>,
+    /// Host directories shared with the guest over virtio-fs.
+    #[serde(default)]
+    pub volumes: Vec<VolumeConfig>,
+}
+
+/// A host directory shared live with the guest: `HOST_DIR:GUEST_DIR[:ro]`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeConfig {
+    pub host: PathBuf,
+    /// Where the default guest mounts it: an absolute path.
+    pub guest: String,
+    #[serde(default)]
+    pub read_only: bool,
+}
+
+impl FromStr for VolumeConfig {
+    type Err = ConfigError;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        const USAGE: &str = "HOST_DIR:GUEST_DIR[:ro]";
+        let invalid = |reason: &str| ConfigError::InvalidValue {
+            key: "volume".into(),
+            value: text.to_string(),
+            reason: format!("{reason}: use {USAGE}"),
+        };
+        let (host, guest, read_only) = match text.split(':').collect::<Vec<_>>()[..] {
+            [host, guest] => (host, guest, false),
+            [host, guest, "ro"] => (host, guest, true),
+            [host, guest, "rw"] => (host, guest, false),
+            _ => return Err(invalid("not two or three fields")),
+        };
+        if host.is_empty() {
+            return Err(invalid("no host directory"));
+        }
+        // The guest path travels on the kernel command line (ember.volumes=TAG=PATH,...): it
+        // must be absolute and hold nothing that would split it there.
+        if !guest.starts_with('/') || guest.contains([',', '=', ' ', '\t', '"', '\\']) {
+            return Err(invalid(
+                "the guest directory must be an absolute path without spaces, commas, '=' or quotes",
+            ));
+        }
+        Ok(VolumeConfig {
+            host: host.into(),
+            guest: guest.to_string(),
+            read_only,
+        })
+    }
 }
 
 const MIB: u64 = 1 << 20;
@@ -530,6 +577,36 @@ mod tests {
     }
 
     #[test]
+    fn volume_options() {
+        assert_eq!(
+            "/home/me/src:/src".parse(),
+            Ok(VolumeConfig {
+                host: "/home/me/src".into(),
+                guest: "/src".into(),
+                read_only: false
+            })
+        );
+        assert_eq!(
+            "data:/mnt/data:ro"
+                .parse::<VolumeConfig>()
+                .map(|v| v.read_only),
+            Ok(true)
+        );
+        for bad in [
+            "/a",
+            "/a:b",
+            ":/b",
+            "/a:/b:x",
+            "/a:/b c",
+            "/a:/b,c",
+            "/a:/b=c",
+            "/a:/b:ro:x",
+        ] {
+            assert!(bad.parse::<VolumeConfig>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
     fn vm_config_round_trips_through_serde() {
         let config = VmConfig {
             kernel: "/k".into(),
@@ -542,6 +619,7 @@ mod tests {
             disks: vec!["path=/a.img,readonly=on".parse().unwrap()],
             nets: vec!["tap=tap0,mac=02:00:00:00:00:01".parse().unwrap()],
             vsock: Some("cid=3,socket=/tmp/v.sock".parse().unwrap()),
+            volumes: vec!["/src:/src:ro".parse().unwrap()],
         };
         let json = serde_json::to_string(&config).unwrap();
         assert_eq!(serde_json::from_str::<VmConfig>(&json).unwrap(), config);

@@ -42,6 +42,7 @@ pub enum DeviceKind {
     Block,
     Net,
     Vsock,
+    Fs,
 }
 
 impl DeviceKind {
@@ -51,6 +52,7 @@ impl DeviceKind {
             DeviceKind::Block => "block",
             DeviceKind::Net => "net",
             DeviceKind::Vsock => "vsock",
+            DeviceKind::Fs => "fs",
         }
     }
 }

@@ -22,3 +22,4 @@ pub mod outcome;
 pub mod terminal;
 pub mod vcpu;
 pub mod vmm;
+pub mod volumes;

@@ -6,7 +6,7 @@
 
 use std::fs::File;
 use std::io::{self, Write};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, FromRawFd};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -18,13 +18,15 @@ use ember_devices::i8042::{self, I8042};
 use ember_devices::ioapic::{self, Ioapic, IoapicPin};
 use ember_devices::serial::{self, SerialConsole};
 use ember_devices::virtio::block::{Block, BlockError};
+use ember_devices::virtio::fs::{Fs, FsDeviceConfig, FsError};
 use ember_devices::virtio::net::{Net, NetError};
 use ember_devices::virtio::vsock::{Vsock, VsockError};
 use ember_devices::{Bus, BusError};
 use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::{IoEventAddress, Kvm, NoDatamatch, VcpuFd, VmFd};
 use vm_memory::{
-    Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryError, GuestMemoryMmap, GuestMemoryRegion,
+    Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryError, GuestMemoryMmap,
+    GuestMemoryRegion,
 };
 use vmm_sys_util::eventfd::EventFd;
 
@@ -53,6 +55,7 @@ use crate::main_loop::{MainLoop, Wakeup};
 use crate::outcome::VmOutcome;
 use crate::terminal;
 use crate::vcpu::{self, IoBuses, VcpuEvent, VcpuHandle, VmControl};
+use crate::volumes::{VolumeError, Volumes};
 
 /// Kernel command-line options that keep Linux away from what software KVM cannot emulate at
 /// CPL0: XSAVE (noxsave) and, by feature bit, POPCNT (151), RDTSCP (59), SMAP (308),
@@ -156,6 +159,16 @@ pub enum VmmError {
     Net(#[source] NetError),
     #[error("cannot attach the vsock device")]
     Vsock(#[source] VsockError),
+    #[error(transparent)]
+    Volumes(#[from] VolumeError),
+    #[error("--volume {dir}: cannot reach its virtiofsd")]
+    Volume {
+        dir: PathBuf,
+        #[source]
+        source: FsError,
+    },
+    #[error("cannot create the shared memory file guest RAM needs with --volume")]
+    SharedMemory(#[source] io::Error),
     #[error("cannot make a private directory for the job's vsock socket")]
     JobSocket(#[source] io::Error),
     #[error(transparent)]
@@ -190,6 +203,8 @@ pub struct Vm {
     /// Job mode's console, kept aside.
     console_ring: Option<ConsoleRing>,
     devices: DeviceManager,
+    /// The volumes' virtiofsd daemons, stopped when the VM is gone.
+    volumes: Option<Volumes>,
 }
 
 impl Vm {
@@ -218,7 +233,13 @@ impl Vm {
         let vm_fd = Arc::new(kvm.create_vm().map_err(KvmError::CreateVm)?);
         // Guest RAM is registered before any device reaches KVM's I/O buses: a memory slot waits
         // for any SRCU grace period such a registration left in flight (README, "Start-up").
-        let guest_memory = map_guest_memory(config.memory_bytes)?;
+        // virtiofsd must map guest RAM too: with volumes it is a shared memfd.
+        let guest_memory = map_guest_memory(config.memory_bytes, !config.volumes.is_empty())?;
+        let volumes = if config.volumes.is_empty() {
+            None
+        } else {
+            Some(Volumes::start(&config.volumes)?)
+        };
         register_guest_memory(&vm_fd, &guest_memory)?;
         irqchip::create(&vm_fd).map_err(VmmError::Irqchip)?;
         let ioapic = Arc::new(Mutex::new(Ioapic::new(Box::new(KvmMsi(vm_fd.clone())))));
@@ -245,11 +266,15 @@ impl Vm {
         if let Some(agent) = agent {
             extra.push(agent.cmdline().to_string());
         }
+        if let Some(volumes) = volumes.as_ref().and_then(Volumes::cmdline) {
+            extra.push(volumes);
+        }
         let mut cmdline = boot::build_cmdline(&config.cmdline, &extra)?;
         let mut mmio = Bus::new();
         mmio.insert(ioapic.clone(), IOAPIC_START, ioapic::MMIO_LEN)?;
         let devices = attach_virtio_devices(
             config,
+            volumes.as_ref(),
             &mut VmWiring {
                 vm_fd: &vm_fd,
                 ioapic: &ioapic,
@@ -294,6 +319,7 @@ impl Vm {
             console_output: console.output,
             console_ring: console.ring,
             devices,
+            volumes,
         })
     }
 
@@ -442,6 +468,7 @@ impl Vm {
             vcpus,
             device_threads,
             devices: self.devices,
+            _volumes: self.volumes,
             console_output: self.console_output,
             _guest_memory: self.guest_memory,
         })
@@ -459,6 +486,8 @@ struct RunningVm {
     device_threads: DeviceThreads,
     /// The devices stay attached (their transports on the MMIO bus) until the VM is gone.
     devices: DeviceManager,
+    /// Dropped after the devices' threads: virtiofsd ends with the VM.
+    _volumes: Option<Volumes>,
     console_output: Option<ConsoleOutput>,
     /// Must outlive the vCPUs: KVM maps guest RAM from these host mappings.
     _guest_memory: GuestMemoryMmap,
@@ -592,19 +621,44 @@ fn host_memory_bytes() -> Option<u64> {
     info.totalram.checked_mul(u64::from(info.mem_unit))
 }
 
-/// Maps guest RAM (lazily: anonymous, MAP_NORESERVE, so the host commits only what the guest
-/// touches).
-fn map_guest_memory(size: u64) -> Result<GuestMemoryMmap, VmmError> {
-    let ranges: Vec<(GuestAddress, usize)> = memory::ram_regions(size)
+/// Maps guest RAM (lazily: MAP_NORESERVE, so the host commits only what the guest touches):
+/// anonymous memory, or with `shared` a memfd mapped shared, which another process (virtiofsd)
+/// can map too.
+fn map_guest_memory(size: u64, shared: bool) -> Result<GuestMemoryMmap, VmmError> {
+    let regions = memory::ram_regions(size);
+    let memfd = if shared {
+        Some(Arc::new(memfd(size).map_err(VmmError::SharedMemory)?))
+    } else {
+        None
+    };
+    let mut offset = 0;
+    let ranges: Vec<(GuestAddress, usize, Option<FileOffset>)> = regions
         .iter()
-        .map(|r| (GuestAddress(r.start), r.size as usize))
+        .map(|r| {
+            let file = memfd
+                .as_ref()
+                .map(|file| FileOffset::from_arc(file.clone(), offset));
+            offset += r.size;
+            (GuestAddress(r.start), r.size as usize, file)
+        })
         .collect();
-    let guest_memory =
-        GuestMemoryMmap::from_ranges(&ranges).map_err(|source| VmmError::MapMemory {
-            mib: size >> 20,
-            source,
-        })?;
-    Ok(guest_memory)
+    GuestMemoryMmap::from_ranges_with_files(&ranges).map_err(|source| VmmError::MapMemory {
+        mib: size >> 20,
+        source,
+    })
+}
+
+/// An anonymous memory file of `size` bytes (sparse: nothing is committed until touched).
+fn memfd(size: u64) -> io::Result<File> {
+    // SAFETY: the name is a NUL-terminated literal; the returned descriptor is owned right away.
+    let fd = unsafe { libc::memfd_create(c"ember-guest-ram".as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a fresh descriptor nobody else owns.
+    let file = unsafe { File::from_raw_fd(fd) };
+    file.set_len(size)?;
+    Ok(file)
 }
 
 /// Tells KVM where guest RAM lives in this process, one memory slot per region.
@@ -669,8 +723,12 @@ fn load_kernel_and_initrd(
 }
 
 /// One virtio-blk device per `--disk`, in order (/dev/vda, /dev/vdb, …), then one virtio-net
-/// device per `--net` (eth0, eth1, …), then the vsock device.
-fn attach_virtio_devices(config: &VmConfig, vm: &mut VmWiring) -> Result<DeviceManager, VmmError> {
+/// device per `--net` (eth0, eth1, …), one virtio-fs device per volume, then the vsock device.
+fn attach_virtio_devices(
+    config: &VmConfig,
+    volumes: Option<&Volumes>,
+    vm: &mut VmWiring,
+) -> Result<DeviceManager, VmmError> {
     let mut devices = DeviceManager::default();
     for disk in &config.disks {
         let block = Block::new(disk.into()).map_err(VmmError::Disk)?;
@@ -679,6 +737,17 @@ fn attach_virtio_devices(config: &VmConfig, vm: &mut VmWiring) -> Result<DeviceM
     for net in &config.nets {
         let net = Net::new(net.into()).map_err(VmmError::Net)?;
         devices.attach(DeviceKind::Net, Box::new(net), vm)?;
+    }
+    for volume in volumes.map_or(&[][..], |v| &v.volumes[..]) {
+        let fs = Fs::new(FsDeviceConfig {
+            tag: volume.tag.clone(),
+            socket: volume.socket.clone(),
+        })
+        .map_err(|source| VmmError::Volume {
+            dir: volume.config.host.clone(),
+            source,
+        })?;
+        devices.attach(DeviceKind::Fs, Box::new(fs), vm)?;
     }
     if let Some(vsock) = &config.vsock {
         let vsock = Vsock::new(vsock.into()).map_err(VmmError::Vsock)?;

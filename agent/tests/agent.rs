@@ -594,9 +594,17 @@ fn with_a_root_commands_run_inside_it() {
     let mut req = sh("pwd; ls /; echo written > /tmp/x");
     req.cwd = Some("/work".into());
     let out = agent.run(req);
-    assert_eq!(out.last, Some(Message::Exited { code: 0 }), "{}", out.stdout());
+    assert_eq!(
+        out.last,
+        Some(Message::Exited { code: 0 }),
+        "{}",
+        out.stdout()
+    );
     assert_eq!(out.stdout(), "/work\nbin\ntmp\nwork\n");
-    assert_eq!(fs::read_to_string(image.join("tmp/x")).unwrap(), "written\n");
+    assert_eq!(
+        fs::read_to_string(image.join("tmp/x")).unwrap(),
+        "written\n"
+    );
     // A working directory outside the image is refused before anything runs.
     let mut req = sh("true");
     req.cwd = Some("/nonexistent".into());

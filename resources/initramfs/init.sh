@@ -8,6 +8,10 @@
 #   ember.agent=1     also starts the guest agent (/bin/ember-agent, on vsock) in the background
 #   ember.agent=job   job mode: the agent is all the guest runs (Ember sends the command over vsock);
 #                     should it end, the VM ends with status 125
+#   ember.image=DEV   the root for commands is an overlay: DEV (a read-only ext4 image) below a
+#                     writable layer (tmpfs, or ember.scratch=DEV, an ext4 disk); commands, the
+#                     shell and the agent's commands run chrooted into it (the initramfs stays /)
+#   ember.volumes=TAG=PATH[:ro],…   virtio-fs shares mounted at PATH (inside the image if any)
 # The VM ends through Ember's debug-exit port (0xf4, via /bin/ember-exit): Ember exits with the
 # status itself. Should that fail, `reboot -f` resets the VM (reboot=k: Ember exits 0).
 # Markers on the console, for tests: "EMBER-INIT", "EMBER-EXIT status=N".
@@ -29,16 +33,72 @@ end_vm() {
     while :; do sleep 1000; done
 }
 
+# mount_image DEV: the overlay root at /mnt/root, with /proc, /sys and /dev inside it.
+mount_image() {
+    mkdir -p /mnt/lower /mnt/rw /mnt/root
+    mount -t ext4 -o ro "$1" /mnt/lower || return 1
+    if cmdline_get ember.scratch "$cmdline" >/dev/null; then
+        mount -t ext4 "$_value" /mnt/rw || return 1
+    else
+        mount -t tmpfs -o mode=0755 scratch /mnt/rw || return 1
+    fi
+    mkdir -p /mnt/rw/upper /mnt/rw/work
+    mount -t overlay root -o lowerdir=/mnt/lower,upperdir=/mnt/rw/upper,workdir=/mnt/rw/work \
+        /mnt/root || return 1
+    mkdir -p /mnt/root/proc /mnt/root/sys /mnt/root/dev /mnt/root/tmp
+    mount -t proc proc /mnt/root/proc && mount -t sysfs sys /mnt/root/sys &&
+        mount -o rbind /dev /mnt/root/dev
+}
+
+# mount_volumes LIST: TAG=PATH[:ro],… as virtio-fs mounts under $root.
+mount_volumes() {
+    _list=$1,
+    while [ -n "$_list" ]; do
+        _item=${_list%%,*}
+        _list=${_list#*,}
+        [ -n "$_item" ] || continue
+        _tag=${_item%%=*}
+        _path=${_item#*=}
+        _opts=rw
+        case $_path in *:ro) _opts=ro _path=${_path%:ro} ;; esac
+        mkdir -p "$root$_path" && mount -t virtiofs -o "$_opts" "$_tag" "$root$_path" ||
+            return 1
+    done
+}
+
+# in_root CMD...: runs CMD in the image's root when there is one.
+in_root() {
+    if [ "$root" = / ]; then "$@"; else chroot "$root" "$@"; fi
+}
+
 read -r cmdline </proc/cmdline
+root=/
 # cmdline_get sets $_value too; a redirected function call runs in this shell.
+if cmdline_get ember.image "$cmdline" >/dev/null; then
+    if ! mount_image "$_value"; then
+        echo "EMBER-ERROR cannot mount the image on $_value"
+        end_vm 125
+    fi
+    root=/mnt/root
+fi
+if cmdline_get ember.volumes "$cmdline" >/dev/null; then
+    if ! mount_volumes "$_value"; then
+        echo "EMBER-ERROR cannot mount the volumes $_value"
+        end_vm 125
+    fi
+fi
 if cmdline_get ember.agent "$cmdline" >/dev/null; then
+    agent_root=
+    [ "$root" = / ] || agent_root="--root $root"
     case $_value in
         job)
-            /bin/ember-agent
+            # shellcheck disable=SC2086 # one option and its value, or nothing
+            /bin/ember-agent $agent_root
             echo "EMBER-ERROR the guest agent ended"
             end_vm 125
             ;;
-        *) /bin/ember-agent & ;;
+        # shellcheck disable=SC2086
+        *) /bin/ember-agent $agent_root & ;;
     esac
 fi
 cmdline_mode "$cmdline"
@@ -52,7 +112,7 @@ case $mode in
         end_vm 127
         ;;
     cmd)
-        sh -c "$arg"
+        in_root sh -c "$arg"
         end_vm $?
         ;;
     error)
@@ -61,7 +121,11 @@ case $mode in
         ;;
     *)
         # A session leader with the console as its controlling terminal: job control, Ctrl-C.
-        setsid cttyhack sh -l
+        if [ "$root" = / ]; then
+            setsid cttyhack sh -l
+        else
+            setsid cttyhack chroot "$root" sh -l
+        fi
         reboot -f
         while :; do sleep 1000; done
         ;;

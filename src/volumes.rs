@@ -1,0 +1,150 @@
+//! `--volume HOST_DIR:GUEST_DIR[:ro]`: host directories shared live with the guest through
+//! virtio-fs, each served by its own `virtiofsd` (the Rust daemon from crates.io) over vhost-user.
+//!
+//! Ember starts one virtiofsd per volume on a socket in a private directory, attaches a virtio-fs
+//! device (tag `volN`) that hands its queues to it, and tells the default guest's init where to
+//! mount each tag (`ember.volumes=vol0=/src,vol1=/data:ro`). Guest RAM must then be a shared
+//! memfd mapping: virtiofsd maps it to reach the queues and the data buffers.
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+use crate::config::VolumeConfig;
+use crate::job::PrivateDir;
+
+/// Why the volumes could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum VolumeError {
+    #[error(
+        "virtiofsd is not installed (needed for --volume): install it with \
+         `cargo install virtiofsd --locked` (it needs libseccomp-dev and libcap-ng-dev), \
+         or run resources/install-deps.sh"
+    )]
+    NoVirtiofsd,
+    #[error("--volume {0}: not a directory")]
+    NotADirectory(PathBuf),
+    #[error("cannot make a private directory for the volumes' sockets")]
+    SocketDir(#[source] io::Error),
+    #[error("cannot start virtiofsd for {dir}")]
+    Spawn {
+        dir: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// A running virtiofsd for one volume.
+pub struct Volume {
+    /// The virtio-fs tag the guest mounts: `volN`.
+    pub tag: String,
+    /// virtiofsd's vhost-user socket.
+    pub socket: PathBuf,
+    pub config: VolumeConfig,
+    daemon: Child,
+}
+
+/// Every volume's daemon, and the directory their sockets live in; both go when dropped.
+pub struct Volumes {
+    pub volumes: Vec<Volume>,
+    _dir: PrivateDir,
+}
+
+impl Volumes {
+    /// Starts one virtiofsd per volume. They listen before this returns (the devices connect
+    /// with a short retry while they come up).
+    pub fn start(configs: &[VolumeConfig]) -> Result<Self, VolumeError> {
+        let virtiofsd = find_virtiofsd().ok_or(VolumeError::NoVirtiofsd)?;
+        let dir = PrivateDir::create().map_err(VolumeError::SocketDir)?;
+        // SAFETY: geteuid only reads the process's credentials.
+        let root = unsafe { libc::geteuid() } == 0;
+        let mut volumes = Volumes {
+            volumes: Vec::new(),
+            _dir: dir,
+        };
+        for (index, config) in configs.iter().enumerate() {
+            if !config.host.is_dir() {
+                return Err(VolumeError::NotADirectory(config.host.clone()));
+            }
+            let tag = format!("vol{index}");
+            let socket = volumes._dir.path().join(format!("{tag}.sock"));
+            let mut command = Command::new(&virtiofsd);
+            command
+                .arg("--socket-path")
+                .arg(&socket)
+                .arg("--shared-dir")
+                .arg(&config.host)
+                .args(["--cache", "auto"])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null());
+            if config.read_only {
+                command.arg("--readonly");
+            }
+            // Without root, virtiofsd's namespace sandbox cannot be set up; it then serves the
+            // directory with the caller's rights only.
+            if !root {
+                command.args(["--sandbox", "none"]);
+            }
+            let daemon = command.spawn().map_err(|source| VolumeError::Spawn {
+                dir: config.host.clone(),
+                source,
+            })?;
+            volumes.volumes.push(Volume {
+                tag,
+                socket,
+                config: config.clone(),
+                daemon,
+            });
+        }
+        Ok(volumes)
+    }
+
+    /// The kernel command-line option that tells the default guest's init where to mount them.
+    pub fn cmdline(&self) -> Option<String> {
+        if self.volumes.is_empty() {
+            return None;
+        }
+        let list: Vec<String> = self
+            .volumes
+            .iter()
+            .map(|v| {
+                let ro = if v.config.read_only { ":ro" } else { "" };
+                format!("{}={}{ro}", v.tag, v.config.guest)
+            })
+            .collect();
+        Some(format!("ember.volumes={}", list.join(",")))
+    }
+}
+
+impl Drop for Volumes {
+    fn drop(&mut self) {
+        for volume in &mut self.volumes {
+            // virtiofsd ends when its socket closes; make sure, and reap it.
+            let _ = volume.daemon.kill();
+            let _ = volume.daemon.wait();
+        }
+    }
+}
+
+/// virtiofsd on PATH, or where `cargo install` puts it.
+fn find_virtiofsd() -> Option<PathBuf> {
+    let on_path = std::env::var_os("PATH").and_then(|path| {
+        std::env::split_paths(&path)
+            .map(|dir| dir.join("virtiofsd"))
+            .find(|candidate| is_executable(candidate))
+    });
+    on_path.or_else(|| {
+        let cargo_home = std::env::var_os("CARGO_HOME")
+            .map(PathBuf::from)
+            .or_else(|| std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".cargo")))?;
+        let candidate = cargo_home.join("bin").join("virtiofsd");
+        is_executable(&candidate).then_some(candidate)
+    })
+}
+
+fn is_executable(path: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    path.metadata()
+        .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        .unwrap_or(false)
+}
