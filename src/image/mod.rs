@@ -1,17 +1,22 @@
 //! Guest root filesystems from images: `--image REF` turns a directory, a rootfs tarball or an
 //! OCI/Docker image into a read-only ext4 file, once.
 //!
-//! The pieces so far: [`unpack`] applies tar layers into a private staging directory
-//! (whiteouts, opaque directories, owners, device nodes, xattrs; nothing may land outside it),
-//! [`digest`] hashes what it reads.
+//! The pieces so far: [`ImageRef::detect`] says what a path holds (by content, not by name),
+//! [`unpack`] applies tar layers into a private staging directory (whiteouts, opaque
+//! directories, owners, device nodes, xattrs; nothing may land outside it), [`oci`] reads the
+//! OCI image layout, `oci-archive` and `docker-archive` forms and checks every blob's digest.
 //!
 //! Every failure is one [`ImageError`] that reads as one line; the caller exits 125 on it.
 
 pub mod digest;
+pub mod oci;
 pub mod unpack;
 
-use std::io::{self, BufReader, Read};
+use std::fs;
+use std::io::{self, BufReader, Read, Seek};
 use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
 
 /// What can go wrong between `--image REF` and an ext4 file.
 #[derive(Debug, thiserror::Error)]
@@ -118,5 +123,302 @@ impl Compression {
     }
 }
 
+/// What `--image REF` names, told by content.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ImageRef {
+    /// A directory holding a root filesystem.
+    Dir(PathBuf),
+    /// A tarball of a root filesystem (one layer).
+    Tarball {
+        path: PathBuf,
+        compression: Compression,
+    },
+    /// An OCI image layout directory (`oci-layout` + `index.json` + `blobs/`).
+    OciLayout(PathBuf),
+    /// A tar of an OCI image layout (`podman save --format oci-archive`; also `docker save`
+    /// from Docker 25 on, which writes both forms into one tar).
+    OciArchive(PathBuf),
+    /// `docker save` / `podman save`: a tar with `manifest.json` naming a config and layers.
+    DockerArchive(PathBuf),
+}
+
+/// Bytes read from a file's start to tell what it is: tar's magic sits at offset 257.
+const SNIFF_BYTES: usize = 512;
+
+impl ImageRef {
+    /// Tells what `path` holds.
+    pub fn detect(path: &Path) -> Result<ImageRef, ImageError> {
+        let meta = match fs::metadata(path) {
+            Ok(meta) => meta,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return Err(ImageError::NotFound {
+                    path: path.to_path_buf(),
+                })
+            }
+            Err(e) => return Err(ImageError::io("read", path, e)),
+        };
+        let not_an_image = |reason: &str| ImageError::NotAnImage {
+            path: path.to_path_buf(),
+            reason: reason.to_string(),
+        };
+        if meta.is_dir() {
+            if path.join("oci-layout").is_file() && path.join("index.json").is_file() {
+                return Ok(ImageRef::OciLayout(path.to_path_buf()));
+            }
+            return Ok(ImageRef::Dir(path.to_path_buf()));
+        }
+        if !meta.is_file() {
+            return Err(not_an_image("neither a directory nor a regular file"));
+        }
+        let mut file = fs::File::open(path).map_err(|e| ImageError::io("open", path, e))?;
+        let mut head = Vec::with_capacity(SNIFF_BYTES);
+        (&mut file)
+            .take(SNIFF_BYTES as u64)
+            .read_to_end(&mut head)
+            .map_err(|e| ImageError::io("read", path, e))?;
+        match Compression::sniff(&head) {
+            Compression::None => {}
+            compression => {
+                file.rewind().map_err(|e| ImageError::io("read", path, e))?;
+                return sniff_compressed_tarball(path, file, compression);
+            }
+        }
+        if head.starts_with(b"BZh") || head.starts_with(&[0xfd, b'7', b'z', b'X', b'Z', 0]) {
+            return Err(not_an_image(
+                "bzip2 and xz tarballs are not supported; recompress with gzip or zstd",
+            ));
+        }
+        if !is_tar_header(&head) {
+            return Err(not_an_image(
+                "not a directory, a tar archive (plain, gzip or zstd) or an OCI image",
+            ));
+        }
+        let names = oci::TarIndex::build(path)?;
+        if names.contains("oci-layout") && names.contains("index.json") {
+            Ok(ImageRef::OciArchive(path.to_path_buf()))
+        } else if names.contains("manifest.json") {
+            Ok(ImageRef::DockerArchive(path.to_path_buf()))
+        } else {
+            Ok(ImageRef::Tarball {
+                path: path.to_path_buf(),
+                compression: Compression::None,
+            })
+        }
+    }
+
+    /// The path the user named.
+    pub fn path(&self) -> &Path {
+        match self {
+            ImageRef::Dir(path)
+            | ImageRef::OciLayout(path)
+            | ImageRef::OciArchive(path)
+            | ImageRef::DockerArchive(path)
+            | ImageRef::Tarball { path, .. } => path,
+        }
+    }
+}
+
+/// A POSIX (`ustar`) or GNU tar header: its magic at offset 257.
+fn is_tar_header(head: &[u8]) -> bool {
+    head.len() >= 263 && &head[257..262] == b"ustar"
+}
+
+/// A compressed file is taken for a rootfs tarball if it holds a tar; one whose first entry is
+/// an image's metadata or blobs is a compressed `docker save`, which needs random access to its
+/// entries: say so rather than unpack its blobs as a root filesystem.
+fn sniff_compressed_tarball(
+    path: &Path,
+    file: fs::File,
+    compression: Compression,
+) -> Result<ImageRef, ImageError> {
+    let reader = compression
+        .decoder(BufReader::new(file))
+        .map_err(|e| ImageError::corrupt(path.display().to_string(), e))?;
+    let mut head = Vec::with_capacity(SNIFF_BYTES);
+    reader
+        .take(SNIFF_BYTES as u64)
+        .read_to_end(&mut head)
+        .map_err(|e| ImageError::corrupt(path.display().to_string(), e))?;
+    if !is_tar_header(&head) {
+        return Err(ImageError::NotAnImage {
+            path: path.to_path_buf(),
+            reason: "a compressed file that does not hold a tar archive".to_string(),
+        });
+    }
+    let name_end = head[..100].iter().position(|&b| b == 0).unwrap_or(100);
+    let first = String::from_utf8_lossy(&head[..name_end]);
+    let first = first.trim_start_matches("./");
+    let image_metadata = ["oci-layout", "index.json", "manifest.json", "repositories"];
+    if first.starts_with("blobs/") || image_metadata.contains(&first) || is_layer_dir(first) {
+        return Err(ImageError::NotAnImage {
+            path: path.to_path_buf(),
+            reason: "a compressed image archive; decompress it first".to_string(),
+        });
+    }
+    Ok(ImageRef::Tarball {
+        path: path.to_path_buf(),
+        compression,
+    })
+}
+
+/// Old `docker save` archives start with a directory named by a layer's 64-hex-digit ID.
+fn is_layer_dir(name: &str) -> bool {
+    let id = name.split('/').next().unwrap_or("");
+    id.len() == 64 && id.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+/// The parts of an image's config that say how to run it, as `docker run` reads them.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageConfig {
+    /// `Env`, in order, split at the first `=`.
+    pub env: Vec<(String, String)>,
+    pub working_dir: Option<String>,
+    /// `user`, `uid`, `user:group` or `uid:gid`, resolved in the guest as `docker run` does.
+    pub user: Option<String>,
+    pub entrypoint: Vec<String>,
+    pub cmd: Vec<String>,
+}
+
+impl ImageConfig {
+    /// The command `docker run IMAGE [ARGS…]` runs: the entrypoint followed by the user's
+    /// arguments, or by the image's `Cmd` when the user gave none. Empty when the image names
+    /// no command and the user gave none either.
+    pub fn command(&self, override_argv: &[String]) -> Vec<String> {
+        let args = if override_argv.is_empty() {
+            &self.cmd
+        } else {
+            override_argv
+        };
+        self.entrypoint.iter().chain(args).cloned().collect()
+    }
+}
+
 #[cfg(test)]
 mod test_support;
+
+#[cfg(test)]
+mod tests {
+    use super::test_support::*;
+    use super::*;
+
+    fn strings(items: &[&str]) -> Vec<String> {
+        items.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn command_combines_entrypoint_and_cmd_as_docker_run() {
+        let config = |entrypoint: &[&str], cmd: &[&str]| ImageConfig {
+            entrypoint: strings(entrypoint),
+            cmd: strings(cmd),
+            ..ImageConfig::default()
+        };
+        // Cmd alone, replaced by the user's arguments.
+        let only_cmd = config(&[], &["/bin/sh", "-c", "echo hi"]);
+        assert_eq!(
+            only_cmd.command(&[]),
+            strings(&["/bin/sh", "-c", "echo hi"])
+        );
+        assert_eq!(
+            only_cmd.command(&strings(&["ls", "/"])),
+            strings(&["ls", "/"])
+        );
+        // Entrypoint with Cmd as its default arguments, which the user's replace.
+        let both = config(&["/entry.sh"], &["--serve"]);
+        assert_eq!(both.command(&[]), strings(&["/entry.sh", "--serve"]));
+        assert_eq!(
+            both.command(&strings(&["--once"])),
+            strings(&["/entry.sh", "--once"])
+        );
+        // Entrypoint alone.
+        let only_entry = config(&["/bin/tool"], &[]);
+        assert_eq!(only_entry.command(&[]), strings(&["/bin/tool"]));
+        assert_eq!(
+            only_entry.command(&strings(&["-v"])),
+            strings(&["/bin/tool", "-v"])
+        );
+        // Neither: nothing to run unless the user says.
+        assert!(config(&[], &[]).command(&[]).is_empty());
+        assert_eq!(
+            config(&[], &[]).command(&strings(&["true"])),
+            strings(&["true"])
+        );
+    }
+
+    #[test]
+    fn detects_each_kind_by_content() {
+        let tmp = temp_dir();
+        let dir = tmp.as_path();
+        let tar = Layer::new().file("etc/hostname", b"ember").tar();
+        let plain = write(&dir.join("rootfs.img"), &tar);
+        let gz = write(&dir.join("rootfs"), &Layer::new().file("a", b"").gzip());
+        let zst = write(&dir.join("r.tar.zst"), &Layer::new().file("a", b"").zstd());
+        assert_eq!(
+            ImageRef::detect(&plain).unwrap(),
+            ImageRef::Tarball {
+                path: plain.clone(),
+                compression: Compression::None
+            }
+        );
+        assert_eq!(
+            ImageRef::detect(&gz).unwrap(),
+            ImageRef::Tarball {
+                path: gz.clone(),
+                compression: Compression::Gzip
+            }
+        );
+        assert_eq!(
+            ImageRef::detect(&zst).unwrap(),
+            ImageRef::Tarball {
+                path: zst.clone(),
+                compression: Compression::Zstd
+            }
+        );
+
+        let layout = dir.join("layout");
+        write_layout(
+            &layout,
+            &config_json(serde_json::json!({}), &[&tar]),
+            &[(tar.clone(), "")],
+        );
+        assert_eq!(
+            ImageRef::detect(&layout).unwrap(),
+            ImageRef::OciLayout(layout.clone())
+        );
+        let oci_archive = write(&dir.join("image.oci"), &tar_of_dir(&layout));
+        assert_eq!(
+            ImageRef::detect(&oci_archive).unwrap(),
+            ImageRef::OciArchive(oci_archive.clone())
+        );
+        let docker = write(
+            &dir.join("image.tar"),
+            &tar_of_files(&[("manifest.json", b"[]"), ("repositories", b"{}")]),
+        );
+        assert_eq!(
+            ImageRef::detect(&docker).unwrap(),
+            ImageRef::DockerArchive(docker.clone())
+        );
+        let rootfs = dir.join("rootfs-dir");
+        fs::create_dir(&rootfs).unwrap();
+        assert_eq!(
+            ImageRef::detect(&rootfs).unwrap(),
+            ImageRef::Dir(rootfs.clone())
+        );
+
+        assert!(matches!(
+            ImageRef::detect(&dir.join("missing")),
+            Err(ImageError::NotFound { .. })
+        ));
+        let junk = write(&dir.join("junk"), b"this is not an image at all");
+        assert!(matches!(
+            ImageRef::detect(&junk),
+            Err(ImageError::NotAnImage { .. })
+        ));
+        let mut gz_docker = Layer::new();
+        gz_docker.file("manifest.json", b"[]");
+        let gz_docker = write(&dir.join("saved.tar.gz"), &gz_docker.gzip());
+        assert!(matches!(
+            ImageRef::detect(&gz_docker),
+            Err(ImageError::NotAnImage { .. })
+        ));
+    }
+}

@@ -1,6 +1,8 @@
-//! Small tar layers built in the tests.
+//! Small tar layers, image layouts and archives built in the tests.
 
+use std::fs;
 use std::io::Write;
+use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 use tar::{EntryType, Header};
@@ -123,7 +125,84 @@ pub fn sha256(bytes: &[u8]) -> String {
     hex(&Sha256::digest(bytes))
 }
 
+/// An image config with these run settings and DiffIDs for these uncompressed layers.
+pub fn config_json(run: serde_json::Value, uncompressed_layers: &[&[u8]]) -> Vec<u8> {
+    let diff_ids: Vec<String> = uncompressed_layers
+        .iter()
+        .map(|layer| format!("sha256:{}", sha256(layer)))
+        .collect();
+    serde_json::to_vec(&serde_json::json!({
+        "architecture": "amd64",
+        "os": "linux",
+        "config": run,
+        "rootfs": { "type": "layers", "diff_ids": diff_ids },
+    }))
+    .unwrap()
+}
+
+/// Writes an OCI image layout into `dir`: `layers` as (blob, uncompressed tar) pairs. Returns
+/// the manifest's digest.
+pub fn write_layout(dir: &Path, config: &[u8], layers: &[(Vec<u8>, &str)]) -> String {
+    let blobs = dir.join("blobs/sha256");
+    fs::create_dir_all(&blobs).unwrap();
+    let put = |bytes: &[u8]| {
+        let digest = sha256(bytes);
+        fs::write(blobs.join(&digest), bytes).unwrap();
+        format!("sha256:{digest}")
+    };
+    let layer_descriptors: Vec<_> = layers
+        .iter()
+        .map(|(blob, media_type)| {
+            serde_json::json!({ "mediaType": media_type, "digest": put(blob), "size": blob.len() })
+        })
+        .collect();
+    let manifest = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {
+            "mediaType": "application/vnd.oci.image.config.v1+json",
+            "digest": put(config),
+            "size": config.len(),
+        },
+        "layers": layer_descriptors,
+    }))
+    .unwrap();
+    let manifest_digest = put(&manifest);
+    let index = serde_json::json!({
+        "schemaVersion": 2,
+        "manifests": [{
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "digest": manifest_digest,
+            "size": manifest.len(),
+        }],
+    });
+    fs::write(dir.join("index.json"), serde_json::to_vec(&index).unwrap()).unwrap();
+    fs::write(dir.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
+    manifest_digest
+}
+
+/// A tar of the files under `dir` (as `podman save` makes of a layout), names relative to it.
+pub fn tar_of_dir(dir: &Path) -> Vec<u8> {
+    let mut builder = tar::Builder::new(Vec::new());
+    builder.append_dir_all(".", dir).unwrap();
+    builder.into_inner().unwrap()
+}
+
+/// A tar of named in-memory files.
+pub fn tar_of_files(files: &[(&str, &[u8])]) -> Vec<u8> {
+    let mut layer = Layer::new();
+    for (name, content) in files {
+        layer.file(name, content);
+    }
+    layer.tar()
+}
+
 /// A fresh temporary directory.
 pub fn temp_dir() -> vmm_sys_util::tempdir::TempDir {
     vmm_sys_util::tempdir::TempDir::new_with_prefix("/tmp/ember-image-").unwrap()
+}
+
+pub fn write(path: &Path, bytes: &[u8]) -> PathBuf {
+    fs::write(path, bytes).unwrap();
+    path.to_path_buf()
 }
