@@ -534,6 +534,7 @@ fn parse_config(
 mod tests {
     use super::*;
     use crate::image::test_support::*;
+    use crate::image::{prepare, ImageRef};
 
     fn run_config() -> serde_json::Value {
         serde_json::json!({
@@ -560,6 +561,137 @@ mod tests {
         (lower, upper)
     }
 
+    fn check_image(ext4: &Path) {
+        assert_eq!(ext4_ls(ext4, "/etc"), Vec::<String>::new());
+        assert_eq!(ext4_ls(ext4, "/srv/data"), ["b"]);
+        assert_eq!(ext4_cat(ext4, "/bin/greet"), "#!/bin/sh");
+    }
+
+    fn expected_config() -> ImageConfig {
+        ImageConfig {
+            env: vec![
+                ("PATH".into(), "/usr/bin:/bin".into()),
+                ("GREETING".into(), "a=b".into()),
+            ],
+            working_dir: Some("/srv".into()),
+            user: Some("1000:1000".into()),
+            entrypoint: vec!["/bin/greet".into()],
+            cmd: vec!["--loud".into()],
+        }
+    }
+
+    fn gzip(tar: &[u8]) -> Vec<u8> {
+        let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        std::io::Write::write_all(&mut encoder, tar).unwrap();
+        encoder.finish().unwrap()
+    }
+
+    #[test]
+    fn an_oci_layout_and_its_archive_become_the_same_image() {
+        let tmp = temp_dir();
+        let (lower, upper) = two_layers();
+        let layout = tmp.as_path().join("layout");
+        let manifest = write_layout(
+            &layout,
+            &config_json(run_config(), &[&lower, &upper]),
+            &[
+                (gzip(&lower), "application/vnd.oci.image.layer.v1.tar+gzip"),
+                (upper.clone(), "application/vnd.oci.image.layer.v1.tar"),
+            ],
+        );
+        let cache = tmp.as_path().join("cache");
+        let prepared = prepare(&ImageRef::detect(&layout).unwrap(), &cache).unwrap();
+        assert_eq!(
+            prepared.key,
+            format!("oci-{}", manifest.trim_start_matches("sha256:"))
+        );
+        assert_eq!(prepared.config, expected_config());
+        check_image(&prepared.ext4);
+
+        let archive = write(&tmp.as_path().join("image.oci.tar"), &tar_of_dir(&layout));
+        let from_archive = prepare(&ImageRef::detect(&archive).unwrap(), &cache).unwrap();
+        assert!(from_archive.cached, "the same manifest is the same image");
+        assert_eq!(from_archive.ext4, prepared.ext4);
+        assert_eq!(from_archive.config, expected_config());
+
+        // Built afresh from the archive, too.
+        let other_cache = tmp.as_path().join("cache2");
+        let built = prepare(&ImageRef::detect(&archive).unwrap(), &other_cache).unwrap();
+        assert!(!built.cached);
+        check_image(&built.ext4);
+    }
+
+    #[test]
+    fn a_tampered_blob_is_a_digest_mismatch() {
+        let tmp = temp_dir();
+        let (lower, upper) = two_layers();
+        let layout = tmp.as_path().join("layout");
+        write_layout(
+            &layout,
+            &config_json(run_config(), &[&lower, &upper]),
+            &[(lower.clone(), ""), (upper.clone(), "")],
+        );
+        let upper_blob = layout.join("blobs/sha256").join(sha256(&upper));
+        let mut tampered = upper.clone();
+        tampered[600] ^= 1;
+        fs::write(&upper_blob, &tampered).unwrap();
+        let cache = tmp.as_path().join("cache");
+        match prepare(&ImageRef::detect(&layout).unwrap(), &cache) {
+            Err(ImageError::DigestMismatch { expected, .. }) => {
+                assert_eq!(expected, format!("sha256:{}", sha256(&upper)))
+            }
+            other => panic!("expected a digest mismatch, got {other:?}"),
+        }
+        assert_eq!(fs::read_dir(cache.join("images")).unwrap().count(), 0);
+
+        // A tampered index entry's manifest is caught before anything else is read.
+        let manifest_blob = fs::read_dir(layout.join("blobs/sha256"))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .find(|p| fs::read(p).unwrap().starts_with(b"{\"config\""))
+            .unwrap();
+        let mut manifest = fs::read(&manifest_blob).unwrap();
+        manifest.push(b' ');
+        fs::write(&manifest_blob, manifest).unwrap();
+        assert!(matches!(
+            prepare(&ImageRef::detect(&layout).unwrap(), &cache),
+            Err(ImageError::DigestMismatch { .. })
+        ));
+    }
+
+    #[test]
+    fn a_multi_platform_index_picks_linux_amd64() {
+        let tmp = temp_dir();
+        let layer = Layer::new().file("amd64", b"yes").tar();
+        let inner = tmp.as_path().join("inner");
+        let manifest = write_layout(
+            &inner,
+            &config_json(run_config(), &[&layer]),
+            &[(layer, "")],
+        );
+        let manifest_size = fs::read(inner.join("blobs/sha256").join(&manifest[7..]))
+            .unwrap()
+            .len();
+        let index = serde_json::json!({
+            "schemaVersion": 2,
+            "manifests": [
+                { "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                  "digest": format!("sha256:{}", "0".repeat(64)), "size": 1,
+                  "platform": { "architecture": "arm64", "os": "linux" } },
+                { "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                  "digest": manifest, "size": manifest_size,
+                  "platform": { "architecture": "amd64", "os": "linux" } },
+            ],
+        });
+        fs::write(
+            inner.join("index.json"),
+            serde_json::to_vec(&index).unwrap(),
+        )
+        .unwrap();
+        let prepared = prepare(&ImageRef::OciLayout(inner), &tmp.as_path().join("c")).unwrap();
+        assert_eq!(ext4_cat(&prepared.ext4, "/amd64"), "yes");
+    }
+
     /// A `docker save` archive in the classic layout: `<id>/layer.tar`, `<id>.json`.
     fn docker_archive(layers: &[&[u8]], diff_ids_of: &[&[u8]]) -> Vec<u8> {
         let config = config_json(run_config(), diff_ids_of);
@@ -580,6 +712,37 @@ mod tests {
         }
         files.push(("manifest.json", &manifest));
         tar_of_files(&files)
+    }
+
+    #[test]
+    fn a_docker_archive_becomes_an_image_and_its_diff_ids_are_checked() {
+        let tmp = temp_dir();
+        let (lower, upper) = two_layers();
+        let archive = write(
+            &tmp.as_path().join("saved.tar"),
+            &docker_archive(&[&lower, &upper], &[&lower, &upper]),
+        );
+        let image = ImageRef::detect(&archive).unwrap();
+        assert_eq!(image, ImageRef::DockerArchive(archive.clone()));
+        let prepared = prepare(&image, &tmp.as_path().join("cache")).unwrap();
+        assert!(prepared.key.starts_with("docker-"));
+        assert_eq!(prepared.config, expected_config());
+        check_image(&prepared.ext4);
+
+        // A layer that is not the one the config names. (A fresh cache: the image ID, which
+        // keys the cache, is the config's digest, so the cache holds the genuine image.)
+        let other = Layer::new().file("x", b"x").tar();
+        let swapped = write(
+            &tmp.as_path().join("swapped.tar"),
+            &docker_archive(&[&lower, &other], &[&lower, &upper]),
+        );
+        assert!(matches!(
+            prepare(
+                &ImageRef::detect(&swapped).unwrap(),
+                &tmp.as_path().join("cache2")
+            ),
+            Err(ImageError::DigestMismatch { .. })
+        ));
     }
 
     #[test]

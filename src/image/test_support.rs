@@ -1,8 +1,10 @@
-//! Small tar layers, image layouts and archives built in the tests.
+//! Small tar layers, image layouts and archives built in the tests, and a look inside ext4
+//! files through `debugfs`.
 
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::process::Command;
 
 use sha2::{Digest, Sha256};
 use tar::{EntryType, Header};
@@ -195,6 +197,53 @@ pub fn tar_of_files(files: &[(&str, &[u8])]) -> Vec<u8> {
         layer.file(name, content);
     }
     layer.tar()
+}
+
+/// Runs one debugfs request against an ext4 file.
+pub fn debugfs(image: &Path, request: &str) -> String {
+    let output = Command::new("debugfs")
+        .args(["-R", request])
+        .arg(image)
+        .output()
+        .expect("debugfs (e2fsprogs) is installed");
+    assert!(output.status.success(), "debugfs {request} failed");
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// `(mode, uid, gid)` of a path in an ext4 file, from `debugfs stat`.
+pub fn ext4_stat(image: &Path, path: &str) -> (u32, u32, u32) {
+    let out = debugfs(image, &format!("stat {path}"));
+    let field = |name: &str| -> String {
+        let at = out
+            .find(name)
+            .unwrap_or_else(|| panic!("no {name} for {path}: {out}"));
+        out[at + name.len()..]
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .to_string()
+    };
+    (
+        u32::from_str_radix(&field("Mode:"), 8).unwrap(),
+        field("User:").parse().unwrap(),
+        field("Group:").parse().unwrap(),
+    )
+}
+
+/// The names in a directory of an ext4 file, `.` and `..` left out.
+pub fn ext4_ls(image: &Path, dir: &str) -> Vec<String> {
+    let mut names: Vec<String> = debugfs(image, &format!("ls -p {dir}"))
+        .lines()
+        // `/inode/mode/uid/gid/name/size/`
+        .filter_map(|line| line.split('/').nth(5).map(str::to_string))
+        .filter(|name| name != "." && name != ".." && !name.is_empty())
+        .collect();
+    names.sort();
+    names
+}
+
+pub fn ext4_cat(image: &Path, path: &str) -> String {
+    debugfs(image, &format!("cat {path}"))
 }
 
 /// A fresh temporary directory.
