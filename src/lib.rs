@@ -14,6 +14,7 @@ pub mod console;
 pub mod console_output;
 pub mod device_manager;
 pub mod device_threads;
+pub mod image;
 pub mod irqchip;
 pub mod job;
 pub mod kvm;
