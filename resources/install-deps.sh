@@ -13,7 +13,14 @@ packages=(
     util-linux        # script(1), unshare, setpriv: terminal and /dev/kvm error tests
     e2fsprogs         # mkfs.ext4 for disk images
     iproute2          # network namespaces for network tests
+    libseccomp-dev libcap-ng-dev  # building virtiofsd (--volume)
 )
 
 . "$(dirname "$0")/lib/install-missing.sh"
 install_missing "${packages[@]}"
+
+# virtiofsd serves --volume directories; it comes from crates.io (a few minutes to build, once).
+if ! command -v virtiofsd >/dev/null && [ ! -x "${CARGO_HOME:-$HOME/.cargo}/bin/virtiofsd" ]; then
+    echo "[deps] installing virtiofsd (cargo install virtiofsd --locked)" >&2
+    cargo install --quiet virtiofsd --locked
+fi

@@ -128,6 +128,13 @@ pub struct RunArgs {
     /// Root filesystem image: the first disk, with root=/dev/vda rw on the command line
     #[arg(long, value_name = "FILE")]
     pub rootfs: Option<PathBuf>,
+    /// The guest's root: a directory, a rootfs tarball (.tar, .tar.gz, .tar.zst) or an OCI image
+    /// (layout directory, oci-archive, docker-archive), read-only below a writable layer
+    #[arg(long, value_name = "REF")]
+    pub image: Option<PathBuf>,
+    /// With --image: the writable layer on a sparse disk of SIZE (deleted at exit) instead of RAM
+    #[arg(long, value_name = "SIZE", value_parser = parse_memory_size, requires = "image")]
+    pub scratch: Option<u64>,
     /// Share a host directory with the guest over virtio-fs (repeatable): HOST_DIR:GUEST_DIR[:ro]
     #[arg(long = "volume", value_name = "HOST:GUEST[:ro]")]
     pub volumes: Vec<VolumeConfig>,

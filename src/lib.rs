@@ -20,6 +20,7 @@ pub mod job;
 pub mod kvm;
 pub mod main_loop;
 pub mod outcome;
+pub mod rootfs;
 pub mod terminal;
 pub mod vcpu;
 pub mod vmm;

@@ -7,6 +7,7 @@ use std::time::Instant;
 use clap::Parser;
 use ember::cli::{Cli, Command};
 use ember::outcome::{EXIT_SETUP_FAILED, EXIT_USAGE};
+use ember::rootfs::Rootfs;
 use ember::vmm;
 
 fn main() -> ExitCode {
@@ -36,14 +37,21 @@ fn main() -> ExitCode {
         Ok(job) => job,
         Err(e) => return fail(&e),
     };
-    let config = match args.into_config() {
+    let (image, scratch) = (args.image.clone(), args.scratch);
+    let mut config = match args.into_config() {
         Ok(config) => config,
         Err(e) => return fail(&e),
     };
+    // Kept until the VM is gone: the scratch disk goes with it.
+    let rootfs = match Rootfs::prepare(&mut config, image.as_deref(), scratch) {
+        Ok(rootfs) => rootfs,
+        Err(e) => return fail(&e),
+    };
     let result = match job {
-        Some(job) => vmm::run_job(&config, job, started),
+        Some(job) => vmm::run_job(&config, rootfs.apply(job), started),
         None => vmm::run(&config, started),
     };
+    drop(rootfs);
     match result {
         Ok(outcome) => {
             if outcome.is_clean() {
