@@ -1,6 +1,16 @@
 //! One exec connection: the handshake, then a poll loop that moves bytes between the host and
 //! the command until the command has exited and all its output is sent.
 //!
+//! The command's end is the job's end, as with `docker run`: there the command is PID 1 of the
+//! container's pid namespace, and when it exits the kernel SIGKILLs everything else in the
+//! namespace, so whatever it left running (a background job still holding stdout, say) cannot
+//! keep the container, or `docker run`, going. Here, once the command itself has exited, what it
+//! left in its process group is killed with SIGKILL, its output is read for at most
+//! [`EXIT_GRACE`] more (or until end-of-file, if sooner), and then the last frame goes out. What
+//! the command wrote before it exited sits in the pipes (or the pty), and all of it is still
+//! delivered, in order. A process that left the group (`setsid`) escapes the kill: it can hold
+//! the job open for the grace time at most, and then loses its stdout and stderr.
+//!
 //! Everything is non-blocking and bounded: output is read from the command only while less than
 //! [`OUT_HIGH`] bytes wait for the host, and the host's socket is read only while less than
 //! [`STDIN_HIGH`] bytes wait for the command's stdin. A host that stops reading therefore stalls
@@ -11,6 +21,7 @@ use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::process::ExitStatusExt;
 use std::process::ExitStatus;
+use std::time::{Duration, Instant};
 
 use ember_agent::wire::{
     self, Decoder, ExecRequest, FailureKind, Message, WireError, MAX_CHUNK, VERSION,
@@ -25,6 +36,12 @@ const OUT_HIGH: usize = 256 << 10;
 const STDIN_HIGH: usize = 256 << 10;
 /// How often to check on the command without a pidfd (kernels before 5.3).
 const WAIT_POLL_MS: libc::c_int = 20;
+/// How long output is still read after the command exits, while something it started keeps a
+/// stream open: then whatever the stream holds is taken and it is closed.
+const EXIT_GRACE: Duration = Duration::from_secs(2);
+/// How much the final read of a stream takes at least, when it cannot tell its capacity (a
+/// pty's buffers are far smaller; a pipe says how much it holds): everything it holds.
+const DRAIN_FALLBACK: usize = 1 << 20;
 
 /// Serves one connection to its end. Never panics on anything the host sends.
 pub fn serve(id: u64, mut sock: Stream) {
@@ -138,7 +155,7 @@ fn describe(status: Option<Outcome>) -> String {
 #[derive(Clone, Copy, Debug)]
 enum Outcome {
     Status(ExitStatus),
-    /// waitpid failed (only if something else reaped our child, which the agent never does):
+    /// waitid failed (only if something else reaped our child, which the agent never does):
     /// reported as exit status 255 rather than hanging.
     Lost,
 }
@@ -200,6 +217,8 @@ struct Session {
     /// Readable when the command exits (Linux 5.3+); without it, the loop polls on a timer.
     pidfd: Option<OwnedFd>,
     status: Option<Outcome>,
+    /// Once the command has exited: when to stop waiting for its output to end.
+    grace_end: Option<Instant>,
     final_queued: bool,
     stdout: Option<OwnedFd>,
     stderr: Option<OwnedFd>,
@@ -226,6 +245,7 @@ impl Session {
             child: spawned.child,
             pid,
             status: None,
+            grace_end: None,
             final_queued: false,
             stdout: spawned.stdout,
             stderr: spawned.stderr,
@@ -245,6 +265,9 @@ impl Session {
             .map_err(|e| format!("socket: {e}"))?;
         let mut buf = vec![0u8; MAX_CHUNK];
         loop {
+            if self.grace_end.is_some_and(|end| Instant::now() >= end) && self.output_open() {
+                self.drain_output(&mut buf);
+            }
             if !self.final_queued
                 && self.status.is_some()
                 && self.stdout.is_none()
@@ -300,10 +323,14 @@ impl Session {
             if self.status.is_none() {
                 fds[PID] = pollfd(raw(&self.pidfd), libc::POLLIN);
             }
-            let timeout = if self.status.is_none() && self.pidfd.is_none() {
-                WAIT_POLL_MS
-            } else {
-                -1
+            let timeout = match self.grace_end {
+                None if self.pidfd.is_none() => WAIT_POLL_MS,
+                None => -1,
+                Some(end) if self.output_open() => {
+                    let left = end.saturating_duration_since(Instant::now());
+                    left.as_nanos().div_ceil(1_000_000) as libc::c_int
+                }
+                Some(_) => -1,
             };
             // SAFETY: `fds` is a valid array of `fds.len()` pollfds for the duration of the call.
             let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout) };
@@ -346,7 +373,7 @@ impl Session {
                 self.write_stdin();
             }
             if self.status.is_none() && (self.pidfd.is_none() || fds[PID].revents != 0) {
-                self.try_reap();
+                self.check_exit();
             }
         }
     }
@@ -448,19 +475,69 @@ impl Session {
         }
     }
 
-    fn try_reap(&mut self) {
-        match self.child.try_wait() {
-            Ok(Some(status)) => {
-                self.status = Some(Outcome::Status(status));
-                self.pidfd = None;
+    /// If the command has exited: kills what is left of its process group, reaps it, and starts
+    /// the grace time for its output.
+    fn check_exit(&mut self) {
+        let status = match exited(self.pid) {
+            Ok(false) => return,
+            Ok(true) => {
+                // The command is a zombie until reaped, and still in its group, so the group's
+                // id is still its pid and names nothing else: kill the group first. (As a session
+                // leader the command cannot have moved to another group.)
+                if let Err(e) = spawn::kill_group(self.pid, libc::SIGKILL, false) {
+                    log!(
+                        "[{}] killing what is left of group {}: {e}",
+                        self.id,
+                        self.pid
+                    );
+                }
+                match self.child.wait() {
+                    Ok(status) => Outcome::Status(status),
+                    Err(e) => {
+                        log!("[{}] reaping pid {}: {e}", self.id, self.pid);
+                        Outcome::Lost
+                    }
+                }
             }
-            Ok(None) => {}
             Err(e) => {
                 log!("[{}] waiting for pid {}: {e}", self.id, self.pid);
-                self.status = Some(Outcome::Lost);
-                self.pidfd = None;
+                Outcome::Lost
             }
-        }
+        };
+        self.status = Some(status);
+        self.pidfd = None;
+        self.grace_end = Some(Instant::now() + EXIT_GRACE);
+    }
+
+    fn output_open(&self) -> bool {
+        self.stdout.is_some() || self.stderr.is_some()
+    }
+
+    /// The grace time is over and some stream is still open, held by a process that left the
+    /// command's group: takes what the streams hold now (all the command wrote is in there) and
+    /// closes them, whatever the host's queue holds already.
+    fn drain_output(&mut self, buf: &mut [u8]) {
+        log!(
+            "[{}] output still open {} s after pid {} ended (held by a process that left its \
+             group?): closing it",
+            self.id,
+            EXIT_GRACE.as_secs(),
+            self.pid
+        );
+        drain(
+            self.id,
+            &mut self.stdout,
+            &mut self.out,
+            buf,
+            Message::Stdout,
+        );
+        drain(
+            self.id,
+            &mut self.stderr,
+            &mut self.out,
+            buf,
+            Message::Stderr,
+        );
     }
 
     /// The host is gone or broke the protocol: nobody will see the command's output, so it and
@@ -480,9 +557,44 @@ impl Session {
     }
 }
 
-/// Reads one chunk of a command's output into the host's queue; end-of-file (or, on a pty, EIO
-/// once every holder of the slave has closed it) closes the stream.
+/// Reads one chunk of a command's output into the host's queue, returning its length (0 when
+/// there was nothing to read); end-of-file (or, on a pty, EIO once every holder of the slave has
+/// closed it) closes the stream.
 fn read_output(
+    id: u64,
+    fd: &mut Option<OwnedFd>,
+    out: &mut Queue,
+    buf: &mut [u8],
+    make: fn(Vec<u8>) -> Message,
+) -> usize {
+    let Some(raw) = fd.as_ref().map(AsRawFd::as_raw_fd) else {
+        return 0;
+    };
+    // SAFETY: `buf` is valid for writes of its length, at most MAX_CHUNK; the fd is ours.
+    let n = unsafe { libc::read(raw, buf.as_mut_ptr().cast(), buf.len().min(MAX_CHUNK)) };
+    if n > 0 {
+        out.push_message(&make(buf[..n as usize].to_vec()));
+        return n as usize;
+    }
+    if n < 0 {
+        let e = io::Error::last_os_error();
+        if is_transient(&e) {
+            return 0;
+        }
+        // EIO is how a pty master says "the other side is closed"; anything else is treated
+        // the same way, so a broken stream cannot keep the loop spinning.
+        if e.raw_os_error() != Some(libc::EIO) {
+            log!("[{id}] reading output: {e}");
+        }
+    }
+    *fd = None;
+    0
+}
+
+/// Reads a stream until it is empty or a whole capacity's worth has been read, whichever comes
+/// first, then closes it. Either way everything it held when called is taken, however fast
+/// someone still writes to it, and the host's queue grows by about one capacity at most.
+fn drain(
     id: u64,
     fd: &mut Option<OwnedFd>,
     out: &mut Queue,
@@ -492,21 +604,17 @@ fn read_output(
     let Some(raw) = fd.as_ref().map(AsRawFd::as_raw_fd) else {
         return;
     };
-    // SAFETY: `buf` is valid for writes of its length, at most MAX_CHUNK; the fd is ours.
-    let n = unsafe { libc::read(raw, buf.as_mut_ptr().cast(), buf.len().min(MAX_CHUNK)) };
-    if n > 0 {
-        out.push_message(&make(buf[..n as usize].to_vec()));
-        return;
-    }
-    if n < 0 {
-        let e = io::Error::last_os_error();
-        if is_transient(&e) {
-            return;
-        }
-        // EIO is how a pty master says "the other side is closed"; anything else is treated
-        // the same way, so a broken stream cannot keep the loop spinning.
-        if e.raw_os_error() != Some(libc::EIO) {
-            log!("[{id}] reading output: {e}");
+    // SAFETY: F_GETPIPE_SZ takes no argument and returns the pipe's capacity, or -1 (EBADF) for
+    // anything but a pipe; the fd is ours.
+    let capacity = match unsafe { libc::fcntl(raw, libc::F_GETPIPE_SZ) } {
+        n if n > 0 => n as usize,
+        _ => DRAIN_FALLBACK,
+    };
+    let mut taken = 0;
+    while taken < capacity {
+        match read_output(id, fd, out, buf, make) {
+            0 => break,
+            n => taken += n,
         }
     }
     *fd = None;
@@ -540,6 +648,35 @@ fn raw(fd: &Option<OwnedFd>) -> RawFd {
     fd.as_ref().map_or(-1, AsRawFd::as_raw_fd)
 }
 
+/// Whether our child `pid` has exited, leaving it unreaped (a zombie, so its pid and process
+/// group id stay taken until it is reaped).
+fn exited(pid: i32) -> io::Result<bool> {
+    // SAFETY: siginfo_t is plain old data, for which all-zero bytes are valid.
+    let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+    loop {
+        // SAFETY: waitid writes at most one siginfo_t into `info`. WNOWAIT leaves the child
+        // waitable, WNOHANG returns at once; the pid is our own unreaped child.
+        let r = unsafe {
+            libc::waitid(
+                libc::P_PID,
+                pid as libc::id_t,
+                &mut info,
+                libc::WEXITED | libc::WNOHANG | libc::WNOWAIT,
+            )
+        };
+        if r == 0 {
+            break;
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+    // SAFETY: waitid either filled `info` in for an exited child, whose si_pid is set, or (with
+    // WNOHANG and nothing to report) left it as it was: zeroed, so si_pid reads 0.
+    Ok(unsafe { info.si_pid() } != 0)
+}
+
 /// A pidfd for the child, so the loop sleeps until it exits instead of polling; `None` on
 /// kernels without pidfd_open (before 5.3).
 fn pidfd_open(pid: i32) -> Option<OwnedFd> {
@@ -551,4 +688,69 @@ fn pidfd_open(pid: i32) -> Option<OwnedFd> {
     }
     // SAFETY: the syscall just returned this fd (it fits in an int), owned by nobody else.
     Some(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pipe() -> (OwnedFd, OwnedFd) {
+        let mut fds = [0; 2];
+        // SAFETY: pipe2 writes two fds into `fds`, which has room for them.
+        let r = unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC | libc::O_NONBLOCK) };
+        assert_eq!(r, 0, "{}", io::Error::last_os_error());
+        // SAFETY: pipe2 just returned these fds, owned by nobody else.
+        unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) }
+    }
+
+    /// The bytes of every Stdout frame in `out`, in order.
+    fn stdout_of(out: &Queue) -> Vec<u8> {
+        let mut decoder = Decoder::new();
+        decoder.push(out.bytes());
+        let mut data = Vec::new();
+        while let Some(message) = decoder.next().unwrap() {
+            match message {
+                Message::Stdout(chunk) => data.extend(chunk),
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        data
+    }
+
+    #[test]
+    fn drain_takes_a_full_pipe_even_with_a_writer_still_at_it() {
+        let (reader, writer) = pipe();
+        // Fill the pipe to capacity with a pattern.
+        let mut held = Vec::new();
+        let mut i = 0u32;
+        loop {
+            let chunk: Vec<u8> = (0..4096)
+                .map(|j| (i * 4096 + j) as u8 ^ (i as u8))
+                .collect();
+            match write_fd(writer.as_raw_fd(), &chunk) {
+                Ok(n) => held.extend_from_slice(&chunk[..n]),
+                Err(e) if is_transient(&e) => break,
+                Err(e) => panic!("{e}"),
+            }
+            i += 1;
+        }
+        // Then someone keeps writing as fast as the pipe takes it, until it is closed.
+        let writer = std::thread::spawn(move || loop {
+            if let Err(e) = write_fd(writer.as_raw_fd(), &[b'x'; 4096]) {
+                if !is_transient(&e) {
+                    return;
+                }
+            }
+        });
+        let mut fd = Some(reader);
+        let mut out = Queue::default();
+        let mut buf = vec![0u8; MAX_CHUNK];
+        drain(0, &mut fd, &mut out, &mut buf, Message::Stdout);
+        assert!(fd.is_none(), "closed");
+        let data = stdout_of(&out);
+        assert!(data.starts_with(&held), "what the pipe held comes first");
+        assert!(data[held.len()..].iter().all(|&b| b == b'x'));
+        // The reader is closed: the writer gets EPIPE (SIGPIPE is ignored in Rust programs).
+        writer.join().unwrap();
+    }
 }

@@ -31,6 +31,11 @@
 //! agent -> host   Stdout*, Stderr*, then Exited | Signaled (the last frame, then the agent closes)
 //! ```
 //!
+//! The command's exit ends the conversation, as with `docker run`: the agent then kills what the
+//! command left running in its process group, sends the output still buffered (reading it for
+//! 2 s at most, so a process that escaped the group cannot hold the connection open), and sends
+//! the last frame.
+//!
 //! The host keeps its side open until it has the last frame: the agent takes end-of-file (or any
 //! error) on the connection as the host having gone away, and kills the command's process group.
 //! A malformed frame closes that connection (and kills its command) and nothing else.

@@ -382,7 +382,7 @@ fn signal_kills_the_command() {
 fn signal_reaches_the_whole_process_group() {
     let agent = Agent::start();
     let mut conn = agent.connect();
-    // A background child holding stdout: the command is not done until it is gone too.
+    // A background child the command waits for.
     conn.send(&Message::Exec(sh("sleep 100 & echo started; wait")));
     let pid = conn.started();
     let mut out = Outcome::default();
@@ -397,6 +397,108 @@ fn signal_reaches_the_whole_process_group() {
     );
     // The background sleep got it too (it may linger a moment as a zombie of init).
     wait_until("the group dies", || !group_alive(pid));
+}
+
+#[test]
+fn the_command_s_end_ends_the_job() {
+    // As with `docker run`: the background sleep still holds stdout, but the command's exit
+    // ends the job, and what the command left in its process group is killed.
+    let agent = Agent::start();
+    let mut conn = agent.connect();
+    let started = Instant::now();
+    conn.send(&Message::Exec(sh("echo hi; sleep 100 & exit 3")));
+    let out = conn.collect();
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(out.stdout(), "hi\n");
+    assert_eq!(out.last, Some(Message::Exited { code: 3 }));
+    wait_until("the background sleep dies", || {
+        !group_alive(out.pid.unwrap())
+    });
+
+    // The same on a tty, where the background job holds the pty's slave.
+    let mut req = sh("echo hi; sleep 100 & exit 3");
+    req.tty = Some(WinSize { rows: 24, cols: 80 });
+    let started = Instant::now();
+    let out = agent.run(req);
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(out.stdout(), "hi\r\n");
+    assert_eq!(out.last, Some(Message::Exited { code: 3 }));
+    wait_until("the background sleep dies", || {
+        !group_alive(out.pid.unwrap())
+    });
+}
+
+/// Kills a process that escaped the agent's kill, when the test is done with it.
+struct KillOnDrop(Option<i32>);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Some(pid) = self.0 {
+            // SAFETY: plain syscall on a pid this test started (through the agent).
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+    }
+}
+
+fn escaped_pid(out: &Outcome) -> i32 {
+    let line = out.stdout();
+    line.trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("expected a pid, got {line:?}"))
+}
+
+#[test]
+fn a_process_that_left_the_group_cannot_hold_the_job_open() {
+    // It prints its pid, then keeps stdout open for a long time, out of reach of the group's
+    // SIGKILL: the job still ends a grace time after the command does.
+    const ESCAPE: &str = "setsid sh -c 'echo $$; exec sleep 1000' &";
+    let agent = Agent::start();
+    let started = Instant::now();
+    let out = agent.run(sh(&format!("{ESCAPE} exec sleep 0.2")));
+    let escaped = KillOnDrop(Some(escaped_pid(&out)));
+    assert!(
+        started.elapsed() < Duration::from_secs(8),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(out.last, Some(Message::Exited { code: 0 }));
+    // SAFETY: signal 0 only checks for existence; nothing is delivered.
+    let alive = unsafe { libc::kill(escaped.0.unwrap(), 0) } == 0;
+    assert!(
+        alive,
+        "the process left the group, so the group's kill missed it"
+    );
+    drop(escaped);
+
+    // The same when the host kills the command's group.
+    let mut conn = agent.connect();
+    conn.send(&Message::Exec(sh(&format!("{ESCAPE} wait"))));
+    conn.started();
+    let mut out = Outcome::default();
+    conn.output_until(&mut out, "\n");
+    let _escaped = KillOnDrop(Some(escaped_pid(&out)));
+    let killed = Instant::now();
+    conn.send(&Message::Signal(libc::SIGKILL));
+    conn.collect_into(&mut out);
+    assert!(
+        killed.elapsed() < Duration::from_secs(8),
+        "{:?}",
+        killed.elapsed()
+    );
+    assert_eq!(
+        out.last,
+        Some(Message::Signaled {
+            signal: libc::SIGKILL
+        })
+    );
 }
 
 #[test]
