@@ -85,7 +85,8 @@ pub(super) struct Muxer {
     /// Streams in `endpoints` still sending their CONNECT line.
     awaiting: usize,
     connections: HashMap<ConnKey, Live>,
-    /// Connections that may have a packet for the guest, each at most once, in turn.
+    /// Connections that may have a packet for the guest, each at most once, in turn: only live
+    /// ones, so never more than [`MAX_CONNECTIONS`].
     ready: VecDeque<ConnKey>,
     /// RSTs for guest packets that match no connection.
     rsts: VecDeque<VsockHeader>,
@@ -433,6 +434,15 @@ impl Muxer {
 
     fn remove(&mut self, key: ConnKey) {
         if let Some(live) = self.connections.remove(&key) {
+            if live.connection.scheduled {
+                // Its place in line goes with it: otherwise a guest that takes no packets and
+                // keeps opening and resetting connections grows the queue without end, and a
+                // later connection with the same key would be in line twice. The queue holds
+                // at most one key per connection, so the search is bounded.
+                if let Some(at) = self.ready.iter().position(|&queued| queued == key) {
+                    self.ready.remove(at);
+                }
+            }
             // Its stream, if still open, closes here and leaves the epoll set with it.
             self.endpoints.remove(&live.token);
             if live.host_initiated {
@@ -1068,6 +1078,45 @@ mod tests {
         assert!(got == expected, "the data arrived intact");
         assert_eq!(driver.vsock.muxer.most_buffered(), 0);
         assert_eq!(guest.credit(), BUF_ALLOC, "all the credit came back");
+    }
+
+    #[test]
+    fn closed_connections_leave_the_ready_queue() {
+        let mem = memory();
+        let mut driver = Driver::new(&mem);
+        let listener = UnixListener::bind(port_path(&driver.socket_path(), 6002)).unwrap();
+        listener.set_nonblocking(true).unwrap();
+        // A guest that posts no receive buffers: every RESPONSE it is owed waits in the queue.
+        // It resets each connection before taking the answer, and opens the next.
+        for i in 0..20_000u32 {
+            let mut guest = GuestSocket::new(10_000 + i % 3, 6002);
+            let request = guest.header(Op::Request, 0);
+            driver.send(&request, &[]);
+            assert_eq!(driver.vsock.muxer.connection_count(), 1);
+            // The host program takes the stream, so the listener's backlog never fills.
+            drop(listener.accept().unwrap());
+            let rst = guest.header(Op::Rst, 0);
+            driver.send(&rst, &[]);
+            assert_eq!(driver.vsock.muxer.connection_count(), 0);
+            assert!(
+                driver.vsock.muxer.queued_connections() <= driver.vsock.muxer.connection_count(),
+                "{} queued after {} cycles",
+                driver.vsock.muxer.queued_connections(),
+                i + 1
+            );
+        }
+        assert!(!driver.vsock.muxer.has_packet_for_guest());
+        // The queue still works: a live connection gets its RESPONSE once buffers come.
+        let mut guest = GuestSocket::new(9000, 6002);
+        let request = guest.header(Op::Request, 0);
+        driver.send(&request, &[]);
+        assert_eq!(driver.vsock.muxer.queued_connections(), 1);
+        driver.post_rx(4);
+        let packets = driver.kick_rx();
+        assert_eq!(packets.len(), 1, "{packets:?}");
+        assert_eq!(packets[0].0.op, Op::Response as u16);
+        assert_eq!(packets[0].0.dst_port, 9000);
+        assert_eq!(driver.vsock.muxer.queued_connections(), 0);
     }
 
     #[test]
