@@ -874,6 +874,48 @@ mod tests {
     }
 
     #[test]
+    fn a_host_program_that_closes_before_the_response_still_delivers_its_data() {
+        let mem = memory();
+        let mut driver = Driver::new(&mem);
+        driver.post_rx(64);
+        // The program says all it has to say, and goes, before the guest has even answered:
+        // there is nobody to read `OK <port>` any more.
+        let data = pattern(10 * 1024, 7);
+        let mut host = UnixStream::connect(driver.socket_path()).unwrap();
+        host.write_all(b"CONNECT 52\n").unwrap();
+        host.write_all(&data).unwrap();
+        drop(host);
+        let packets = driver.pump();
+        assert_eq!(packets.len(), 1, "{packets:?}");
+        let mut guest = accept_in_guest(&mut driver, &packets[0].0);
+        let mut packets = driver.received();
+        for _ in 0..10 {
+            packets.extend(driver.pump());
+        }
+        let mut got = Vec::new();
+        let mut shutdowns = Vec::new();
+        for (header, payload) in packets {
+            guest.learn(&header);
+            match Op::from_test(header.op) {
+                Op::Rw => {
+                    assert!(shutdowns.is_empty(), "data after SHUTDOWN");
+                    got.extend(payload);
+                }
+                Op::Shutdown => shutdowns.push(header.flags),
+                op => panic!("{op:?} instead of the data and a SHUTDOWN"),
+            }
+        }
+        assert_eq!(got.len(), data.len());
+        assert!(got == data, "the data arrived intact");
+        assert_eq!(shutdowns, [SHUTDOWN_BOTH]);
+        // The guest closes its end: nothing is left.
+        let rst = guest.header(Op::Rst, 0);
+        driver.send(&rst, &[]);
+        assert!(driver.received().is_empty());
+        assert_eq!(driver.vsock.muxer.connection_count(), 0);
+    }
+
+    #[test]
     fn bad_connect_lines_close_the_stream() {
         let mem = memory();
         let mut driver = Driver::new(&mem);
