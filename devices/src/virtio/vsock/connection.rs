@@ -80,7 +80,8 @@ pub(super) struct Connection {
     credit_requested: bool,
     /// The stream may have data (or EOF) to read: set on a readiness edge, cleared on WouldBlock.
     host_readable: bool,
-    /// The host peer closed its socket entirely (EPOLLHUP), not only its writing half.
+    /// The host peer takes no more data: it closed its socket entirely (EPOLLHUP), not only its
+    /// writing half, or writing it the OK line failed with EPIPE.
     host_hung_up: bool,
     /// The stream reached EOF: the host will send no more.
     host_eof: bool,
@@ -292,12 +293,32 @@ impl Connection {
     fn flush(&mut self) {
         if !self.greeting.is_empty() {
             let greeting = std::mem::take(&mut self.greeting);
-            let Some(written) = self.write_some(&greeting) else {
+            let Some(stream) = self.stream.as_mut() else {
                 return;
             };
-            self.greeting = greeting[written..].to_vec();
-            if !self.greeting.is_empty() {
-                return;
+            match write_nonblocking(stream, &greeting) {
+                Ok(written) => {
+                    self.greeting = greeting[written..].to_vec();
+                    if !self.greeting.is_empty() {
+                        return;
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::BrokenPipe => {
+                    // The program went (or shut its reading half) before the guest answered:
+                    // nobody reads the OK line, but what it wrote before going is still in the
+                    // stream and is the guest's. The line is dropped, the data is read as
+                    // usual, and EOF ends the connection with SHUTDOWN of both directions,
+                    // the host taking nothing more.
+                    log::debug!(
+                        "vsock: host stream of port {} closed before its OK line",
+                        self.local_port
+                    );
+                    self.host_hung_up = true;
+                }
+                Err(e) => {
+                    self.written_or_reset(Err(e));
+                    return;
+                }
             }
         }
         while !self.pending.is_empty() {
@@ -700,6 +721,30 @@ mod tests {
         connection.on_guest_packet(&response, &[]);
         let (rst, _) = connection.next_packet(&mut payload).unwrap();
         assert_eq!(rst.op, Op::Rst as u16);
+    }
+
+    #[test]
+    fn a_host_peer_gone_before_the_response_still_delivers_its_data() {
+        let (ours, mut host) = UnixStream::pair().unwrap();
+        ours.set_nonblocking(true).unwrap();
+        let mut connection = Connection::host_initiated(ours, GUEST_CID, 1 << 30, 52);
+        let mut payload = vec![0; 4096];
+        let (request, _) = connection.next_packet(&mut payload).unwrap();
+        assert_eq!(request.op, Op::Request as u16);
+        host.write_all(b"last words").unwrap();
+        drop(host);
+        // No epoll event told us: writing the OK line is what finds the peer gone.
+        let mut response = guest_header(Op::Response, 0, 4096, 0);
+        response.header.src_port = 52;
+        response.header.dst_port = 1 << 30;
+        connection.on_guest_packet(&response, &[]);
+        let (data, len) = connection.next_packet(&mut payload).unwrap();
+        assert_eq!(data.op, Op::Rw as u16);
+        assert_eq!(&payload[..len], b"last words");
+        let (shutdown, _) = connection.next_packet(&mut payload).unwrap();
+        assert_eq!(shutdown.op, Op::Shutdown as u16);
+        assert_eq!(shutdown.flags, SHUTDOWN_BOTH);
+        assert!(connection.next_packet(&mut payload).is_none());
     }
 
     #[test]

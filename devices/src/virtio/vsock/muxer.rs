@@ -17,6 +17,12 @@
 //! in it once; and a queue of RSTs for packets that match no connection, of at most
 //! [`RST_QUEUE_LEN`]: while it is full the device takes no more transmit chains, so a flood of
 //! REQUESTs waits in the guest's own ring until the guest takes the answers.
+//!
+//! Local programs that connect and say nothing cannot take the streams' places either: at most
+//! [`MAX_AWAITING`] streams wait for their CONNECT line, a newcomer closing the oldest when
+//! they are that many (or when all the places are taken), and one still without its line
+//! [`CONNECT_DEADLINE`] after it connected is closed at the next host event or queue
+//! notification (the device has no timer of its own).
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::ffi::OsString;
@@ -25,6 +31,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
@@ -36,6 +43,10 @@ use super::VsockError;
 pub(super) const MAX_CONNECTIONS: usize = 1024;
 /// The most RSTs waiting for the guest's receive buffers; the transmit queue waits while full.
 pub(super) const RST_QUEUE_LEN: usize = 256;
+/// The most streams still sending their CONNECT line; a new one closes the oldest.
+pub(super) const MAX_AWAITING: usize = 64;
+/// How long a stream has to send its whole CONNECT line (18 bytes at most) after connecting.
+pub(super) const CONNECT_DEADLINE: Duration = Duration::from_secs(5);
 /// `CONNECT 4294967295` is 18 bytes: a longer line is not a CONNECT line.
 const MAX_CONNECT_LINE: usize = 32;
 /// Host ports for host-initiated connections are allocated from here up, as in Firecracker, far
@@ -82,10 +93,12 @@ pub(super) struct Muxer {
     epoll: Epoll,
     endpoints: HashMap<u64, Endpoint>,
     next_token: u64,
-    /// Streams in `endpoints` still sending their CONNECT line.
-    awaiting: usize,
+    /// The tokens of the streams in `endpoints` still sending their CONNECT line, oldest first,
+    /// with when each connected: at most [`MAX_AWAITING`].
+    awaiting: VecDeque<(u64, Instant)>,
     connections: HashMap<ConnKey, Live>,
-    /// Connections that may have a packet for the guest, each at most once, in turn.
+    /// Connections that may have a packet for the guest, each at most once, in turn: only live
+    /// ones, so never more than [`MAX_CONNECTIONS`].
     ready: VecDeque<ConnKey>,
     /// RSTs for guest packets that match no connection.
     rsts: VecDeque<VsockHeader>,
@@ -117,7 +130,7 @@ impl Muxer {
             epoll,
             endpoints: HashMap::from([(LISTENER_TOKEN, Endpoint::Listener)]),
             next_token: LISTENER_TOKEN + 1,
-            awaiting: 0,
+            awaiting: VecDeque::new(),
             connections: HashMap::new(),
             ready: VecDeque::new(),
             rsts: VecDeque::new(),
@@ -160,6 +173,7 @@ impl Muxer {
     /// Handles everything the host sockets have to report, until epoll has nothing more: the
     /// set is edge-triggered, and so is the device's watch on it.
     pub(super) fn handle_host_events(&mut self) {
+        self.expire_awaiting(Instant::now());
         let mut events = [EpollEvent::default(); EVENT_BATCH];
         loop {
             let count = match self.epoll.wait(0, &mut events) {
@@ -210,9 +224,16 @@ impl Muxer {
                     return;
                 }
             };
-            if self.stream_count() >= MAX_CONNECTIONS {
-                log::debug!("vsock: {MAX_CONNECTIONS} connections already; closing a new one");
-                continue;
+            if self.awaiting.len() >= MAX_AWAITING || self.stream_count() >= MAX_CONNECTIONS {
+                // A program that has not sent its line yet is the one to go: otherwise enough
+                // idle ones would lock every other out. Real ones send it at once.
+                if let Some((token, _)) = self.awaiting.pop_front() {
+                    log::debug!("vsock: too many streams; closing the oldest without CONNECT");
+                    self.endpoints.remove(&token);
+                } else {
+                    log::debug!("vsock: {MAX_CONNECTIONS} connections already; closing a new one");
+                    continue;
+                }
             }
             if let Err(e) = stream.set_nonblocking(true) {
                 log::warn!("vsock: cannot make an accepted stream non-blocking: {e}");
@@ -223,11 +244,9 @@ impl Muxer {
                 stream,
                 line: Vec::with_capacity(MAX_CONNECT_LINE),
             };
-            if self
-                .register(fd, EventSet::IN | EventSet::READ_HANG_UP, endpoint)
-                .is_some()
+            if let Some(token) = self.register(fd, EventSet::IN | EventSet::READ_HANG_UP, endpoint)
             {
-                self.awaiting += 1;
+                self.awaiting.push_back((token, Instant::now()));
             }
         }
     }
@@ -270,7 +289,10 @@ impl Muxer {
         let Some(Endpoint::Awaiting { stream, .. }) = self.endpoints.remove(&token) else {
             return;
         };
-        self.awaiting -= 1;
+        // At most MAX_AWAITING to look at.
+        if let Some(at) = self.awaiting.iter().position(|&(t, _)| t == token) {
+            self.awaiting.remove(at);
+        }
         match outcome {
             Ok(peer_port) => self.connect_guest(token, stream, peer_port),
             // Closing the stream tells the program; the descriptor leaves epoll with it.
@@ -334,8 +356,21 @@ impl Muxer {
         None
     }
 
+    /// Closes the streams that have not sent their CONNECT line within [`CONNECT_DEADLINE`].
+    fn expire_awaiting(&mut self, now: Instant) {
+        while let Some(&(token, since)) = self.awaiting.front() {
+            if now.saturating_duration_since(since) < CONNECT_DEADLINE {
+                return;
+            }
+            log::debug!("vsock: no CONNECT line within {CONNECT_DEADLINE:?}; closing the stream");
+            self.awaiting.pop_front();
+            // Closing the stream tells the program; the descriptor leaves epoll with it.
+            self.endpoints.remove(&token);
+        }
+    }
+
     fn stream_count(&self) -> usize {
-        self.connections.len() + self.awaiting
+        self.connections.len() + self.awaiting.len()
     }
 
     /// A packet from the guest (checked by `packet.rs`); `payload` is its data.
@@ -433,6 +468,15 @@ impl Muxer {
 
     fn remove(&mut self, key: ConnKey) {
         if let Some(live) = self.connections.remove(&key) {
+            if live.connection.scheduled {
+                // Its place in line goes with it: otherwise a guest that takes no packets and
+                // keeps opening and resetting connections grows the queue without end, and a
+                // later connection with the same key would be in line twice. The queue holds
+                // at most one key per connection, so the search is bounded.
+                if let Some(at) = self.ready.iter().position(|&queued| queued == key) {
+                    self.ready.remove(at);
+                }
+            }
             // Its stream, if still open, closes here and leaves the epoll set with it.
             self.endpoints.remove(&live.token);
             if live.host_initiated {
@@ -864,6 +908,48 @@ mod tests {
     }
 
     #[test]
+    fn a_host_program_that_closes_before_the_response_still_delivers_its_data() {
+        let mem = memory();
+        let mut driver = Driver::new(&mem);
+        driver.post_rx(64);
+        // The program says all it has to say, and goes, before the guest has even answered:
+        // there is nobody to read `OK <port>` any more.
+        let data = pattern(10 * 1024, 7);
+        let mut host = UnixStream::connect(driver.socket_path()).unwrap();
+        host.write_all(b"CONNECT 52\n").unwrap();
+        host.write_all(&data).unwrap();
+        drop(host);
+        let packets = driver.pump();
+        assert_eq!(packets.len(), 1, "{packets:?}");
+        let mut guest = accept_in_guest(&mut driver, &packets[0].0);
+        let mut packets = driver.received();
+        for _ in 0..10 {
+            packets.extend(driver.pump());
+        }
+        let mut got = Vec::new();
+        let mut shutdowns = Vec::new();
+        for (header, payload) in packets {
+            guest.learn(&header);
+            match Op::from_test(header.op) {
+                Op::Rw => {
+                    assert!(shutdowns.is_empty(), "data after SHUTDOWN");
+                    got.extend(payload);
+                }
+                Op::Shutdown => shutdowns.push(header.flags),
+                op => panic!("{op:?} instead of the data and a SHUTDOWN"),
+            }
+        }
+        assert_eq!(got.len(), data.len());
+        assert!(got == data, "the data arrived intact");
+        assert_eq!(shutdowns, [SHUTDOWN_BOTH]);
+        // The guest closes its end: nothing is left.
+        let rst = guest.header(Op::Rst, 0);
+        driver.send(&rst, &[]);
+        assert!(driver.received().is_empty());
+        assert_eq!(driver.vsock.muxer.connection_count(), 0);
+    }
+
+    #[test]
     fn bad_connect_lines_close_the_stream() {
         let mem = memory();
         let mut driver = Driver::new(&mem);
@@ -888,7 +974,7 @@ mod tests {
         assert!(driver.pump().is_empty());
         drop(host);
         assert!(driver.pump().is_empty());
-        assert_eq!(driver.vsock.muxer.awaiting, 0);
+        assert!(driver.vsock.muxer.awaiting.is_empty());
         assert_eq!(driver.vsock.muxer.endpoints.len(), 1, "only the listener");
     }
 
@@ -1020,6 +1106,78 @@ mod tests {
     }
 
     #[test]
+    fn idle_host_peers_do_not_lock_out_a_connect() {
+        let count = MAX_CONNECTIONS as u32;
+        raise_descriptor_limit(4 * u64::from(count) + 256);
+        let mem = memory();
+        let mut driver = Driver::new(&mem);
+        driver.post_rx(8);
+        // As many local programs as there may be streams connect and never say a word.
+        let mut idle = Vec::new();
+        for _ in 0..count / 64 {
+            // In batches, so that the listener's backlog never fills.
+            for _ in 0..64 {
+                idle.push(UnixStream::connect(driver.socket_path()).unwrap());
+            }
+            assert!(driver.pump().is_empty());
+            assert!(driver.vsock.muxer.awaiting.len() <= MAX_AWAITING);
+        }
+        // A real program still gets through to the guest.
+        let mut host = connect_host(&driver, 52);
+        let packets = driver.pump();
+        assert_eq!(packets.len(), 1, "{packets:?}");
+        let guest = accept_in_guest(&mut driver, &packets[0].0);
+        assert_eq!(read_line(&mut host), format!("OK {}\n", guest.host_port));
+        assert_eq!(driver.vsock.muxer.connection_count(), 1);
+        // The oldest idle ones made room: they were closed, at most the newest still wait
+        // (fewer on a machine so slow that the deadline passed meanwhile).
+        assert!(driver.vsock.muxer.awaiting.len() < MAX_AWAITING);
+        let closed = idle.len() - (MAX_AWAITING - 1);
+        for stream in &mut idle[..closed] {
+            assert!(read_to_eof(stream).is_empty());
+        }
+        assert!(driver.vsock.muxer.endpoints.len() <= 1 + MAX_AWAITING);
+    }
+
+    #[test]
+    fn host_peers_without_a_connect_line_by_the_deadline_are_closed() {
+        let mem = memory();
+        let mut driver = Driver::new(&mem);
+        driver.post_rx(8);
+        let mut silent: Vec<_> = (0..10)
+            .map(|_| UnixStream::connect(driver.socket_path()).unwrap())
+            .collect();
+        // One says half its line and stops.
+        silent[0].write_all(b"CONN").unwrap();
+        assert!(driver.pump().is_empty());
+        assert_eq!(driver.vsock.muxer.awaiting.len(), 10);
+        // Not yet late: the next event closes nothing.
+        assert!(driver.pump().is_empty());
+        assert_eq!(driver.vsock.muxer.awaiting.len(), 10);
+        // Time passes.
+        let late = CONNECT_DEADLINE + Duration::from_secs(1);
+        for (_, since) in &mut driver.vsock.muxer.awaiting {
+            *since = since.checked_sub(late).unwrap();
+        }
+        // The next host event, a real program connecting, closes them; the newcomer is served.
+        let mut host = connect_host(&driver, 52);
+        let packets = driver.pump();
+        assert_eq!(packets.len(), 1, "{packets:?}");
+        assert_eq!(packets[0].0.op, Op::Request as u16);
+        for stream in &mut silent {
+            assert!(read_to_eof(stream).is_empty());
+        }
+        assert!(driver.vsock.muxer.awaiting.is_empty());
+        assert_eq!(
+            driver.vsock.muxer.endpoints.len(),
+            2,
+            "the listener and the connection"
+        );
+        let guest = accept_in_guest(&mut driver, &packets[0].0);
+        assert_eq!(read_line(&mut host), format!("OK {}\n", guest.host_port));
+    }
+
+    #[test]
     fn a_slow_host_reader_stops_the_guest_not_memory() {
         let mem = memory();
         let mut driver = Driver::new(&mem);
@@ -1068,6 +1226,45 @@ mod tests {
         assert!(got == expected, "the data arrived intact");
         assert_eq!(driver.vsock.muxer.most_buffered(), 0);
         assert_eq!(guest.credit(), BUF_ALLOC, "all the credit came back");
+    }
+
+    #[test]
+    fn closed_connections_leave_the_ready_queue() {
+        let mem = memory();
+        let mut driver = Driver::new(&mem);
+        let listener = UnixListener::bind(port_path(&driver.socket_path(), 6002)).unwrap();
+        listener.set_nonblocking(true).unwrap();
+        // A guest that posts no receive buffers: every RESPONSE it is owed waits in the queue.
+        // It resets each connection before taking the answer, and opens the next.
+        for i in 0..20_000u32 {
+            let mut guest = GuestSocket::new(10_000 + i % 3, 6002);
+            let request = guest.header(Op::Request, 0);
+            driver.send(&request, &[]);
+            assert_eq!(driver.vsock.muxer.connection_count(), 1);
+            // The host program takes the stream, so the listener's backlog never fills.
+            drop(listener.accept().unwrap());
+            let rst = guest.header(Op::Rst, 0);
+            driver.send(&rst, &[]);
+            assert_eq!(driver.vsock.muxer.connection_count(), 0);
+            assert!(
+                driver.vsock.muxer.queued_connections() <= driver.vsock.muxer.connection_count(),
+                "{} queued after {} cycles",
+                driver.vsock.muxer.queued_connections(),
+                i + 1
+            );
+        }
+        assert!(!driver.vsock.muxer.has_packet_for_guest());
+        // The queue still works: a live connection gets its RESPONSE once buffers come.
+        let mut guest = GuestSocket::new(9000, 6002);
+        let request = guest.header(Op::Request, 0);
+        driver.send(&request, &[]);
+        assert_eq!(driver.vsock.muxer.queued_connections(), 1);
+        driver.post_rx(4);
+        let packets = driver.kick_rx();
+        assert_eq!(packets.len(), 1, "{packets:?}");
+        assert_eq!(packets[0].0.op, Op::Response as u16);
+        assert_eq!(packets[0].0.dst_port, 9000);
+        assert_eq!(driver.vsock.muxer.queued_connections(), 0);
     }
 
     #[test]
