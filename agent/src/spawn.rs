@@ -238,7 +238,29 @@ fn busybox_applet_at<'a>(busybox: &'a str, program: &str, path: &str) -> Option<
         .split(':')
         .filter(|dir| !dir.is_empty())
         .any(|dir| Path::new(dir).join(program).exists());
-    (!on_path).then_some(busybox)
+    (!on_path && is_applet(busybox, program)).then_some(busybox)
+}
+
+/// Whether `busybox` has an applet called `program`: a name it does not know stays "not found"
+/// (127 from the agent itself, with the usual message) rather than busybox's own complaint. The
+/// list costs one run of busybox, once, and only when a name is not on PATH.
+fn is_applet(busybox: &str, program: &str) -> bool {
+    static APPLETS: OnceLock<Vec<String>> = OnceLock::new();
+    let applets = APPLETS.get_or_init(|| {
+        Command::new(busybox)
+            .arg("--list")
+            .stdin(Stdio::null())
+            .stderr(Stdio::null())
+            .output()
+            .map(|out| {
+                String::from_utf8_lossy(&out.stdout)
+                    .lines()
+                    .map(str::to_string)
+                    .collect()
+            })
+            .unwrap_or_default()
+    });
+    applets.iter().any(|applet| applet == program)
 }
 
 /// Maps an exec failure the way a shell does: 127 for a missing program, 126 for one that
@@ -370,11 +392,19 @@ mod tests {
     fn bare_names_off_path_go_to_busybox() {
         let dir = std::env::temp_dir().join(format!("ember-agent-bb-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
+        // A stand-in busybox whose --list names one applet.
         let busybox = dir.join("busybox");
-        std::fs::write(&busybox, b"").unwrap();
+        std::fs::write(&busybox, b"#!/bin/sh\necho head\n").unwrap();
+        std::fs::set_permissions(
+            &busybox,
+            std::os::unix::fs::PermissionsExt::from_mode(0o755),
+        )
+        .unwrap();
         std::fs::write(dir.join("ls"), b"").unwrap();
         let (bb, path) = (busybox.to_str().unwrap(), dir.to_str().unwrap());
         assert_eq!(busybox_applet_at(bb, "head", path), Some(bb));
+        // Not an applet: left alone, so it is "not found" as usual.
+        assert_eq!(busybox_applet_at(bb, "nosuchapplet", path), None);
         // On PATH, a path, or no busybox: left alone.
         assert_eq!(busybox_applet_at(bb, "ls", path), None);
         assert_eq!(busybox_applet_at(bb, "./head", path), None);
