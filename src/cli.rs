@@ -29,7 +29,7 @@ pub struct Cli {
 pub enum Command {
     /// Boot a guest kernel and run it until it powers off, resets or exits; with `-- CMD`, run CMD
     /// in it through the guest agent and exit with CMD's status.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Run a command in a VM already running with --vsock, through its guest agent.
     Exec(ExecArgs),
 }
