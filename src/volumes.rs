@@ -8,6 +8,7 @@
 
 use std::io;
 use std::path::{Path, PathBuf};
+use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, Stdio};
 
 use crate::config::VolumeConfig;
@@ -84,6 +85,18 @@ impl Volumes {
             // directory with the caller's rights only.
             if !root {
                 command.args(["--sandbox", "none"]);
+            }
+            // No daemon outlives Ember, even one killed with SIGKILL: the kernel signals the
+            // daemon when the thread that started it exits.
+            // SAFETY: the closure runs in the child between fork and exec and only calls prctl,
+            // which is async-signal-safe.
+            unsafe {
+                command.pre_exec(|| {
+                    if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) < 0 {
+                        return Err(io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
             }
             let daemon = command.spawn().map_err(|source| VolumeError::Spawn {
                 dir: config.host.clone(),
