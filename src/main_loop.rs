@@ -17,10 +17,12 @@ pub enum Wakeup {
     StopRequested,
     /// SIGINT, SIGTERM, SIGHUP or SIGWINCH arrived.
     Signal,
+    /// A process a device depends on (a volume's virtiofsd) exited.
+    BackendExited,
 }
 
 impl Wakeup {
-    const ALL: [Wakeup; 2] = [Wakeup::StopRequested, Wakeup::Signal];
+    const ALL: [Wakeup; 3] = [Wakeup::StopRequested, Wakeup::Signal, Wakeup::BackendExited];
 
     /// The epoll token: the variant's position.
     fn token(self) -> u64 {

@@ -47,6 +47,8 @@ pub enum VmOutcome {
     ConsoleQuit,
     /// Job mode: the command ended (or could not run).
     Job(JobOutcome),
+    /// A host process a device depends on died while the VM ran (a volume's virtiofsd).
+    BackendFailed(String),
 }
 
 impl From<VmRequest> for VmOutcome {
@@ -73,6 +75,7 @@ impl VmOutcome {
             VmOutcome::Signal(signal) => EXIT_SIGNAL_BASE.saturating_add(*signal as u8),
             VmOutcome::ConsoleQuit => EXIT_SIGNAL_BASE + libc::SIGINT as u8,
             VmOutcome::Job(job) => job.exit_code(),
+            VmOutcome::BackendFailed(_) => EXIT_SETUP_FAILED,
         }
     }
 
@@ -122,6 +125,7 @@ impl fmt::Display for VmOutcome {
             VmOutcome::Signal(signal) => write!(f, "stopped by signal {signal}"),
             VmOutcome::ConsoleQuit => write!(f, "stopped from the console (Ctrl-A x)"),
             VmOutcome::Job(job) => write!(f, "{job}"),
+            VmOutcome::BackendFailed(what) => write!(f, "{what}"),
         }
     }
 }

@@ -336,6 +336,16 @@ impl Vm {
         let vm_fd = self.vm_fd.clone();
         let console_ring = self.console_ring.clone();
         let job_mode = job.is_some();
+        // A volume's daemon dying is a reason to stop: the guest's mounts would hang.
+        let backend_exits = match &self.volumes {
+            Some(volumes) => volumes.exit_fds().map_err(VmmError::EventLoop)?,
+            None => Vec::new(),
+        };
+        for fd in &backend_exits {
+            main_loop
+                .watch(fd.as_raw_fd(), Wakeup::BackendExited)
+                .map_err(VmmError::EventLoop)?;
+        }
         let mut running = self.start(&control)?;
         if let Some(job) = job {
             let spawned = control
@@ -370,6 +380,16 @@ impl Vm {
                 match wakeup {
                     // The loop condition sees it.
                     Wakeup::StopRequested => {}
+                    Wakeup::BackendExited => {
+                        let dir = running
+                            ._volumes
+                            .as_mut()
+                            .and_then(Volumes::exited)
+                            .map_or_else(String::new, |dir| format!(" for {}", dir.display()));
+                        control.request_stop(VmOutcome::BackendFailed(format!(
+                            "virtiofsd{dir} exited while the VM ran (its volume is gone)"
+                        )));
+                    }
                     Wakeup::Signal => {
                         while let Some(signal) = main_loop.read_signal() {
                             // A job's command gets the signal first; it ending stops the VM.
@@ -397,6 +417,8 @@ impl Vm {
             // aside, so that a broken guest is still diagnosable.
             // A signal before the command ran ends Ember as it always does (128+N).
             other @ VmOutcome::Signal(_) => other,
+            // Not the guest's doing: its console has nothing to say about it.
+            other @ VmOutcome::BackendFailed(_) => other,
             other if job_mode => {
                 if let Some(ring) = console_ring {
                     let mut stderr = io::stderr().lock();

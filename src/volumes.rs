@@ -7,8 +7,9 @@
 //! memfd mapping: virtiofsd maps it to reach the queues and the data buffers.
 
 use std::io;
-use std::path::{Path, PathBuf};
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
 use crate::config::VolumeConfig;
@@ -69,6 +70,11 @@ impl Volumes {
             }
             let tag = format!("vol{index}");
             let socket = volumes._dir.path().join(format!("{tag}.sock"));
+            let log = std::fs::File::create(volumes._dir.path().join(format!("{tag}.log")))
+                .map_err(|source| VolumeError::Spawn {
+                    dir: config.host.clone(),
+                    source,
+                })?;
             let mut command = Command::new(&virtiofsd);
             command
                 .arg("--socket-path")
@@ -77,7 +83,9 @@ impl Volumes {
                 .arg(&config.host)
                 .args(["--cache", "auto"])
                 .stdin(Stdio::null())
-                .stdout(Stdio::null());
+                .stdout(Stdio::null())
+                // Ember's stderr is a job's stderr: the daemon's log goes beside its socket.
+                .stderr(log);
             if config.read_only {
                 command.arg("--readonly");
             }
@@ -126,6 +134,33 @@ impl Volumes {
             })
             .collect();
         Some(format!("ember.volumes={}", list.join(",")))
+    }
+}
+
+impl Volumes {
+    /// A descriptor per daemon that becomes readable when it exits (pidfd), for the main loop.
+    pub fn exit_fds(&self) -> io::Result<Vec<OwnedFd>> {
+        self.volumes
+            .iter()
+            .map(|volume| {
+                // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1.
+                let fd = unsafe {
+                    libc::syscall(libc::SYS_pidfd_open, volume.daemon.id() as libc::pid_t, 0)
+                };
+                if fd < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                // SAFETY: a fresh descriptor that nobody else owns.
+                Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+            })
+            .collect()
+    }
+
+    /// The host directory of a volume whose daemon has exited, if any.
+    pub fn exited(&mut self) -> Option<PathBuf> {
+        self.volumes.iter_mut().find_map(|volume| {
+            matches!(volume.daemon.try_wait(), Ok(Some(_))).then(|| volume.config.host.clone())
+        })
     }
 }
 

@@ -96,3 +96,73 @@ fn an_image_root_with_volumes() {
     );
     fs::remove_dir_all(&dir).ok();
 }
+
+#[test]
+fn a_dying_virtiofsd_ends_ember_with_125() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = scratch_dir("images-dying");
+    let shared = dir.join("shared");
+    fs::create_dir_all(&shared).unwrap();
+    let mut args = linux_args("");
+    args.extend([
+        "--volume".to_string(),
+        format!("{}:/src", shared.display()),
+        "--".into(),
+        "sleep".into(),
+        "600".into(),
+    ]);
+    let child = common::spawn(&strs(&args), std::process::Stdio::null());
+    // A failed check must not leave the VM running.
+    let pid = child.id() as libc::pid_t;
+    let guard = KillOnPanic(pid);
+    // The daemon serving this test's directory (the path is unique to the test).
+    let pattern = format!("--shared-dir {}", shared.display());
+    let daemon = || {
+        std::process::Command::new("pgrep")
+            .args(["-f", "--", &pattern])
+            .output()
+            .map(|out| String::from_utf8_lossy(&out.stdout).trim().to_string())
+            .unwrap_or_default()
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let daemon_pid = loop {
+        let pid = daemon();
+        if !pid.is_empty() {
+            break pid;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "virtiofsd never started"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    // Let the guest come up and mount it, then take the daemon away.
+    std::thread::sleep(std::time::Duration::from_secs(5));
+    // virtiofsd forks a sandboxed child: kill every process of it.
+    for pid in daemon_pid.split_whitespace() {
+        let killed = std::process::Command::new("kill")
+            .args(["-9", pid])
+            .status()
+            .unwrap();
+        assert!(killed.success());
+    }
+    let r = common::finish(child, LINUX_TIMEOUT);
+    std::mem::forget(guard);
+    assert_eq!(r.code(), 125, "{r:?}");
+    assert!(r.stderr.contains("virtiofsd"), "{r:?}");
+    assert_eq!(r.stderr.lines().count(), 1, "one line: {r:?}");
+    assert_eq!(daemon(), "", "a virtiofsd outlived ember");
+    fs::remove_dir_all(&dir).ok();
+}
+
+/// Kills a process when a check fails before it was waited for.
+struct KillOnPanic(libc::pid_t);
+
+impl Drop for KillOnPanic {
+    fn drop(&mut self) {
+        // SAFETY: kill(2) on the pid of a child this test started and has not reaped.
+        unsafe { libc::kill(self.0, libc::SIGKILL) };
+    }
+}
