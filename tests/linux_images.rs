@@ -166,3 +166,165 @@ impl Drop for KillOnPanic {
         unsafe { libc::kill(self.0, libc::SIGKILL) };
     }
 }
+
+/// A tar layer holding `entries`: (path, contents or None for a directory, or a symlink target).
+fn layer(entries: &[(&str, Entry)]) -> Vec<u8> {
+    let mut builder = tar::Builder::new(Vec::new());
+    for (path, entry) in entries {
+        let mut header = tar::Header::new_gnu();
+        header.set_uid(0);
+        header.set_gid(0);
+        header.set_mtime(0);
+        match entry {
+            Entry::File(data, mode) => {
+                header.set_entry_type(tar::EntryType::Regular);
+                header.set_mode(*mode);
+                header.set_size(data.len() as u64);
+                builder.append_data(&mut header, path, &data[..]).unwrap();
+            }
+            Entry::Dir => {
+                header.set_entry_type(tar::EntryType::Directory);
+                header.set_mode(0o755);
+                header.set_size(0);
+                builder
+                    .append_data(&mut header, path, std::io::empty())
+                    .unwrap();
+            }
+            Entry::Link(target) => {
+                header.set_entry_type(tar::EntryType::Symlink);
+                header.set_mode(0o777);
+                header.set_size(0);
+                builder.append_link(&mut header, path, target).unwrap();
+            }
+        }
+    }
+    builder.into_inner().unwrap()
+}
+
+enum Entry {
+    File(Vec<u8>, u32),
+    Dir,
+    Link(&'static str),
+}
+
+fn sha256(data: &[u8]) -> String {
+    use sha2::Digest;
+    format!("{:x}", sha2::Sha256::digest(data))
+}
+
+/// Writes `data` as a blob of the OCI layout at `dir`; returns its descriptor's digest.
+fn blob(dir: &Path, data: &[u8]) -> String {
+    let digest = sha256(data);
+    fs::write(dir.join("blobs/sha256").join(&digest), data).unwrap();
+    format!("sha256:{digest}")
+}
+
+/// An OCI image layout of two layers: a busybox root with /etc/gone, then a layer that deletes
+/// /etc/gone (a whiteout) and adds /app; its config sets Env and WorkingDir.
+fn two_layer_oci(dir: &Path) {
+    fs::create_dir_all(dir.join("blobs/sha256")).unwrap();
+    let busybox = fs::read("/bin/busybox").unwrap();
+    let base = layer(&[
+        ("bin", Entry::Dir),
+        ("bin/busybox", Entry::File(busybox, 0o755)),
+        ("bin/sh", Entry::Link("busybox")),
+        ("etc", Entry::Dir),
+        (
+            "etc/os-release",
+            Entry::File(b"ID=ember-oci\n".to_vec(), 0o644),
+        ),
+        (
+            "etc/gone",
+            Entry::File(b"deleted by the next layer\n".to_vec(), 0o644),
+        ),
+    ]);
+    let top = layer(&[
+        ("etc/.wh.gone", Entry::File(Vec::new(), 0o644)),
+        ("app", Entry::Dir),
+        ("app/marker", Entry::File(b"top layer\n".to_vec(), 0o644)),
+    ]);
+    let layers: Vec<(String, usize)> = [&base, &top]
+        .iter()
+        .map(|data| (blob(dir, data), data.len()))
+        .collect();
+    let config = serde_json::json!({
+        "architecture": "amd64",
+        "os": "linux",
+        "config": {"Env": ["PATH=/bin", "GREETING=from-the-image"], "WorkingDir": "/app"},
+        "rootfs": {"type": "layers", "diff_ids": layers.iter().map(|l| l.0.clone()).collect::<Vec<_>>()},
+    })
+    .to_string();
+    let config_digest = blob(dir, config.as_bytes());
+    let manifest = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                   "digest": config_digest, "size": config.len()},
+        "layers": layers.iter().map(|(digest, size)| serde_json::json!({
+            "mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": digest, "size": size,
+        })).collect::<Vec<_>>(),
+    })
+    .to_string();
+    let manifest_digest = blob(dir, manifest.as_bytes());
+    let index = serde_json::json!({
+        "schemaVersion": 2,
+        "manifests": [{"mediaType": "application/vnd.oci.image.manifest.v1+json",
+                       "digest": manifest_digest, "size": manifest.len(),
+                       "platform": {"architecture": "amd64", "os": "linux"}}],
+    });
+    fs::write(dir.join("index.json"), index.to_string()).unwrap();
+    fs::write(dir.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
+}
+
+#[test]
+fn two_vms_share_an_oci_image_and_neither_changes_it() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = scratch_dir("images-oci");
+    let image = dir.join("oci");
+    two_layer_oci(&image);
+    // Two VMs at once on the one image: each writes into its root and a 1 MiB file into its
+    // own volume, then looks for the other's file (which its overlay must not show).
+    let runs: Vec<_> = (0..2)
+        .map(|n| {
+            let out = dir.join(format!("out{n}"));
+            fs::create_dir_all(&out).unwrap();
+            let mut args = linux_args("");
+            args.extend([
+                "--image".to_string(),
+                image.display().to_string(),
+                "--volume".into(),
+                format!("{}:/out", out.display()),
+                "--".into(),
+                "sh".into(),
+                "-c".into(),
+                format!(
+                    ". /etc/os-release; echo \"os=$ID greeting=$GREETING pwd=$(pwd)\"; \
+                     cat /app/marker; [ -e /etc/gone ] && echo gone=present || echo gone=deleted; \
+                     echo {n} > /etc/vm{n}; sleep 5; ls /etc | grep '^vm' | tr '\\n' ' '; echo; \
+                     head -c 1048576 /dev/urandom > /out/blob; md5sum /out/blob"
+                ),
+            ]);
+            std::thread::spawn(move || (common::run(&strs(&args), LINUX_TIMEOUT), out))
+        })
+        .collect();
+    for (n, run) in runs.into_iter().enumerate() {
+        let (r, out) = run.join().unwrap();
+        assert_eq!(r.code(), 0, "{r:?}");
+        let lines: Vec<&str> = r.stdout.lines().collect();
+        assert!(
+            lines.contains(&"os=ember-oci greeting=from-the-image pwd=/app"),
+            "{r:?}"
+        );
+        assert!(lines.contains(&"top layer"), "{r:?}");
+        assert!(lines.contains(&"gone=deleted"), "{r:?}");
+        // Only its own file: the other VM's writes went to the other VM's overlay.
+        assert!(lines.contains(&format!("vm{n} ").as_str()), "{r:?}");
+        // The 1 MiB file on the host, byte for byte what the guest summed.
+        let guest_md5 = lines.last().unwrap().split_whitespace().next().unwrap();
+        assert_eq!(common::netns::md5(&out.join("blob")), guest_md5, "{r:?}");
+        assert_eq!(fs::metadata(out.join("blob")).unwrap().len(), 1 << 20);
+    }
+    fs::remove_dir_all(&dir).ok();
+}
