@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use clap::Parser;
 use ember::cli::{Cli, Command};
-use ember::outcome::{EXIT_SETUP_FAILED, EXIT_USAGE};
+use ember::outcome::{error_line, EXIT_SETUP_FAILED, EXIT_USAGE};
 use ember::rootfs::Rootfs;
 use ember::vmm;
 
@@ -81,13 +81,7 @@ fn usage_error(e: clap::Error) -> ExitCode {
 
 /// One line: the error and its causes, no backtrace.
 fn fail(error: &dyn Error) -> ExitCode {
-    let mut line = format!("ember: error: {error}");
-    let mut source = error.source();
-    while let Some(cause) = source {
-        line.push_str(&format!(": {cause}"));
-        source = cause.source();
-    }
-    eprintln!("{line}");
+    eprintln!("ember: error: {}", error_line(error));
     ExitCode::from(EXIT_SETUP_FAILED)
 }
 

@@ -89,23 +89,17 @@ impl MainLoop {
 }
 
 /// Runs `spawn` with the main loop's signals (SIGINT, SIGTERM, SIGHUP, SIGWINCH) blocked on the
-/// calling thread, then restores its
-/// mask: a thread started inside inherits the blocked set from its first instruction. For
-/// threads started before [`MainLoop::new`] blocks them for good: the main thread reads them
-/// from a signalfd, and one the kernel hands to a thread that does not block them ends the
-/// process on the spot.
+/// calling thread, then restores its mask: a thread started inside inherits the blocked set from
+/// its first instruction. For threads started before [`MainLoop::new`] blocks them for good: the
+/// main thread reads them from a signalfd, and one the kernel hands to a thread that does not
+/// block them ends the process on the spot.
 pub fn with_termination_signals_blocked<T>(spawn: impl FnOnce() -> T) -> T {
-    // SAFETY: sigemptyset/sigaddset fill a local set; pthread_sigmask reads it and writes the
-    // previous mask into `old`, which is restored (also only read) below.
-    let (rc, old) = unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        let mut old: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        for signal in MAIN_LOOP_SIGNALS {
-            libc::sigaddset(&mut set, signal);
-        }
-        (libc::pthread_sigmask(libc::SIG_BLOCK, &set, &mut old), old)
-    };
+    let set = main_loop_sigset();
+    // SAFETY: an all-zero sigset_t is valid for pthread_sigmask to overwrite.
+    let mut old: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: pthread_sigmask reads `set` and writes the previous mask into `old`, which is
+    // restored (also only read) below.
+    let rc = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, &mut old) };
     if rc != 0 {
         log::warn!(
             "cannot block termination signals: {}",
@@ -125,6 +119,19 @@ pub fn with_termination_signals_blocked<T>(spawn: impl FnOnce() -> T) -> T {
 const MAIN_LOOP_SIGNALS: [libc::c_int; 4] =
     [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGWINCH];
 
+/// The set of [`MAIN_LOOP_SIGNALS`].
+fn main_loop_sigset() -> libc::sigset_t {
+    // SAFETY: an all-zero sigset_t is valid; sigemptyset/sigaddset only fill this local set.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for signal in MAIN_LOOP_SIGNALS {
+            libc::sigaddset(&mut set, signal);
+        }
+        set
+    }
+}
+
 /// SIGINT, SIGTERM, SIGHUP and SIGWINCH, blocked and read from a signalfd.
 struct TerminationSignals {
     fd: OwnedFd,
@@ -132,14 +139,10 @@ struct TerminationSignals {
 
 impl TerminationSignals {
     fn block() -> io::Result<Self> {
-        // SAFETY: sigemptyset/sigaddset fill a local set; pthread_sigmask and signalfd only read
-        // it; the new descriptor is owned right away.
+        let set = main_loop_sigset();
+        // SAFETY: pthread_sigmask and signalfd only read `set`; the new descriptor is owned right
+        // away.
         unsafe {
-            let mut set: libc::sigset_t = std::mem::zeroed();
-            libc::sigemptyset(&mut set);
-            for signal in MAIN_LOOP_SIGNALS {
-                libc::sigaddset(&mut set, signal);
-            }
             let rc = libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
             if rc != 0 {
                 return Err(io::Error::from_raw_os_error(rc));

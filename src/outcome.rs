@@ -61,6 +61,17 @@ impl From<VmRequest> for VmOutcome {
     }
 }
 
+/// An error and its causes on one line, `error: cause: cause…`: how Ember reports a failure.
+pub fn error_line(error: &dyn std::error::Error) -> String {
+    let mut line = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        line.push_str(&format!(": {cause}"));
+        source = cause.source();
+    }
+    line
+}
+
 const KVM_INTERNAL_ERROR_EMULATION: u32 = 1;
 
 impl VmOutcome {

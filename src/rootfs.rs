@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use crate::config::{DiskConfig, VmConfig};
+use crate::image::ext4::find_mke2fs;
 use crate::image::{self, ImageConfig, ImageError, ImageRef};
 use crate::job::{JobSpec, PrivateDir};
 
@@ -123,11 +124,7 @@ fn make_scratch(path: &PathBuf, bytes: u64) -> Result<(), RootfsError> {
     let file = std::fs::File::create(path).map_err(RootfsError::Scratch)?;
     file.set_len(bytes).map_err(RootfsError::Scratch)?;
     drop(file);
-    let mke2fs = ["/usr/sbin/mke2fs", "/sbin/mke2fs", "mke2fs"]
-        .into_iter()
-        .find(|p| !p.starts_with('/') || Path::new(p).exists())
-        .unwrap_or("mke2fs");
-    let out = Command::new(mke2fs)
+    let out = Command::new(find_mke2fs()?)
         .args([
             "-q",
             "-F",

@@ -223,7 +223,7 @@ pub fn build(root: &Path, file: &Path, cache: &Path) -> Result<(), ImageError> {
 }
 
 /// mke2fs lives in /usr/sbin (/sbin), which an unprivileged user's PATH often lacks.
-fn find_mke2fs() -> Result<PathBuf, ImageError> {
+pub(crate) fn find_mke2fs() -> Result<PathBuf, ImageError> {
     let path = std::env::var_os("PATH").unwrap_or_default();
     std::env::split_paths(&path)
         .chain(["/usr/sbin".into(), "/sbin".into()])

@@ -15,7 +15,7 @@ use vmm_sys_util::eventfd::EventFd;
 use super::ready::{ReadyError, ReadyListener};
 use super::session::{terminal_size, JobHandle, Session};
 use super::{hybrid, JobOutcome, JobSpec};
-use crate::outcome::VmOutcome;
+use crate::outcome::{error_line, VmOutcome};
 use crate::vcpu::VmControl;
 
 /// A directory only this user can enter, removed with everything in it when dropped: where job
@@ -145,16 +145,6 @@ fn watch_agent(mut ready: UnixStream, handle: JobHandle) {
     if let Err(e) = spawned {
         log::warn!("job: cannot watch the guest agent: {e}");
     }
-}
-
-fn error_line(error: &dyn std::error::Error) -> String {
-    let mut line = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        line.push_str(&format!(": {cause}"));
-        source = cause.source();
-    }
-    line
 }
 
 /// What the main thread and the job thread share about the session.
