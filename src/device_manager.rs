@@ -94,7 +94,7 @@ impl Default for DeviceManager {
 
 /// What a device needs from the VM to be attached.
 pub struct VmWiring<'a> {
-    pub vm_fd: &'a VmFd,
+    pub vm_fd: &'a Arc<VmFd>,
     pub ioapic: &'a Arc<Mutex<Ioapic>>,
     pub guest_memory: &'a GuestMemoryMmap,
     pub mmio: &'a mut Bus,

@@ -16,6 +16,11 @@
 //!
 //! Its state ([`IoapicState`]) is therefore the ID, IOREGSEL, the redirection table and the IRR:
 //! with edges only there are no pin levels and no Remote IRR to keep.
+//!
+//! A pin may also have a [`DirectRoute`]: a backend outside ember (virtiofsd) signals that pin
+//! through a KVM irqfd, which KVM turns into an MSI without ember seeing it. The IOAPIC then tells
+//! the route every change of the pin's entry, so the MSI KVM sends is the one this model would
+//! send, and nothing goes out while the guest has the pin masked.
 
 use std::io;
 use std::sync::{Arc, Mutex};
@@ -69,6 +74,24 @@ const MSI_ADDRESS_DEST_MODE_LOGICAL: u64 = 1 << 2;
 pub trait MsiSink: Send {
     /// Sends one message: `data` written at `address` in the local APICs' window.
     fn send(&self, address: u64, data: u32) -> io::Result<()>;
+}
+
+/// One message to the local APICs: `data` written at `address` in their window.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Msi {
+    /// The address (destination APIC and mode).
+    pub address: u64,
+    /// The data (vector and delivery mode; edge-triggered).
+    pub data: u32,
+}
+
+/// A pin that a backend raises without ember (through a KVM irqfd): it must follow the pin's
+/// redirection entry.
+pub trait DirectRoute: Send {
+    /// The pin's entry changed. `Some` is the message a raised pin now sends; `None` means
+    /// nothing may go out (masked, or ExtINT, which has no vector): hold raised edges until the
+    /// next `Some`, as the IOAPIC's IRR would.
+    fn retarget(&self, msi: Option<Msi>);
 }
 
 /// What an IOAPIC holds, as plain data for a snapshot.
@@ -128,6 +151,8 @@ pub struct Ioapic {
     /// Pins raised while masked (the IRR), delivered on unmask.
     pending: u32,
     sink: Box<dyn MsiSink>,
+    /// Pins that a backend raises itself, told every change of their entries.
+    direct_routes: Vec<(usize, Box<dyn DirectRoute>)>,
 }
 
 impl Ioapic {
@@ -139,7 +164,18 @@ impl Ioapic {
             entries: [ENTRY_MASKED; PINS],
             pending: 0,
             sink,
+            direct_routes: Vec::new(),
         }
+    }
+
+    /// From now on `route` follows pin `pin`'s entry, starting with the current one. A pin past
+    /// the last one is ignored (nothing can program it).
+    pub fn add_direct_route(&mut self, pin: usize, route: Box<dyn DirectRoute>) {
+        let Some(&entry) = self.entries.get(pin) else {
+            return;
+        };
+        route.retarget(message(entry));
+        self.direct_routes.push((pin, route));
     }
 
     /// The state a snapshot keeps.
@@ -192,6 +228,7 @@ impl Ioapic {
             entries,
             pending: state.pending,
             sink,
+            direct_routes: Vec::new(),
         })
     }
 
@@ -208,18 +245,10 @@ impl Ioapic {
     }
 
     fn deliver(&self, entry: u64) -> io::Result<()> {
-        let delivery_mode = (entry & ENTRY_DELIVERY_MODE) >> ENTRY_DELIVERY_MODE_SHIFT;
-        if delivery_mode == DELIVERY_EXTINT {
-            return Ok(());
+        match message(entry) {
+            Some(msi) if entry & ENTRY_MASKED == 0 => self.sink.send(msi.address, msi.data),
+            _ => Ok(()),
         }
-        let dest = (entry >> ENTRY_DEST_SHIFT) & 0xff;
-        let mut address = MSI_ADDRESS_BASE | (dest << MSI_ADDRESS_DEST_SHIFT);
-        if entry & ENTRY_DEST_MODE_LOGICAL != 0 {
-            address |= MSI_ADDRESS_DEST_MODE_LOGICAL;
-        }
-        // Vector and delivery mode; trigger mode edge (bit 15 clear), see the module comment.
-        let data = (entry & (ENTRY_VECTOR | ENTRY_DELIVERY_MODE)) as u32;
-        self.sink.send(address, data)
     }
 
     fn read_register(&self) -> u32 {
@@ -248,6 +277,12 @@ impl Ioapic {
                     (old & !0xffff_ffff) | u64::from(value)
                 };
                 self.entries[pin] = new & ENTRY_WRITABLE;
+                if self.entries[pin] != old {
+                    let msi = message(self.entries[pin]);
+                    for (_, route) in self.direct_routes.iter().filter(|(p, _)| *p == pin) {
+                        route.retarget(msi);
+                    }
+                }
                 let unmasked = self.entries[pin] & ENTRY_MASKED == 0;
                 if unmasked && self.pending & (1 << pin) != 0 {
                     self.pending &= !(1 << pin);
@@ -258,6 +293,23 @@ impl Ioapic {
             }
         }
     }
+}
+
+/// The message a raised pin with `entry` sends; `None` when masked or ExtINT (there is no 8259
+/// to ask for a vector).
+fn message(entry: u64) -> Option<Msi> {
+    let delivery_mode = (entry & ENTRY_DELIVERY_MODE) >> ENTRY_DELIVERY_MODE_SHIFT;
+    if entry & ENTRY_MASKED != 0 || delivery_mode == DELIVERY_EXTINT {
+        return None;
+    }
+    let dest = (entry >> ENTRY_DEST_SHIFT) & 0xff;
+    let mut address = MSI_ADDRESS_BASE | (dest << MSI_ADDRESS_DEST_SHIFT);
+    if entry & ENTRY_DEST_MODE_LOGICAL != 0 {
+        address |= MSI_ADDRESS_DEST_MODE_LOGICAL;
+    }
+    // Vector and delivery mode; trigger mode edge (bit 15 clear), see the module comment.
+    let data = (entry & (ENTRY_VECTOR | ENTRY_DELIVERY_MODE)) as u32;
+    Some(Msi { address, data })
 }
 
 /// The pin and half (high = bits 32-63) a redirection register index names.
@@ -340,6 +392,42 @@ mod tests {
         let mut data = [0; 4];
         ioapic.read(IOWIN, &mut data);
         u32::from_le_bytes(data)
+    }
+
+    /// Records what a direct route was told.
+    #[derive(Clone, Default)]
+    struct RouteRecorder(Arc<Mutex<Vec<Option<Msi>>>>);
+
+    impl DirectRoute for RouteRecorder {
+        fn retarget(&self, msi: Option<Msi>) {
+            self.0.lock().unwrap().push(msi);
+        }
+    }
+
+    #[test]
+    fn a_direct_route_follows_its_pins_entry() {
+        let (mut ioapic, sent) = ioapic();
+        let route = RouteRecorder::default();
+        ioapic.add_direct_route(6, Box::new(route.clone()));
+        ioapic.add_direct_route(PINS, Box::new(route.clone())); // ignored
+                                                                // Programming another pin does not concern it.
+        write_reg(&mut ioapic, 0x10 + 2 * 4, 0x24);
+        // Destination APIC 1, then vector 0x26 unmasked, then masked again, then ExtINT.
+        write_reg(&mut ioapic, 0x10 + 2 * 6 + 1, 1 << 24);
+        write_reg(&mut ioapic, 0x10 + 2 * 6, 0x26);
+        write_reg(&mut ioapic, 0x10 + 2 * 6, 0x26); // unchanged: not told again
+        write_reg(&mut ioapic, 0x10 + 2 * 6, 0x26 | (1 << 16));
+        write_reg(&mut ioapic, 0x10 + 2 * 6, 0x26 | (7 << 8));
+        let to_apic_1 = Msi {
+            address: 0xfee0_1000,
+            data: 0x26,
+        };
+        assert_eq!(
+            *route.0.lock().unwrap(),
+            [None, None, Some(to_apic_1), None, None]
+        );
+        // The route's pin is raised by its backend, not through the IOAPIC.
+        assert!(sent.0.lock().unwrap().is_empty());
     }
 
     #[test]

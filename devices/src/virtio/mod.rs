@@ -14,7 +14,7 @@ pub mod net;
 pub(crate) mod test_support;
 pub mod vsock;
 
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 
 use crate::interrupt::InterruptLine;
 use vm_memory::GuestMemoryMmap;
@@ -51,6 +51,11 @@ pub const INTERRUPT_CONFIG_CHANGE: u32 = 2;
 pub struct Interrupt {
     status: AtomicU32,
     line: Box<dyn InterruptLine>,
+    /// Set while a backend outside ember signals used buffers straight to the guest (a vhost-user
+    /// daemon through a KVM irqfd): this register never sees those interrupts, so it always
+    /// reports used buffers, and the driver looks at its queues on every interrupt of the line
+    /// (finding nothing new is harmless). Firecracker's vhost-user block device does the same.
+    used_buffers_signalled_elsewhere: AtomicBool,
 }
 
 impl Interrupt {
@@ -59,6 +64,7 @@ impl Interrupt {
         Self {
             status: AtomicU32::new(0),
             line: Box::new(line),
+            used_buffers_signalled_elsewhere: AtomicBool::new(false),
         }
     }
 
@@ -79,9 +85,20 @@ impl Interrupt {
         }
     }
 
+    /// Says whether used-buffer interrupts reach the guest without this register (see
+    /// `used_buffers_signalled_elsewhere`); a reset clears it.
+    pub fn set_used_buffers_signalled_elsewhere(&self, elsewhere: bool) {
+        self.used_buffers_signalled_elsewhere
+            .store(elsewhere, Ordering::SeqCst);
+    }
+
     /// The InterruptStatus register.
     pub fn status(&self) -> u32 {
-        self.status.load(Ordering::SeqCst)
+        let mut status = self.status.load(Ordering::SeqCst);
+        if self.used_buffers_signalled_elsewhere.load(Ordering::SeqCst) {
+            status |= INTERRUPT_USED_BUFFER;
+        }
+        status
     }
 
     /// InterruptACK: clears the acknowledged bits.
@@ -92,6 +109,8 @@ impl Interrupt {
     /// Clears everything (device reset).
     pub fn reset(&self) {
         self.status.store(0, Ordering::SeqCst);
+        self.used_buffers_signalled_elsewhere
+            .store(false, Ordering::SeqCst);
     }
 }
 

@@ -9,8 +9,10 @@
 //!   file mapping, a memfd) and where each ring is;
 //! - relays notifications both ways: a guest QueueNotify reaches this device's thread through the
 //!   transport's ioeventfd, and [`Fs`] writes the queue's kick eventfd, which virtiofsd polls; when
-//!   virtiofsd uses buffers it writes the queue's call eventfd, which the device thread watches
-//!   ([`VirtioDevice::host_event_fds`]), and the device raises the guest's interrupt.
+//!   virtiofsd uses buffers it writes the queue's call eventfd. Where KVM allows, the VMM makes
+//!   the call eventfds KVM irqfds ([`Fs::call_eventfds_for_irqfd`]) routed to the device's
+//!   IOAPIC pin, so virtiofsd interrupts the guest without ember; otherwise the device thread
+//!   watches them ([`VirtioDevice::host_event_fds`]) and raises the guest's interrupt.
 //!
 //! The kick relay costs one hop through the device thread. Giving virtiofsd the transport's own
 //! queue eventfds would save it, but those are also the device thread's wake-ups: two readers
@@ -79,8 +81,9 @@ fn wanted_protocol_features() -> VhostUserProtocolFeatures {
 /// How long [`Fs::new`] waits for virtiofsd's socket to appear and accept.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const CONNECT_RETRY: Duration = Duration::from_millis(20);
-/// Index of the vhost-user socket in [`VirtioDevice::host_event_fds`], after the call eventfds.
-const SOCKET_EVENT: usize = NUM_QUEUES;
+/// Index of the vhost-user socket in [`VirtioDevice::host_event_fds`], before the call eventfds
+/// (which are there only when the device thread relays them).
+const SOCKET_EVENT: usize = 0;
 
 /// How to build a virtio-fs device (one `--volume`).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -158,8 +161,10 @@ pub struct Fs {
     acked_protocol_features: VhostUserProtocolFeatures,
     /// Written by this device when the guest notifies a queue; virtiofsd reads them.
     kick: [EventFd; NUM_QUEUES],
-    /// Written by virtiofsd when it used buffers; the device thread watches them.
+    /// Written by virtiofsd when it used buffers; KVM irqfds or the device thread watch them.
     call: [EventFd; NUM_QUEUES],
+    /// The call eventfds are KVM irqfds: virtiofsd's interrupts reach the guest without ember.
+    calls_through_irqfd: bool,
     /// Present between activation and reset.
     active: Option<Active>,
 }
@@ -241,8 +246,23 @@ impl Fs {
             acked_protocol_features,
             kick: [eventfd()?, eventfd()?],
             call: [eventfd()?, eventfd()?],
+            calls_through_irqfd: false,
             active: None,
         })
+    }
+
+    /// Hands the call eventfds over to the VMM, which makes them KVM irqfds routed to this
+    /// device's interrupt pin: from then on the device thread no longer reads them (two readers
+    /// would race for one counter) and the InterruptStatus register always reports used buffers,
+    /// as it never sees those interrupts. Call before the device starts running.
+    pub fn call_eventfds_for_irqfd(&mut self) -> std::io::Result<Vec<EventFd>> {
+        let fds = self
+            .call
+            .iter()
+            .map(EventFd::try_clone)
+            .collect::<Result<_, _>>()?;
+        self.calls_through_irqfd = true;
+        Ok(fds)
     }
 
     /// The tag the guest mounts by.
@@ -536,6 +556,7 @@ impl VirtioDevice for Fs {
             }
             return Err(e);
         }
+        interrupt.set_used_buffers_signalled_elsewhere(self.calls_through_irqfd);
         // virtiofsd has its own mappings of guest memory (and its own copies of the files).
         self.active = Some(Active { interrupt, started });
         Ok(())
@@ -571,8 +592,10 @@ impl VirtioDevice for Fs {
     }
 
     fn host_event_fds(&self) -> Vec<RawFd> {
-        let mut fds: Vec<RawFd> = self.call.iter().map(AsRawFd::as_raw_fd).collect();
-        fds.push(self.frontend.as_raw_fd());
+        let mut fds = vec![self.frontend.as_raw_fd()];
+        if !self.calls_through_irqfd {
+            fds.extend(self.call.iter().map(AsRawFd::as_raw_fd));
+        }
         fds
     }
 
@@ -584,7 +607,8 @@ impl VirtioDevice for Fs {
                 None => Ok(()),
             };
         }
-        let Some(call) = self.call.get(index) else {
+        let queue = index - 1;
+        let Some(call) = self.call.get(queue).filter(|_| !self.calls_through_irqfd) else {
             log::debug!("virtio-fs: event on unknown host descriptor {index}");
             return Ok(());
         };
@@ -593,7 +617,7 @@ impl VirtioDevice for Fs {
             Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(()),
             Err(e) => {
                 return Err(DeviceBroken(format!(
-                    "virtio-fs: cannot read virtiofsd's call eventfd {index}: {e}"
+                    "virtio-fs: cannot read virtiofsd's call eventfd {queue}: {e}"
                 )))
             }
         }

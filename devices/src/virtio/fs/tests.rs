@@ -10,6 +10,7 @@ use vmm_sys_util::tempfile::TempFile;
 use super::test_backend::{FakeBackend, Msg, Script, NEED_REPLY};
 use super::*;
 use crate::virtio::test_support::{guest_memory, DriverQueue, Irq, QUEUE_SIZE};
+use crate::virtio::INTERRUPT_USED_BUFFER;
 
 const MIB: usize = 1 << 20;
 /// Guest RAM in these tests: 1 MiB at 0 and 1 MiB at 2 MiB, both in one file (at offsets 0 and
@@ -203,6 +204,53 @@ fn unusable_backends_are_refused() {
 }
 
 #[test]
+fn with_irqfds_the_backend_interrupts_the_guest_without_the_device() {
+    let (backend, mut fs, _) = device(Script::default());
+    let calls = fs.call_eventfds_for_irqfd().unwrap();
+    assert_eq!(calls.len(), 2);
+    // Only the socket is left for the device thread to watch.
+    assert_eq!(fs.host_event_fds(), [fs.frontend.as_raw_fd()]);
+    let (mem, _file) = file_memory();
+    let [hiprio, request] = driver_queues(&mem);
+    let irq = Irq::new();
+    let interrupt = irq.interrupt();
+    assert_eq!(interrupt.status(), 0);
+    fs.activate(
+        mem.clone(),
+        VERSION_1,
+        vec![hiprio.queue(), request.queue()],
+        interrupt.clone(),
+    )
+    .unwrap();
+    let msgs = backend.take();
+    // virtiofsd was given the very eventfds KVM watches.
+    let given: Vec<&Msg> = msgs
+        .iter()
+        .filter(|m| m.req() == FrontendReq::SET_VRING_CALL)
+        .collect();
+    assert_eq!(given.len(), 2);
+    for (msg, call) in given.iter().zip(&calls) {
+        let file = msg.files.first().unwrap();
+        // SAFETY: `call` owns its descriptor for the duration of the borrow.
+        let call = unsafe { std::os::fd::BorrowedFd::borrow_raw(call.as_raw_fd()) };
+        let call = File::from(call.try_clone_to_owned().unwrap());
+        assert!(same_file(file, &call));
+    }
+    // The register never sees those interrupts, so it always reports used buffers, even after
+    // the driver acknowledged them; a reset ends that.
+    assert_eq!(interrupt.status(), INTERRUPT_USED_BUFFER);
+    interrupt.acknowledge(INTERRUPT_USED_BUFFER);
+    assert_eq!(interrupt.status(), INTERRUPT_USED_BUFFER);
+    // A write to a call eventfd is KVM's to read: the device ignores a stray wake-up.
+    calls[1].write(1).unwrap();
+    fs.process_host_event(2).unwrap();
+    assert!(!irq.fired());
+    assert_eq!(calls[1].read().unwrap(), 1);
+    interrupt.reset();
+    assert_eq!(interrupt.status(), 0);
+}
+
+#[test]
 fn activation_hands_memory_and_rings_to_the_backend() {
     let (backend, mut fs, _) = device(Script::default());
     let (mem, file) = file_memory();
@@ -287,9 +335,9 @@ fn activation_hands_memory_and_rings_to_the_backend() {
     let mut call = msgs[2 + 6 + 3].files.first().unwrap().try_clone().unwrap();
     call.write_all(&1u64.to_ne_bytes()).unwrap();
     assert!(!irq.fired());
-    fs.process_host_event(1).unwrap();
+    fs.process_host_event(2).unwrap();
     assert!(irq.fired());
-    fs.process_host_event(1).unwrap();
+    fs.process_host_event(2).unwrap();
     assert!(!irq.fired(), "a spurious wake-up raises nothing");
     // The device thread watches both call eventfds and the socket.
     assert_eq!(fs.host_event_fds().len(), 3);
@@ -611,14 +659,14 @@ fn virtiofsd_answers_fuse_init() {
             request.push(&[(input, 56, false), (output, 256, true)]);
             fs.process_queue(1).unwrap();
             let mut poll = libc::pollfd {
-                fd: fs.host_event_fds()[1],
+                fd: fs.host_event_fds()[2],
                 events: libc::POLLIN,
                 revents: 0,
             };
             // SAFETY: one pollfd, which lives across the call.
             let ready = unsafe { libc::poll(&mut poll, 1, 10_000) };
             assert_eq!(ready, 1, "virtiofsd did not answer");
-            fs.process_host_event(1).unwrap();
+            fs.process_host_event(2).unwrap();
             assert!(irq.fired());
             assert_eq!(request.used_idx(), 1);
             let (head, len) = request.used(0);
