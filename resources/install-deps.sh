@@ -14,6 +14,7 @@ packages=(
     e2fsprogs         # mkfs.ext4 for disk images
     iproute2          # network namespaces for network tests
     libseccomp-dev libcap-ng-dev  # building virtiofsd (--volume)
+    mmdebstrap        # a real Debian root for the image tests (resources/debian-image.sh)
 )
 
 . "$(dirname "$0")/lib/install-missing.sh"

@@ -49,6 +49,10 @@ pub struct JobArgs {
     /// The command's working directory [default: /]
     #[arg(short, long, value_name = "DIR")]
     pub workdir: Option<String>,
+    /// Run the command as USER[:GROUP], names or numbers, as `docker run -u` [default: root, or
+    /// the image's User]
+    #[arg(short, long, value_name = "USER[:GROUP]")]
+    pub user: Option<String>,
     /// Kill the command after SECS seconds; ember then exits 124
     #[arg(long, value_name = "SECS")]
     pub timeout: Option<f64>,
@@ -70,6 +74,7 @@ impl JobArgs {
             argv,
             env: self.env.clone(),
             cwd: self.workdir.clone(),
+            user: self.user.clone(),
             stdin: self.interactive,
             tty: self.tty,
             timeout,
@@ -81,6 +86,7 @@ impl JobArgs {
             && !self.tty
             && self.env.is_empty()
             && self.workdir.is_none()
+            && self.user.is_none()
             && self.timeout.is_none()
     }
 }
@@ -159,7 +165,7 @@ pub enum CliError {
     NoDefaultGuest(PathBuf),
     #[error("--timeout {0} is not a positive number of seconds")]
     Timeout(f64),
-    #[error("-i, -t, -e, -w and --timeout are for a command: add -- CMD")]
+    #[error("-i, -t, -e, -w, -u and --timeout are for a command: add -- CMD")]
     JobOptionsWithoutCommand,
 }
 

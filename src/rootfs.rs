@@ -89,7 +89,8 @@ impl Rootfs {
     }
 
     /// `job` as `docker run IMAGE` would run it: the image's entrypoint and default command,
-    /// its environment under the job's, its working directory unless the job names one.
+    /// its environment under the job's, its working directory and user unless the job names
+    /// its own.
     pub fn apply(&self, mut job: JobSpec) -> JobSpec {
         let Some(image) = &self.image else {
             return job;
@@ -100,6 +101,9 @@ impl Rootfs {
         job.env = env;
         if job.cwd.is_none() {
             job.cwd = image.working_dir.clone().filter(|dir| !dir.is_empty());
+        }
+        if job.user.is_none() {
+            job.user = image.user.clone().filter(|user| !user.is_empty());
         }
         job
     }
@@ -165,7 +169,7 @@ mod tests {
             image: Some(ImageConfig {
                 env: vec![("PATH".into(), "/usr/bin".into()), ("A".into(), "1".into())],
                 working_dir: Some("/app".into()),
-                user: None,
+                user: Some("app:staff".into()),
                 entrypoint: vec!["/entry".into()],
                 cmd: vec!["default".into()],
             }),
@@ -175,6 +179,7 @@ mod tests {
             argv: vec![],
             env: vec![("A".into(), "2".into())],
             cwd: None,
+            user: None,
             stdin: false,
             tty: false,
             timeout: None,
@@ -186,12 +191,15 @@ mod tests {
             Some(&("A".to_string(), "2".to_string()))
         );
         assert_eq!(applied.cwd.as_deref(), Some("/app"));
+        assert_eq!(applied.user.as_deref(), Some("app:staff"));
         let applied = rootfs.apply(JobSpec {
             argv: vec!["x".into()],
             cwd: Some("/w".into()),
+            user: Some("0".into()),
             ..job
         });
         assert_eq!(applied.argv, ["/entry", "x"]);
         assert_eq!(applied.cwd.as_deref(), Some("/w"));
+        assert_eq!(applied.user.as_deref(), Some("0"));
     }
 }

@@ -182,9 +182,9 @@ fn layer(entries: &[(&str, Entry)]) -> Vec<u8> {
                 header.set_size(data.len() as u64);
                 builder.append_data(&mut header, path, &data[..]).unwrap();
             }
-            Entry::Dir => {
+            Entry::Dir(mode) => {
                 header.set_entry_type(tar::EntryType::Directory);
-                header.set_mode(0o755);
+                header.set_mode(*mode);
                 header.set_size(0);
                 builder
                     .append_data(&mut header, path, std::io::empty())
@@ -203,7 +203,7 @@ fn layer(entries: &[(&str, Entry)]) -> Vec<u8> {
 
 enum Entry {
     File(Vec<u8>, u32),
-    Dir,
+    Dir(u32),
     Link(&'static str),
 }
 
@@ -225,10 +225,10 @@ fn two_layer_oci(dir: &Path) {
     fs::create_dir_all(dir.join("blobs/sha256")).unwrap();
     let busybox = fs::read("/bin/busybox").unwrap();
     let base = layer(&[
-        ("bin", Entry::Dir),
+        ("bin", Entry::Dir(0o755)),
         ("bin/busybox", Entry::File(busybox, 0o755)),
         ("bin/sh", Entry::Link("busybox")),
-        ("etc", Entry::Dir),
+        ("etc", Entry::Dir(0o755)),
         (
             "etc/os-release",
             Entry::File(b"ID=ember-oci\n".to_vec(), 0o644),
@@ -240,7 +240,8 @@ fn two_layer_oci(dir: &Path) {
     ]);
     let top = layer(&[
         ("etc/.wh.gone", Entry::File(Vec::new(), 0o644)),
-        ("app", Entry::Dir),
+        // Writable by anyone: the image runs its commands as user 1234.
+        ("app", Entry::Dir(0o777)),
         ("app/marker", Entry::File(b"top layer\n".to_vec(), 0o644)),
     ]);
     let layers: Vec<(String, usize)> = [&base, &top]
@@ -250,7 +251,8 @@ fn two_layer_oci(dir: &Path) {
     let config = serde_json::json!({
         "architecture": "amd64",
         "os": "linux",
-        "config": {"Env": ["PATH=/bin", "GREETING=from-the-image"], "WorkingDir": "/app"},
+        "config": {"Env": ["PATH=/bin", "GREETING=from-the-image"], "WorkingDir": "/app",
+                   "User": "1234:5678"},
         "rootfs": {"type": "layers", "diff_ids": layers.iter().map(|l| l.0.clone()).collect::<Vec<_>>()},
     })
     .to_string();
@@ -290,6 +292,8 @@ fn two_vms_share_an_oci_image_and_neither_changes_it() {
         .map(|n| {
             let out = dir.join(format!("out{n}"));
             fs::create_dir_all(&out).unwrap();
+            // The image's user writes there.
+            fs::set_permissions(&out, std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
             let mut args = linux_args("");
             args.extend([
                 "--image".to_string(),
@@ -301,8 +305,9 @@ fn two_vms_share_an_oci_image_and_neither_changes_it() {
                 "-c".into(),
                 format!(
                     ". /etc/os-release; echo \"os=$ID greeting=$GREETING pwd=$(pwd)\"; \
+                     echo \"id=$(id -u):$(id -g)\"; \
                      cat /app/marker; [ -e /etc/gone ] && echo gone=present || echo gone=deleted; \
-                     echo {n} > /etc/vm{n}; sleep 5; ls /etc | grep '^vm' | tr '\\n' ' '; echo; \
+                     echo {n} > /app/vm{n}; sleep 5; ls /app | grep '^vm' | tr '\\n' ' '; echo; \
                      head -c 1048576 /dev/urandom > /out/blob; md5sum /out/blob"
                 ),
             ]);
@@ -317,6 +322,8 @@ fn two_vms_share_an_oci_image_and_neither_changes_it() {
             lines.contains(&"os=ember-oci greeting=from-the-image pwd=/app"),
             "{r:?}"
         );
+        // The image's User, from its config, with no /etc/passwd to name it.
+        assert!(lines.contains(&"id=1234:5678"), "{r:?}");
         assert!(lines.contains(&"top layer"), "{r:?}");
         assert!(lines.contains(&"gone=deleted"), "{r:?}");
         // Only its own file: the other VM's writes went to the other VM's overlay.
@@ -324,7 +331,56 @@ fn two_vms_share_an_oci_image_and_neither_changes_it() {
         // The 1 MiB file on the host, byte for byte what the guest summed.
         let guest_md5 = lines.last().unwrap().split_whitespace().next().unwrap();
         assert_eq!(common::netns::md5(&out.join("blob")), guest_md5, "{r:?}");
-        assert_eq!(fs::metadata(out.join("blob")).unwrap().len(), 1 << 20);
+        let blob = fs::metadata(out.join("blob")).unwrap();
+        assert_eq!(blob.len(), 1 << 20);
+        assert_eq!(std::os::unix::fs::MetadataExt::uid(&blob), 1234, "{r:?}");
     }
     fs::remove_dir_all(&dir).ok();
+}
+
+/// A Debian bookworm root made by `mmdebstrap --variant=minbase` (resources/debian-image.sh,
+/// cached outside the clone), as a rootfs tarball: a real distribution boots as the guest's root,
+/// its tools run, and `-u` names a user of its /etc/passwd.
+#[test]
+fn a_debian_bookworm_root_runs_its_own_tools() {
+    if !kvm_available() {
+        return;
+    }
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/resources/debian-image.sh");
+    let made = std::process::Command::new(script)
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .unwrap();
+    assert!(made.status.success(), "{script} failed");
+    let tarball = String::from_utf8(made.stdout).unwrap().trim().to_string();
+
+    let mut args = linux_args("");
+    args.extend(
+        [
+            "--image",
+            &tarball,
+            "--memory",
+            "512M",
+            "-u",
+            "nobody",
+            "--",
+            "sh",
+            "-c",
+            ". /etc/os-release; echo \"codename=$VERSION_CODENAME\"; \
+             apt-get --version | head -n 1; python3 -c 'print(\"python\", 6 * 7)'; \
+             echo \"packages=$(dpkg-query -f '.\\n' -W | wc -l)\"; \
+             echo \"user=$(id -un):$(id -gn) home=$HOME\"; \
+             touch /etc/x 2>/dev/null && echo root-writable || echo root-refused",
+        ]
+        .map(String::from),
+    );
+    let r = common::run(&strs(&args), LINUX_TIMEOUT);
+    assert_eq!(r.code(), 0, "{r:?}");
+    r.assert_line("codename=bookworm");
+    r.assert_line("python 42");
+    r.assert_line("user=nobody:nogroup home=/nonexistent");
+    r.assert_line("root-refused");
+    assert!(r.stdout.lines().any(|l| l.starts_with("apt 2.6")), "{r:?}");
+    let packages: usize = r.lines_with("packages=")[0].parse().unwrap();
+    assert!(packages > 80, "a minbase root has ~90 packages: {r:?}");
 }

@@ -35,6 +35,7 @@ macro_rules! log {
 mod net;
 mod session;
 mod spawn;
+mod user;
 
 use net::{ListenAddr, Listener, ReadyAddr, Stream};
 

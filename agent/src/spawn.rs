@@ -16,6 +16,7 @@ use std::sync::OnceLock;
 use ember_agent::wire::{ExecRequest, FailureKind, WinSize};
 
 use crate::net::set_nonblocking;
+use crate::user;
 
 /// The `PATH` every command starts with (Debian's default for root).
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
@@ -87,29 +88,46 @@ pub fn spawn(request: &ExecRequest) -> Result<Spawned, SpawnError> {
         None => Command::new(program),
     };
     command.args(args).env_clear();
-    match root.and_then(|root| CString::new(root.as_os_str().as_bytes()).ok()) {
+    let identity = match &request.user {
+        Some(spec) => Some(
+            user::resolve(spec, root.map_or(Path::new("/"), PathBuf::as_path))
+                .map_err(SpawnError::other)?,
+        ),
+        None => None,
+    };
+    let switch = identity.as_ref().map(user::Switch::new);
+    let new_root = match root {
         Some(root) => {
-            let cwd = CString::new(cwd).map_err(|_| SpawnError::other("cwd holds a NUL".into()))?;
-            // SAFETY: the closure runs in the child between fork and exec and only calls chroot
-            // and chdir, which are async-signal-safe, on C strings made before the fork.
-            // std applies its own working directory before this closure, so the directory is
-            // set here, inside the new root; the program is then looked up on PATH in it.
-            unsafe {
-                command.pre_exec(move || {
-                    if libc::chroot(root.as_ptr()) < 0 || libc::chdir(cwd.as_ptr()) < 0 {
-                        return Err(io::Error::last_os_error());
-                    }
-                    Ok(())
-                });
+            Some(user::c_path(root).ok_or_else(|| SpawnError::other("root holds a NUL".into()))?)
+        }
+        None => None,
+    };
+    let cwd_c = CString::new(cwd).map_err(|_| SpawnError::other("cwd holds a NUL".into()))?;
+    // SAFETY: the closure runs in the child between fork and exec and only makes
+    // async-signal-safe system calls (chroot, setgroups, setgid, setuid, chdir) on values made
+    // before the fork. Order: into the root while still root, then the user, then the
+    // directory, whose permissions are then checked as that user (as Docker does). The program
+    // is then looked up on PATH inside the root.
+    unsafe {
+        command.pre_exec(move || {
+            if let Some(root) = &new_root {
+                if libc::chroot(root.as_ptr()) < 0 {
+                    return Err(io::Error::last_os_error());
+                }
             }
-        }
-        None => {
-            command.current_dir(cwd);
-        }
+            if let Some(switch) = &switch {
+                switch.apply()?;
+            }
+            if libc::chdir(cwd_c.as_ptr()) < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
     }
     // The PATH set here is also the one std searches for `program` (it honours a PATH given to
     // the command), so a request's own PATH works as it would in a shell.
-    command.env("PATH", DEFAULT_PATH).env("HOME", "/root");
+    let home = identity.as_ref().map_or("/root", |i| i.home.as_str());
+    command.env("PATH", DEFAULT_PATH).env("HOME", home);
     if request.tty.is_some() {
         command.env("TERM", "xterm-256color");
     }

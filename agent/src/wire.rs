@@ -47,7 +47,7 @@
 use std::io::{self, Read, Write};
 
 /// The version of this wire format, exchanged in [`Message::Hello`].
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 /// The vsock port the agent listens on for exec connections.
 pub const AGENT_PORT: u32 = 1024;
 /// The host's vsock port the agent connects to, once listening, to say it is ready.
@@ -85,6 +85,10 @@ pub struct ExecRequest {
     /// Run on a new pseudo-terminal of this size, as the controlling terminal of a new session;
     /// all output then comes back as [`Message::Stdout`].
     pub tty: Option<WinSize>,
+    /// Run as this user, as `docker run --user` takes it: `USER[:GROUP]`, each a name (looked up
+    /// in the root's `/etc/passwd` and `/etc/group`) or a number; root when `None`. Added in
+    /// version 2.
+    pub user: Option<String>,
 }
 
 /// Why a command could not be started. Each has the exit status a shell would give.
@@ -286,6 +290,13 @@ pub fn encode(message: &Message) -> Vec<u8> {
                 }
                 None => buf.push(0),
             }
+            match &request.user {
+                Some(user) => {
+                    buf.push(1);
+                    put_str(&mut buf, user);
+                }
+                None => buf.push(0),
+            }
         }
         Message::Started { pid } => put_u32(&mut buf, *pid),
         Message::Stdout(data) | Message::Stderr(data) | Message::Stdin(data) => {
@@ -458,12 +469,18 @@ fn decode_frame(body: &[u8]) -> Result<Message, WireError> {
             } else {
                 None
             };
+            let user = if p.flag("user flag")? {
+                Some(p.string()?)
+            } else {
+                None
+            };
             Message::Exec(ExecRequest {
                 argv,
                 env,
                 cwd,
                 stdin,
                 tty,
+                user,
             })
         }
         tag::STARTED => Message::Started { pid: p.u32()? },
@@ -608,6 +625,7 @@ mod tests {
                 cwd: Some("/tmp".into()),
                 stdin: true,
                 tty: Some(WinSize { rows: 24, cols: 80 }),
+                user: Some("nobody:nogroup".into()),
             }),
             Message::Exec(ExecRequest {
                 argv: vec![],
@@ -615,6 +633,7 @@ mod tests {
                 cwd: None,
                 stdin: false,
                 tty: None,
+                user: None,
             }),
             Message::Started { pid: 4242 },
             Message::Stdout(b"out\n".to_vec()),

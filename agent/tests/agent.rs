@@ -222,6 +222,7 @@ fn request(argv: &[&str]) -> ExecRequest {
         cwd: None,
         stdin: false,
         tty: None,
+        user: None,
     }
 }
 
@@ -283,6 +284,32 @@ fn environment_and_working_directory() {
         "a missing cwd is not 'command not found': {:?}",
         out.last
     );
+}
+
+#[test]
+fn a_user_runs_the_command_with_its_ids_and_home() {
+    let agent = Agent::start();
+    // The host's /etc/passwd has nobody (65534) on Debian, as the agent's own root here.
+    let mut req =
+        sh("echo \"$(id -u) $(id -g) $(id -G) $HOME\"; touch /root/x 2>/dev/null || echo denied");
+    req.user = Some("nobody".into());
+    let out = agent.run(req.clone());
+    assert_eq!(out.stdout(), "65534 65534 65534 /nonexistent\ndenied\n");
+    assert_eq!(out.last, Some(Message::Exited { code: 0 }));
+    // Numbers, with a group that exists nowhere.
+    req.user = Some("4242:4343".into());
+    let out = agent.run(req.clone());
+    assert_eq!(out.stdout(), "4242 4343 4343 /\ndenied\n");
+    // A name that is not there: nothing runs, 125.
+    req.user = Some("no-such-user".into());
+    let out = agent.run(req);
+    match out.last {
+        Some(Message::Failed {
+            kind: FailureKind::Other,
+            message,
+        }) => assert!(message.contains("no-such-user"), "{message}"),
+        other => panic!("expected Failed, got {other:?}"),
+    }
 }
 
 #[test]

@@ -31,6 +31,8 @@ pub struct JobSpec {
     pub env: Vec<(String, String)>,
     /// The working directory; the agent's default (`/`) when absent.
     pub cwd: Option<String>,
+    /// `USER[:GROUP]` to run as (names resolved in the guest's root); root when absent.
+    pub user: Option<String>,
     /// Connect Ember's stdin to the command's (`-i`).
     pub stdin: bool,
     /// Give the command a pseudo-terminal and put the host's in raw mode (`-t`).

@@ -214,6 +214,7 @@ impl Session {
                 cwd: spec.cwd.clone(),
                 stdin: spec.stdin,
                 tty,
+                user: spec.user.clone(),
             }),
         )?;
         let handle = JobHandle {
@@ -433,6 +434,7 @@ mod tests {
             argv: argv.iter().map(|a| a.to_string()).collect(),
             env: vec![("A".into(), "1".into())],
             cwd: Some("/tmp".into()),
+            user: Some("app".into()),
             stdin: false,
             tty: false,
             timeout: None,
@@ -456,6 +458,7 @@ mod tests {
         assert_eq!(request.argv, ["sh", "-c", "exit 7"]);
         assert_eq!(request.env, [("A".to_string(), "1".to_string())]);
         assert_eq!(request.cwd.as_deref(), Some("/tmp"));
+        assert_eq!(request.user.as_deref(), Some("app"));
         assert!(!request.stdin);
         assert_eq!(request.tty, None);
 
