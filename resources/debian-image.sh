@@ -20,7 +20,8 @@ if [ ! -s "$out" ]; then
     echo "[debian-image] mmdebstrap --variant=minbase bookworm -> $out (about a minute, once)" >&2
     tmp="$out.partial"
     rm -f "$tmp"
-    mmdebstrap --quiet --variant=minbase --include="$include" bookworm "$tmp" >&2
+    # --format: the temporary name has no .tar for mmdebstrap to go by (it would make a directory).
+    mmdebstrap --quiet --format=tar --variant=minbase --include="$include" bookworm "$tmp" >&2
     mv "$tmp" "$out"
 fi
 echo "$out"
