@@ -286,10 +286,19 @@ fn two_vms_share_an_oci_image_and_neither_changes_it() {
     let dir = scratch_dir("images-oci");
     let image = dir.join("oci");
     two_layer_oci(&image);
-    // Two VMs at once on the one image: each writes into its root and a 1 MiB file into its
-    // own volume, then looks for the other's file (which its overlay must not show).
+    // Two VMs at once on the one image, one given the layout and one the archive: each writes
+    // into its root and a 1 MiB file into its own volume, then looks for the other's file (which
+    // its overlay must not show).
+    // The same image as an oci-archive (`podman save --format oci-archive`: the layout, tarred).
+    let archive = dir.join("image.oci.tar");
+    let mut tar = tar::Builder::new(fs::File::create(&archive).unwrap());
+    tar.append_dir_all(".", &image).unwrap();
+    tar.finish().unwrap();
+    drop(tar);
+    let images = [image.clone(), archive];
     let runs: Vec<_> = (0..2)
         .map(|n| {
+            let image = &images[n];
             let out = dir.join(format!("out{n}"));
             fs::create_dir_all(&out).unwrap();
             // The image's user writes there.
