@@ -32,6 +32,34 @@ pub enum Command {
     Run(Box<RunArgs>),
     /// Run a command in a VM already running with --vsock, through its guest agent.
     Exec(ExecArgs),
+    /// Control a VM running with --api-socket: info, pause, resume, shutdown, metrics.
+    Ctl(CtlArgs),
+}
+
+/// `ember ctl PATH ACTION`.
+#[derive(Debug, Args)]
+pub struct CtlArgs {
+    /// The VM's API socket (its --api-socket)
+    #[arg(value_name = "PATH")]
+    pub socket: PathBuf,
+    /// What to do
+    #[arg(value_enum)]
+    pub action: CtlAction,
+}
+
+/// What `ember ctl` asks of the VM.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum CtlAction {
+    /// GET /vm: state, configuration, uptime, devices (JSON)
+    Info,
+    /// PUT /vm/pause: stop every vCPU
+    Pause,
+    /// PUT /vm/resume
+    Resume,
+    /// PUT /vm/shutdown: end the VM
+    Shutdown,
+    /// GET /metrics (Prometheus text)
+    Metrics,
 }
 
 /// How a command runs in the guest (job mode).
@@ -148,6 +176,10 @@ pub struct RunArgs {
     /// to PATH and writing "CONNECT P"; the guest reaches host port P at PATH_P
     #[arg(long, value_name = "SPEC")]
     pub vsock: Option<VsockConfig>,
+    /// A control socket (HTTP/1.1 + JSON, as `curl --unix-socket PATH` speaks): GET /vm,
+    /// PUT /vm/pause, /vm/resume, /vm/shutdown, GET /metrics; `ember ctl PATH` is its client
+    #[arg(long, value_name = "PATH")]
+    pub api_socket: Option<PathBuf>,
     /// Workarounds for software KVM (kvm_pvm): auto applies them when it is detected
     #[arg(long, value_name = "MODE", value_enum, default_value_t = SoftwareKvmMode::Auto)]
     pub software_kvm: SoftwareKvmMode,
@@ -229,6 +261,7 @@ impl RunArgs {
             nets: self.nets,
             vsock: self.vsock,
             volumes: self.volumes,
+            api_socket: self.api_socket,
             cpus: self.cpus,
             memory_bytes: self.memory,
             // In job mode the console is not mixed into the command's output.

@@ -230,6 +230,9 @@ pub struct VmConfig {
     /// Host directories shared with the guest over virtio-fs.
     #[serde(default)]
     pub volumes: Vec<VolumeConfig>,
+    /// The control socket (HTTP/1.1 + JSON), when asked for.
+    #[serde(default)]
+    pub api_socket: Option<PathBuf>,
 }
 
 /// A host directory shared live with the guest: `HOST_DIR:GUEST_DIR[:ro]`.
@@ -620,6 +623,7 @@ mod tests {
             nets: vec!["tap=tap0,mac=02:00:00:00:00:01".parse().unwrap()],
             vsock: Some("cid=3,socket=/tmp/v.sock".parse().unwrap()),
             volumes: vec!["/src:/src:ro".parse().unwrap()],
+            api_socket: Some("/tmp/api.sock".into()),
         };
         let json = serde_json::to_string(&config).unwrap();
         assert_eq!(serde_json::from_str::<VmConfig>(&json).unwrap(), config);

@@ -7,6 +7,7 @@
 #[cfg(not(target_arch = "x86_64"))]
 compile_error!("Ember supports x86_64 hosts only");
 
+pub mod api;
 pub mod arch;
 pub mod cli;
 pub mod config;

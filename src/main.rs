@@ -1,6 +1,7 @@
 //! `ember`: parse the command line, build and run the VM, exit with a code that says how it ended.
 
 use std::error::Error;
+use std::io::Write;
 use std::process::ExitCode;
 use std::time::Instant;
 
@@ -31,6 +32,22 @@ fn main() -> ExitCode {
                 eprintln!("ember: {outcome}");
             }
             return ExitCode::from(outcome.exit_code());
+        }
+        Command::Ctl(args) => {
+            return match ember::api::client::request(&args.socket, args.action) {
+                Ok(body) => {
+                    let mut stdout = std::io::stdout().lock();
+                    let _ = stdout.write_all(&body);
+                    if !body.ends_with(b"\n") && !body.is_empty() {
+                        let _ = stdout.write_all(b"\n");
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("ember: error: {e}");
+                    ExitCode::from(1)
+                }
+            };
         }
     };
     let job = match args.job_spec() {

@@ -19,10 +19,17 @@ pub enum Wakeup {
     Signal,
     /// A process a device depends on (a volume's virtiofsd) exited.
     BackendExited,
+    /// The control socket has a request for the main thread.
+    Api,
 }
 
 impl Wakeup {
-    const ALL: [Wakeup; 3] = [Wakeup::StopRequested, Wakeup::Signal, Wakeup::BackendExited];
+    const ALL: [Wakeup; 4] = [
+        Wakeup::StopRequested,
+        Wakeup::Signal,
+        Wakeup::BackendExited,
+        Wakeup::Api,
+    ];
 
     /// The epoll token: the variant's position.
     fn token(self) -> u64 {

@@ -49,6 +49,8 @@ pub enum VmOutcome {
     Job(JobOutcome),
     /// A host process a device depends on died while the VM ran (a volume's virtiofsd).
     BackendFailed(String),
+    /// A client of the control socket asked the VM to end (`PUT /vm/shutdown`).
+    ShutdownRequested,
 }
 
 impl From<VmRequest> for VmOutcome {
@@ -78,7 +80,7 @@ impl VmOutcome {
     /// The process exit code for this outcome (documented in the README).
     pub fn exit_code(&self) -> u8 {
         match self {
-            VmOutcome::Reset | VmOutcome::PowerOff => 0,
+            VmOutcome::Reset | VmOutcome::PowerOff | VmOutcome::ShutdownRequested => 0,
             VmOutcome::GuestExit(status) => *status,
             VmOutcome::TripleFault { .. } | VmOutcome::FailedEntry { .. } => EXIT_GUEST_CRASHED,
             VmOutcome::InternalError { .. } => EXIT_KVM_INTERNAL_ERROR,
@@ -93,7 +95,10 @@ impl VmOutcome {
     /// Whether the guest ended on its own terms (nothing to report as an error).
     pub fn is_clean(&self) -> bool {
         match self {
-            VmOutcome::Reset | VmOutcome::PowerOff | VmOutcome::GuestExit(_) => true,
+            VmOutcome::Reset
+            | VmOutcome::PowerOff
+            | VmOutcome::GuestExit(_)
+            | VmOutcome::ShutdownRequested => true,
             VmOutcome::Job(job) => job.is_clean(),
             _ => false,
         }
@@ -137,6 +142,7 @@ impl fmt::Display for VmOutcome {
             VmOutcome::ConsoleQuit => write!(f, "stopped from the console (Ctrl-A x)"),
             VmOutcome::Job(job) => write!(f, "{job}"),
             VmOutcome::BackendFailed(what) => write!(f, "{what}"),
+            VmOutcome::ShutdownRequested => write!(f, "shut down through the API socket"),
         }
     }
 }

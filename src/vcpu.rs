@@ -11,7 +11,7 @@
 //! KVM_RUN return), so a guest spinning in a loop sees it at once.
 
 use std::cell::Cell;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, TryRecvError};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -144,8 +144,53 @@ fn bus_write(bus: &Bus, addr: u64, data: &[u8]) -> ExitAction {
     }
 }
 
+/// How many exits of each kind the vCPUs took, for `GET /metrics`. Relaxed atomic adds: one
+/// costs nanoseconds, an exit microseconds.
+#[derive(Default)]
+pub struct ExitCounters {
+    counts: [AtomicU64; EXIT_KINDS.len()],
+}
+
+/// The kinds counted, as `GET /metrics` names them.
+pub const EXIT_KINDS: [&str; 8] = [
+    "io_in",
+    "io_out",
+    "mmio_read",
+    "mmio_write",
+    "hlt",
+    "intr",
+    "system_event",
+    "other",
+];
+
+impl ExitCounters {
+    fn count(&self, exit: &VcpuExit) {
+        let kind = match exit {
+            VcpuExit::IoIn(..) => 0,
+            VcpuExit::IoOut(..) => 1,
+            VcpuExit::MmioRead(..) => 2,
+            VcpuExit::MmioWrite(..) => 3,
+            VcpuExit::Hlt => 4,
+            VcpuExit::Intr => 5,
+            VcpuExit::SystemEvent(..) => 6,
+            _ => 7,
+        };
+        self.counts[kind].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Each kind and its count so far.
+    pub fn snapshot(&self) -> impl Iterator<Item = (&'static str, u64)> + '_ {
+        EXIT_KINDS
+            .iter()
+            .zip(&self.counts)
+            .map(|(kind, count)| (*kind, count.load(Ordering::Relaxed)))
+    }
+}
+
 /// Shared between the vCPUs and the thread that waits for the VM to end.
 pub struct VmControl {
+    /// Every vCPU's exits, by kind.
+    pub exits: ExitCounters,
     stopping: AtomicBool,
     outcome: Mutex<Option<VmOutcome>>,
     /// Signalled once, when the first stop is requested.
@@ -155,6 +200,7 @@ pub struct VmControl {
 impl VmControl {
     pub fn new() -> std::io::Result<Self> {
         Ok(Self {
+            exits: ExitCounters::default(),
             stopping: AtomicBool::new(false),
             outcome: Mutex::new(None),
             stop_event: EventFd::new(libc::EFD_NONBLOCK)?,
@@ -462,7 +508,10 @@ impl Vcpu<'_> {
     /// One KVM_RUN and its exit. `Err` is why the VM must stop.
     fn run_once(&mut self) -> Result<(), StopCause> {
         let action = match self.fd.run() {
-            Ok(exit) => handle_exit_in_accesses(exit, port_access_size(), self.buses),
+            Ok(exit) => {
+                self.control.exits.count(&exit);
+                handle_exit_in_accesses(exit, port_access_size(), self.buses)
+            }
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                 self.fd.set_kvm_immediate_exit(0);
                 return Ok(());

@@ -30,6 +30,7 @@ use vm_memory::{
 };
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::api::{ApiError, ApiReply, ApiRequest, ApiServer, PROMETHEUS_TEXT};
 use crate::arch::x86_64::boot::{self, BootError};
 use crate::arch::x86_64::cpuid::{self, CpuidTopology};
 use crate::arch::x86_64::layout::{
@@ -95,6 +96,8 @@ impl AgentMode {
 pub enum VmmError {
     #[error(transparent)]
     Kvm(#[from] KvmError),
+    #[error(transparent)]
+    Api(#[from] ApiError),
     #[error("--cpus must be at least 1")]
     NoCpus,
     #[error("--cpus {requested} is more than this host's KVM supports ({max})")]
@@ -205,6 +208,8 @@ pub struct Vm {
     devices: DeviceManager,
     /// The volumes' virtiofsd daemons, stopped when the VM is gone.
     volumes: Option<Volumes>,
+    /// What the user asked for, for the control socket's `GET /vm`.
+    config: VmConfig,
 }
 
 impl Vm {
@@ -320,6 +325,7 @@ impl Vm {
             console_ring: console.ring,
             devices,
             volumes,
+            config: config.clone(),
         })
     }
 
@@ -346,7 +352,19 @@ impl Vm {
                 .watch(fd.as_raw_fd(), Wakeup::BackendExited)
                 .map_err(VmmError::EventLoop)?;
         }
+        // Before the vCPUs: a bad path is one line and nothing started.
+        let api = match &self.config.api_socket {
+            Some(path) => Some(ApiServer::start(path)?),
+            None => None,
+        };
+        if let Some(api) = &api {
+            main_loop
+                .watch(api.wake.as_raw_fd(), Wakeup::Api)
+                .map_err(VmmError::EventLoop)?;
+        }
+        let config = self.config.clone();
         let mut running = self.start(&control)?;
+        let running_since = Instant::now();
         if let Some(job) = job {
             let spawned = control
                 .stop_event
@@ -390,6 +408,16 @@ impl Vm {
                             "virtiofsd{dir} exited while the VM ran (its volume is gone)"
                         )));
                     }
+                    Wakeup::Api => {
+                        let Some(api) = &api else { continue };
+                        let _ = api.wake.read();
+                        while let Ok(call) = api.calls.try_recv() {
+                            let reply =
+                                running.answer(&call.request, &control, &config, running_since);
+                            // A client that gave up is not an error.
+                            let _ = call.reply.send(reply);
+                        }
+                    }
                     Wakeup::Signal => {
                         while let Some(signal) = main_loop.read_signal() {
                             // A job's command gets the signal first; it ending stops the VM.
@@ -407,6 +435,7 @@ impl Vm {
         }
 
         running.stop();
+        drop(api);
         let outcome = control.take_outcome().unwrap_or(VmOutcome::MonitorFailed {
             cpu: 0,
             what: "stopped without a reason".into(),
@@ -487,6 +516,7 @@ impl Vm {
         }
         Ok(RunningVm {
             job: None,
+            paused: false,
             vcpus,
             device_threads,
             devices: self.devices,
@@ -504,6 +534,8 @@ const CONSOLE_PATIENCE: Duration = Duration::from_millis(500);
 /// The threads of a running VM.
 struct RunningVm {
     job: Option<JobThread>,
+    /// Paused through the control socket.
+    paused: bool,
     vcpus: Vec<VcpuHandle>,
     device_threads: DeviceThreads,
     /// The devices stay attached (their transports on the MMIO bus) until the VM is gone.
@@ -515,7 +547,101 @@ struct RunningVm {
     _guest_memory: GuestMemoryMmap,
 }
 
+/// How long the control socket's pause and resume wait for each vCPU.
+const VCPU_ANSWER: Duration = Duration::from_secs(5);
+
 impl RunningVm {
+    /// Answers a control-socket request (on the main thread, which owns the vCPUs).
+    fn answer(
+        &mut self,
+        request: &ApiRequest,
+        control: &VmControl,
+        config: &VmConfig,
+        running_since: Instant,
+    ) -> ApiReply {
+        match request {
+            ApiRequest::Info => ApiReply::json(&serde_json::json!({
+                "state": self.state_name(),
+                "uptime_seconds": running_since.elapsed().as_secs_f64(),
+                "ember_version": env!("CARGO_PKG_VERSION"),
+                "config": config,
+                "devices": self.devices.devices().iter().map(|d| serde_json::json!({
+                    "id": d.slot.id,
+                    "kind": d.slot.kind.name(),
+                    "mmio_base": d.slot.mmio_base,
+                    "irq": d.slot.irq,
+                })).collect::<Vec<_>>(),
+            })),
+            ApiRequest::Pause | ApiRequest::Resume => {
+                let pause = *request == ApiRequest::Pause;
+                if self.paused != pause {
+                    let started = Instant::now();
+                    for (index, vcpu) in self.vcpus.iter().enumerate() {
+                        let done = if pause {
+                            vcpu.pause(VCPU_ANSWER)
+                        } else {
+                            vcpu.resume(VCPU_ANSWER)
+                        };
+                        if let Err(e) = done {
+                            // Leave no vCPU behind in the other state.
+                            for vcpu in &self.vcpus[..index] {
+                                let _ = if pause {
+                                    vcpu.resume(VCPU_ANSWER)
+                                } else {
+                                    vcpu.pause(VCPU_ANSWER)
+                                };
+                            }
+                            return ApiReply::error(500, format!("vCPU {index}: {e}"));
+                        }
+                    }
+                    self.paused = pause;
+                    log::info!(
+                        "API: {} in {:?}",
+                        if pause { "paused" } else { "resumed" },
+                        started.elapsed()
+                    );
+                }
+                ApiReply::json(&serde_json::json!({ "state": self.state_name() }))
+            }
+            ApiRequest::Shutdown => {
+                control.request_stop(VmOutcome::ShutdownRequested);
+                ApiReply::json(&serde_json::json!({ "state": "stopping" }))
+            }
+            ApiRequest::Metrics => {
+                let mut text = String::from(
+                    "# HELP ember_vcpu_exits_total VM exits to ember, by reason.\n\
+                     # TYPE ember_vcpu_exits_total counter\n",
+                );
+                for (reason, count) in control.exits.snapshot() {
+                    text.push_str(&format!(
+                        "ember_vcpu_exits_total{{reason=\"{reason}\"}} {count}\n"
+                    ));
+                }
+                text.push_str(&format!(
+                    "# HELP ember_uptime_seconds Time since the vCPUs started.\n\
+                     # TYPE ember_uptime_seconds gauge\nember_uptime_seconds {}\n\
+                     # HELP ember_vm_paused Whether the vCPUs are paused.\n\
+                     # TYPE ember_vm_paused gauge\nember_vm_paused {}\n",
+                    running_since.elapsed().as_secs_f64(),
+                    u8::from(self.paused)
+                ));
+                ApiReply {
+                    status: 200,
+                    content_type: PROMETHEUS_TEXT,
+                    body: text.into_bytes(),
+                }
+            }
+        }
+    }
+
+    fn state_name(&self) -> &'static str {
+        if self.paused {
+            "paused"
+        } else {
+            "running"
+        }
+    }
+
     /// Finishes every vCPU, then the devices (which flush their data), then restores the
     /// terminal.
     fn stop(self) {

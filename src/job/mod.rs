@@ -155,8 +155,8 @@ pub fn exec(socket: &Path, spec: &JobSpec) -> JobOutcome {
         for wakeup in wakeups {
             match wakeup {
                 Wakeup::StopRequested => break 'wait,
-                // ember exec watches no backend.
-                Wakeup::BackendExited => {}
+                // ember exec watches no backend and has no control socket.
+                Wakeup::BackendExited | Wakeup::Api => {}
                 Wakeup::Signal => {
                     while let Some(signal) = main_loop.read_signal() {
                         if signal == libc::SIGWINCH {

@@ -1,0 +1,311 @@
+//! The control socket (`ember run --api-socket PATH`): HTTP/1.1 and JSON over a Unix socket, as
+//! Firecracker and Cloud Hypervisor serve theirs, so `curl --unix-socket PATH` works and
+//! `ember ctl PATH …` is its client.
+//!
+//! One thread (`ember-api`) accepts connections and reads one request from each ([`http`]); it
+//! never touches the VM. It hands the request to the main thread as an [`ApiCall`] (a channel,
+//! and an eventfd the main loop watches: [`crate::main_loop::Wakeup::Api`]), which acts on it with
+//! the vCPU handles it owns and answers on the call's own channel. So the VM has one owner, and
+//! a client that stalls holds up only the API thread (each connection has a read deadline).
+//!
+//! Without `--api-socket`, none of this exists: no thread, no socket, no eventfd.
+
+pub mod client;
+pub mod http;
+
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+/// How long a client may take to send its request.
+const READ_DEADLINE: Duration = Duration::from_secs(5);
+/// How long the API thread waits for the main thread's answer (a pause waits for every vCPU).
+const ANSWER_DEADLINE: Duration = Duration::from_secs(30);
+
+/// What a client asked for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ApiRequest {
+    /// `GET /vm`: state, configuration, uptime, devices.
+    Info,
+    /// `PUT /vm/pause`: every vCPU out of KVM_RUN, at an instruction boundary.
+    Pause,
+    /// `PUT /vm/resume`.
+    Resume,
+    /// `PUT /vm/shutdown`: end the VM (devices flushed, as on every way out).
+    Shutdown,
+    /// `GET /metrics`: Prometheus text.
+    Metrics,
+}
+
+/// A request on its way to the main thread, with where the answer goes.
+pub struct ApiCall {
+    /// The request.
+    pub request: ApiRequest,
+    /// Where the main thread sends the answer.
+    pub reply: Sender<ApiReply>,
+}
+
+/// An answer: an HTTP status and its body.
+#[derive(Debug, PartialEq, Eq)]
+pub struct ApiReply {
+    /// The HTTP status.
+    pub status: u16,
+    /// `application/json` or Prometheus' text type.
+    pub content_type: &'static str,
+    /// The body.
+    pub body: Vec<u8>,
+}
+
+/// Prometheus' text exposition format.
+pub const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4";
+
+impl ApiReply {
+    /// 200 with `value` as JSON.
+    pub fn json(value: &serde_json::Value) -> Self {
+        Self {
+            status: 200,
+            content_type: "application/json",
+            body: value.to_string().into_bytes(),
+        }
+    }
+
+    /// An error: `{"error": message}` with `status`.
+    pub fn error(status: u16, message: impl std::fmt::Display) -> Self {
+        Self {
+            status,
+            content_type: "application/json",
+            body: serde_json::json!({ "error": message.to_string() })
+                .to_string()
+                .into_bytes(),
+        }
+    }
+}
+
+/// Which request a method and path name, or the error answer.
+fn route(method: &str, path: &str) -> Result<ApiRequest, ApiReply> {
+    let wanted =
+        match path {
+            "/vm" => ("GET", ApiRequest::Info),
+            "/metrics" => ("GET", ApiRequest::Metrics),
+            "/vm/pause" => ("PUT", ApiRequest::Pause),
+            "/vm/resume" => ("PUT", ApiRequest::Resume),
+            "/vm/shutdown" => ("PUT", ApiRequest::Shutdown),
+            "/vm/snapshot" => return Err(ApiReply::error(
+                501,
+                "snapshots are not implemented yet (pause, resume, info, metrics and shutdown are)",
+            )),
+            _ => return Err(ApiReply::error(404, format!("no such resource: {path}"))),
+        };
+    if method != wanted.0 {
+        return Err(ApiReply::error(
+            405,
+            format!("{path} takes {}, not {method}", wanted.0),
+        ));
+    }
+    Ok(wanted.1)
+}
+
+/// Why the control socket cannot be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// The socket cannot be created at the path.
+    #[error("cannot create the API socket {}: {source}", path.display())]
+    Bind {
+        /// The path.
+        path: PathBuf,
+        /// Why.
+        source: io::Error,
+    },
+    /// The eventfd or the thread cannot be made.
+    #[error("cannot start the API thread: {0}")]
+    Start(#[source] io::Error),
+}
+
+/// The control socket's thread and what the main thread reads from it.
+pub struct ApiServer {
+    path: PathBuf,
+    listener_fd: RawFd,
+    thread: Option<JoinHandle<()>>,
+    /// Readable when calls wait in [`ApiServer::calls`].
+    pub wake: EventFd,
+    /// The calls, in order.
+    pub calls: Receiver<ApiCall>,
+}
+
+impl ApiServer {
+    /// Creates the socket at `path` (mode 0600; a stale socket file there is replaced, anything
+    /// else is an error) and starts the thread.
+    pub fn start(path: &Path) -> Result<Self, ApiError> {
+        let bind_error = |source| ApiError::Bind {
+            path: path.to_owned(),
+            source,
+        };
+        if let Ok(meta) = std::fs::symlink_metadata(path) {
+            use std::os::unix::fs::FileTypeExt;
+            if !meta.file_type().is_socket() {
+                return Err(bind_error(io::Error::new(
+                    io::ErrorKind::AlreadyExists,
+                    "a file that is not a socket is in the way",
+                )));
+            }
+            // A socket someone still answers on belongs to a running VM.
+            if UnixStream::connect(path).is_ok() {
+                return Err(bind_error(io::Error::new(
+                    io::ErrorKind::AddrInUse,
+                    "another ember is listening there",
+                )));
+            }
+            std::fs::remove_file(path).map_err(bind_error)?;
+        }
+        let listener = bind_private(path).map_err(bind_error)?;
+        let wake = EventFd::new(EFD_NONBLOCK).map_err(ApiError::Start)?;
+        let thread_wake = wake.try_clone().map_err(ApiError::Start)?;
+        let (sender, calls) = mpsc::channel();
+        let listener_fd = listener.as_raw_fd();
+        let thread = std::thread::Builder::new()
+            .name("ember-api".into())
+            .spawn(move || serve(listener, sender, thread_wake))
+            .map_err(ApiError::Start)?;
+        log::info!("API socket at {}", path.display());
+        Ok(Self {
+            path: path.to_owned(),
+            listener_fd,
+            thread: Some(thread),
+            wake,
+            calls,
+        })
+    }
+}
+
+impl Drop for ApiServer {
+    /// Stops the thread (shutting the listening socket down wakes its `accept`) and removes the
+    /// socket file.
+    fn drop(&mut self) {
+        // Calls still queued are answered "stopping" (their reply channels close with them), and
+        // the thread's next send fails at once: it must not wait for a main thread that is gone.
+        drop(std::mem::replace(&mut self.calls, mpsc::channel().1));
+        if let Some(thread) = self.thread.take() {
+            // SAFETY: shutdown on the listener's descriptor, which the thread keeps open until
+            // it returns, and it returns only after this wakes it (joined just below).
+            unsafe { libc::shutdown(self.listener_fd, libc::SHUT_RDWR) };
+            let _ = thread.join();
+        }
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Binds with the socket file created 0600: the umask is narrowed around `bind` (it is the only
+/// way to create a Unix socket with a mode), then the mode is set again in case it was not.
+fn bind_private(path: &Path) -> io::Result<UnixListener> {
+    // SAFETY: umask only swaps the process's file-creation mask; no memory is involved.
+    let old = unsafe { libc::umask(0o177) };
+    let listener = UnixListener::bind(path);
+    // SAFETY: as above, restoring the previous mask.
+    unsafe { libc::umask(old) };
+    let listener = listener?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(listener)
+}
+
+/// The API thread: one connection at a time, one request each.
+fn serve(listener: UnixListener, calls: Sender<ApiCall>, wake: EventFd) {
+    for stream in listener.incoming() {
+        let mut stream = match stream {
+            Ok(stream) => stream,
+            // Shut down by ApiServer::drop (EINVAL), or the listener failed: either way, done.
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(_) => return,
+        };
+        let _ = stream.set_read_timeout(Some(READ_DEADLINE));
+        let reply = match http::read_request(&mut stream) {
+            Ok(request) => match route(&request.method, &request.path) {
+                Ok(request) => ask_main_thread(request, &calls, &wake),
+                Err(reply) => reply,
+            },
+            Err(e) => ApiReply::error(e.status(), &e),
+        };
+        if let Err(e) =
+            http::write_response(&mut stream, reply.status, reply.content_type, &reply.body)
+        {
+            log::debug!("API: cannot answer a client: {e}");
+        }
+    }
+}
+
+fn ask_main_thread(request: ApiRequest, calls: &Sender<ApiCall>, wake: &EventFd) -> ApiReply {
+    let (reply, answer) = mpsc::channel();
+    if calls.send(ApiCall { request, reply }).is_err() || wake.write(1).is_err() {
+        return ApiReply::error(503, "the VM is stopping");
+    }
+    match answer.recv_timeout(ANSWER_DEADLINE) {
+        Ok(reply) => reply,
+        Err(RecvTimeoutError::Timeout) => ApiReply::error(503, "the VM did not answer in time"),
+        Err(RecvTimeoutError::Disconnected) => ApiReply::error(503, "the VM is stopping"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    #[test]
+    fn routes_methods_and_unknown_paths() {
+        assert_eq!(route("GET", "/vm"), Ok(ApiRequest::Info));
+        assert_eq!(route("PUT", "/vm/pause"), Ok(ApiRequest::Pause));
+        assert_eq!(route("PUT", "/vm/resume"), Ok(ApiRequest::Resume));
+        assert_eq!(route("PUT", "/vm/shutdown"), Ok(ApiRequest::Shutdown));
+        assert_eq!(route("GET", "/metrics"), Ok(ApiRequest::Metrics));
+        assert_eq!(route("GET", "/vm/pause").unwrap_err().status, 405);
+        assert_eq!(route("PUT", "/vm").unwrap_err().status, 405);
+        assert_eq!(route("GET", "/nope").unwrap_err().status, 404);
+        assert_eq!(route("PUT", "/vm/snapshot").unwrap_err().status, 501);
+    }
+
+    #[test]
+    fn the_socket_answers_through_the_main_thread_and_goes_away() {
+        let dir = std::env::temp_dir().join(format!("ember-api-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("api.sock");
+        // A stale socket file (nobody listening) is replaced.
+        drop(UnixListener::bind(&path).unwrap());
+        let server = ApiServer::start(&path).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        // A second server on the same path is refused while this one listens.
+        assert!(ApiServer::start(&path).is_err());
+
+        let client = std::thread::spawn({
+            let path = path.clone();
+            move || {
+                let mut s = UnixStream::connect(&path).unwrap();
+                s.write_all(b"PUT /vm/pause HTTP/1.1\r\nHost: x\r\n\r\n")
+                    .unwrap();
+                let first = http::read_response(&mut s).unwrap();
+                let mut s = UnixStream::connect(&path).unwrap();
+                s.write_all(b"garbage\r\n\r\n").unwrap();
+                (first, http::read_response(&mut s).unwrap())
+            }
+        });
+        // The main thread's side: woken, it takes the call and answers it.
+        let call = server.calls.recv_timeout(Duration::from_secs(10)).unwrap();
+        assert_eq!(server.wake.read().unwrap(), 1);
+        assert_eq!(call.request, ApiRequest::Pause);
+        call.reply
+            .send(ApiReply::json(&serde_json::json!({"state": "paused"})))
+            .unwrap();
+        let (first, garbage) = client.join().unwrap();
+        assert_eq!(first, (200, br#"{"state":"paused"}"#.to_vec()));
+        assert_eq!(garbage.0, 400);
+        drop(server);
+        assert!(!path.exists(), "the socket file outlived the server");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}

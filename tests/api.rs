@@ -1,0 +1,195 @@
+//! The control socket (`--api-socket`) on the `echo` micro-guest, which polls COM1's line status
+//! register without end: every poll is an exit, so the exit counters show whether it runs.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::{kvm_available, micro_guest, scratch_dir};
+
+fn ctl(socket: &std::path::Path, action: &str) -> common::Run {
+    common::run(
+        &["ctl", socket.to_str().unwrap(), action],
+        Duration::from_secs(60),
+    )
+}
+
+/// The guest's port-input exits so far, from `GET /metrics`.
+fn io_in_exits(socket: &std::path::Path) -> u64 {
+    let r = ctl(socket, "metrics");
+    assert_eq!(r.code(), 0, "{r:?}");
+    r.stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("ember_vcpu_exits_total{reason=\"io_in\"} "))
+        .unwrap_or_else(|| panic!("no io_in counter in {}", r.stdout))
+        .parse()
+        .unwrap()
+}
+
+/// A raw request, as curl would send it; the status line back.
+fn raw(socket: &std::path::Path, request: &str) -> String {
+    let mut s = UnixStream::connect(socket).unwrap();
+    s.write_all(request.as_bytes()).unwrap();
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).unwrap();
+    answer.lines().next().unwrap_or_default().to_string()
+}
+
+#[test]
+fn pause_resume_info_metrics_and_shutdown() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = scratch_dir("api");
+    let socket = dir.join("api.sock");
+    let kernel = micro_guest("echo");
+    let mut vm = common::spawn(
+        &[
+            "run",
+            "--kernel",
+            kernel.to_str().unwrap(),
+            "--api-socket",
+            socket.to_str().unwrap(),
+        ],
+        Stdio::piped(),
+    );
+    let mut stdin = vm.stdin.take().unwrap();
+    let mut stdout = vm.stdout.take().unwrap();
+    let output = Arc::new(Mutex::new(String::new()));
+    let reader = std::thread::spawn({
+        let output = output.clone();
+        move || {
+            let mut buf = [0u8; 256];
+            while let Ok(n) = stdout.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                output
+                    .lock()
+                    .unwrap()
+                    .push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        }
+    });
+    let wait_for = |text: &str| {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !output.lock().unwrap().contains(text) {
+            assert!(
+                Instant::now() < deadline,
+                "no {text:?} in {:?}",
+                output.lock().unwrap()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    wait_for("echo: ready");
+    let mode = std::fs::metadata(&socket).unwrap();
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&mode.permissions()) & 0o777,
+        0o600
+    );
+
+    let info = ctl(&socket, "info");
+    assert_eq!(info.code(), 0, "{info:?}");
+    let info: serde_json::Value = serde_json::from_str(&info.stdout).unwrap();
+    assert_eq!(info["state"], "running");
+    assert_eq!(info["config"]["cpus"], 1);
+    assert!(info["uptime_seconds"].as_f64().unwrap() > 0.0);
+
+    // Running: the guest polls, so the counter moves.
+    let before = io_in_exits(&socket);
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(io_in_exits(&socket) > before, "the guest is not running");
+
+    // Paused: not one more exit, and input waits.
+    let paused = ctl(&socket, "pause");
+    assert_eq!(paused.stdout.trim(), r#"{"state":"paused"}"#, "{paused:?}");
+    let at_pause = io_in_exits(&socket);
+    stdin.write_all(b"hello\n").unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        io_in_exits(&socket),
+        at_pause,
+        "a paused guest made progress"
+    );
+    assert!(!output.lock().unwrap().contains("hello"));
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&ctl(&socket, "info").stdout).unwrap()["state"],
+        "paused"
+    );
+    // Pausing twice is still paused.
+    assert_eq!(ctl(&socket, "pause").code(), 0);
+
+    // Resumed: it goes on where it was, and echoes what came meanwhile.
+    let resumed = ctl(&socket, "resume");
+    assert_eq!(
+        resumed.stdout.trim(),
+        r#"{"state":"running"}"#,
+        "{resumed:?}"
+    );
+    wait_for("hello");
+    assert!(io_in_exits(&socket) > at_pause);
+
+    // What curl would get for mistakes.
+    assert_eq!(
+        raw(&socket, "GET /nope HTTP/1.1\r\n\r\n"),
+        "HTTP/1.1 404 Not Found"
+    );
+    assert_eq!(
+        raw(&socket, "GET /vm/pause HTTP/1.1\r\n\r\n"),
+        "HTTP/1.1 405 Method Not Allowed"
+    );
+    assert_eq!(raw(&socket, "nonsense\r\n\r\n"), "HTTP/1.1 400 Bad Request");
+
+    // Shutdown ends ember with 0 and takes the socket with it.
+    let shutdown = ctl(&socket, "shutdown");
+    assert_eq!(shutdown.code(), 0, "{shutdown:?}");
+    drop(stdin);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = vm.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "ember did not end after shutdown"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    reader.join().unwrap();
+    assert_eq!(status.code(), Some(0));
+    assert!(!socket.exists(), "the API socket outlived ember");
+
+    // Nothing listens now: one line, exit 1.
+    let gone = ctl(&socket, "info");
+    assert_eq!(gone.code(), 1, "{gone:?}");
+    assert_eq!(gone.stderr.lines().count(), 1, "{gone:?}");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn an_api_socket_path_that_is_taken_is_one_line_and_125() {
+    let dir = scratch_dir("api-taken");
+    let path = dir.join("not-a-socket");
+    std::fs::write(&path, "x").unwrap();
+    let kernel = micro_guest("echo");
+    let r = common::run(
+        &[
+            "run",
+            "--kernel",
+            kernel.to_str().unwrap(),
+            "--api-socket",
+            path.to_str().unwrap(),
+        ],
+        Duration::from_secs(60),
+    );
+    assert_eq!(r.code(), 125, "{r:?}");
+    assert!(r.stderr.contains("API socket"), "{r:?}");
+    assert_eq!(r.stderr.lines().count(), 1, "{r:?}");
+    assert_eq!(std::fs::read_to_string(&path).unwrap(), "x");
+    std::fs::remove_dir_all(&dir).ok();
+}
