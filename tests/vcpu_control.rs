@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use ember::arch::x86_64::regs::{self, EntryMode};
 use ember::outcome::VmOutcome;
+use ember::snapshot::vcpu_state::{self, VcpuState};
 use ember::vcpu::{self, IoBuses, VcpuHandle, VmControl};
 use ember_devices::debug_exit::DebugExit;
 use ember_devices::{Bus, BusDevice, VmRequest};
@@ -189,4 +190,96 @@ fn rep_insb_reads_the_device_once_per_byte() {
     let mut got = [0u8; 8];
     memory.read_slice(&mut got, GuestAddress(DATA)).unwrap();
     assert_eq!(got, [1, 2, 3, 4, 0, 0, 0, 0]);
+}
+
+/// A VM like [`micro_vm`]'s, but with Ember's split irqchip (a local APIC to save) and `memory`
+/// as its RAM; its vCPU is created and left as KVM made it.
+fn vm_with_irqchip(memory: &GuestMemoryMmap) -> (VmFd, VcpuFd) {
+    let vm = Kvm::new().unwrap().create_vm().unwrap();
+    let host = memory.get_host_address(GuestAddress(0)).unwrap();
+    let region = kvm_userspace_memory_region {
+        slot: 0,
+        flags: 0,
+        guest_phys_addr: 0,
+        memory_size: 2 << 20,
+        userspace_addr: host as u64,
+    };
+    // SAFETY: the mapping belongs to `memory`, which the caller keeps until the VM is gone.
+    unsafe { vm.set_user_memory_region(region) }.unwrap();
+    ember::irqchip::create(&vm).unwrap();
+    let vcpu = vm.create_vcpu(0).unwrap();
+    (vm, vcpu)
+}
+
+/// Runs `vcpu` until the guest has written its port `outs` times, then finishes that last
+/// instruction (its RIP moves past the `out` on the next KVM_RUN, here one that returns at once).
+fn run_outs(vcpu: &mut VcpuFd, outs: u64) {
+    let mut seen = 0;
+    while seen < outs {
+        match vcpu.run().unwrap() {
+            kvm_ioctls::VcpuExit::IoOut(port, _) if port == RECORDER_PORT => seen += 1,
+            other => panic!("unexpected exit {other:?}"),
+        }
+    }
+    vcpu.set_kvm_immediate_exit(1);
+    assert_eq!(vcpu.run().unwrap_err().errno(), libc::EINTR);
+    vcpu.set_kvm_immediate_exit(0);
+}
+
+#[test]
+fn a_saved_vcpu_continues_exactly_in_a_new_vm() {
+    if !common::kvm_available() {
+        return;
+    }
+    // loop: inc rbx; mov [COUNTER], rbx; mov dx, RECORDER_PORT; out dx, al; jmp loop
+    let mut code = vec![0x48, 0xff, 0xc3, 0x48, 0x89, 0x1c, 0x25];
+    code.extend_from_slice(&(COUNTER as u32).to_le_bytes());
+    code.extend_from_slice(&[0x66, 0xba]);
+    code.extend_from_slice(&RECORDER_PORT.to_le_bytes());
+    code.extend_from_slice(&[0xee, 0xeb, 0xee]);
+    let memory = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 2 << 20)]).unwrap();
+    memory.write_slice(&code, GuestAddress(CODE)).unwrap();
+    let (_vm, mut vcpu) = vm_with_irqchip(&memory);
+    let entry = EntryMode::Linux64 {
+        entry: CODE,
+        zero_page: 0,
+    };
+    let mut sregs = vcpu.get_sregs().unwrap();
+    regs::setup_sregs(&memory, entry, &mut sregs).unwrap();
+    vcpu.set_sregs(&sregs).unwrap();
+    let mut boot = regs::boot_regs(entry);
+    boot.rax = 0x5a;
+    vcpu.set_regs(&boot).unwrap();
+    run_outs(&mut vcpu, 100);
+
+    let kvm = Kvm::new().unwrap();
+    let msrs = vcpu_state::msrs_to_save(kvm.get_msr_index_list().unwrap().as_slice());
+    let saved = VcpuState::save(&vcpu, &msrs).unwrap();
+    assert_eq!(saved.regs.rbx, 100);
+    assert_eq!(counter(&memory), 100);
+    // Through the state file's format and back.
+    let saved: VcpuState = serde_json::from_str(&serde_json::to_string(&saved).unwrap()).unwrap();
+
+    // A new VM on a copy of the memory, as a restore maps the memory file.
+    let copy = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 2 << 20)]).unwrap();
+    let mut bytes = vec![0u8; 2 << 20];
+    memory.read_slice(&mut bytes, GuestAddress(0)).unwrap();
+    copy.write_slice(&bytes, GuestAddress(0)).unwrap();
+    let (_vm2, mut restored) = vm_with_irqchip(&copy);
+    saved.restore(&restored).unwrap();
+    run_outs(&mut restored, 50);
+    let regs = restored.get_regs().unwrap();
+    assert_eq!(regs.rbx, 150, "the counter register went on from 100");
+    assert_eq!(regs.rax, 0x5a);
+    assert_eq!(counter(&copy), 150);
+    // The original, untouched since, still stands at 100 and goes on by itself.
+    assert_eq!(counter(&memory), 100);
+    run_outs(&mut vcpu, 1);
+    assert_eq!(counter(&memory), 101);
+    // The restored vCPU's control state is the saved one.
+    let sregs = restored.get_sregs().unwrap();
+    assert_eq!((sregs.cr0, sregs.cr3, sregs.cr4, sregs.efer), {
+        let s = &saved.sregs;
+        (s.cr0, s.cr3, s.cr4, s.efer)
+    });
 }

@@ -1,0 +1,6 @@
+//! Snapshots: a paused VM's state as data, written to a directory and read back.
+//!
+//! Built up in steps (the snapshot issue): [`vcpu_state`] reads and restores one vCPU's
+//! architectural state; the state file, the memory file and `--restore` come next.
+
+pub mod vcpu_state;
