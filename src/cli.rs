@@ -45,6 +45,9 @@ pub struct CtlArgs {
     /// What to do
     #[arg(value_enum)]
     pub action: CtlAction,
+    /// For `snapshot`: the directory to write it into
+    #[arg(value_name = "DIR", required_if_eq("action", "snapshot"))]
+    pub dir: Option<PathBuf>,
 }
 
 /// What `ember ctl` asks of the VM.
@@ -60,6 +63,8 @@ pub enum CtlAction {
     Shutdown,
     /// GET /metrics (Prometheus text)
     Metrics,
+    /// PUT /vm/snapshot: the VM's state and RAM into DIR, then on as before
+    Snapshot,
 }
 
 /// How a command runs in the guest (job mode).

@@ -34,7 +34,8 @@ fn main() -> ExitCode {
             return ExitCode::from(outcome.exit_code());
         }
         Command::Ctl(args) => {
-            return match ember::api::client::request(&args.socket, args.action) {
+            return match ember::api::client::request(&args.socket, args.action, args.dir.as_deref())
+            {
                 Ok(body) => {
                     let mut stdout = std::io::stdout().lock();
                     let _ = stdout.write_all(&body);

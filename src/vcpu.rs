@@ -25,6 +25,7 @@ use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
 use crate::arch::x86_64::xstate::{XstateRequest, XstateSwitch};
 use crate::outcome::VmOutcome;
+use crate::snapshot::vcpu_state::VcpuState as SavedVcpuState;
 
 /// The port-I/O and MMIO buses every vCPU dispatches to.
 pub struct IoBuses {
@@ -258,7 +259,7 @@ pub fn install_kick_handler() -> Result<(), vmm_sys_util::errno::Error> {
 }
 
 /// What another thread asks of a vCPU.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug)]
 pub enum VcpuEvent {
     /// Stop running the guest and wait for the next event (the vCPU's state stays in KVM).
     Pause,
@@ -266,6 +267,8 @@ pub enum VcpuEvent {
     Resume,
     /// End the thread.
     Finish,
+    /// A paused vCPU: read its state (these MSRs) and send it on the state channel.
+    SaveState(Arc<[u32]>),
 }
 
 /// What a vCPU answers to [`VcpuEvent::Pause`] and [`VcpuEvent::Resume`].
@@ -292,12 +295,16 @@ pub enum VcpuError {
     Timeout(Duration),
     #[error("the vCPU answered {0:?}")]
     Unexpected(VcpuResponse),
+    #[error("cannot save its state: {0}")]
+    Save(String),
 }
 
 /// A vCPU thread and the channel that drives it.
 pub struct VcpuHandle {
     events: Sender<VcpuEvent>,
     responses: Receiver<VcpuResponse>,
+    /// Answers to [`VcpuEvent::SaveState`].
+    states: Receiver<Result<SavedVcpuState, String>>,
     thread: JoinHandle<()>,
 }
 
@@ -313,6 +320,7 @@ impl VcpuHandle {
     ) -> std::io::Result<Self> {
         let (events, event_receiver) = mpsc::channel();
         let (response_sender, responses) = mpsc::channel();
+        let (state_sender, states) = mpsc::channel();
         let thread = std::thread::Builder::new()
             .name(format!("vcpu{index}"))
             .spawn(move || {
@@ -324,6 +332,7 @@ impl VcpuHandle {
                     control: &control,
                     events: event_receiver,
                     responses: response_sender,
+                    states: state_sender,
                     xstate_failed: false,
                 };
                 vcpu.run();
@@ -331,6 +340,7 @@ impl VcpuHandle {
         Ok(Self {
             events,
             responses,
+            states,
             thread,
         })
     }
@@ -350,6 +360,22 @@ impl VcpuHandle {
     /// Resumes a paused vCPU.
     pub fn resume(&self, timeout: Duration) -> Result<(), VcpuError> {
         self.request(VcpuEvent::Resume, VcpuResponse::Resumed, timeout)
+    }
+
+    /// The state of a paused vCPU, with `msrs` (see `snapshot::vcpu_state::msrs_to_save`).
+    pub fn save_state(
+        &self,
+        msrs: Arc<[u32]>,
+        timeout: Duration,
+    ) -> Result<SavedVcpuState, VcpuError> {
+        while self.states.try_recv().is_ok() {}
+        self.send(VcpuEvent::SaveState(msrs))?;
+        match self.states.recv_timeout(timeout) {
+            Ok(Ok(state)) => Ok(state),
+            Ok(Err(why)) => Err(VcpuError::Save(why)),
+            Err(RecvTimeoutError::Timeout) => Err(VcpuError::Timeout(timeout)),
+            Err(RecvTimeoutError::Disconnected) => Err(VcpuError::Gone),
+        }
     }
 
     fn request(
@@ -417,6 +443,7 @@ struct Vcpu<'a> {
     control: &'a VmControl,
     events: Receiver<VcpuEvent>,
     responses: Sender<VcpuResponse>,
+    states: Sender<Result<SavedVcpuState, String>>,
     /// A failed extended-state switch is reported once per vCPU, not once per context switch.
     xstate_failed: bool,
 }
@@ -452,6 +479,12 @@ impl Vcpu<'_> {
                 Ok(VcpuEvent::Finish) | Err(TryRecvError::Disconnected) => {
                     return VcpuState::Finished
                 }
+                Ok(VcpuEvent::SaveState(_)) => {
+                    // Its registers change under KVM_RUN: only a paused vCPU has a state.
+                    let _ = self
+                        .states
+                        .send(Err("the vCPU is running, not paused".into()));
+                }
                 Err(TryRecvError::Empty) => {}
             }
             if self.control.is_stopping() {
@@ -475,6 +508,11 @@ impl Vcpu<'_> {
                 self.respond(VcpuResponse::Resumed)
             }
             Ok(VcpuEvent::Pause) => self.respond(VcpuResponse::Paused),
+            Ok(VcpuEvent::SaveState(msrs)) => {
+                let state = SavedVcpuState::save(&self.fd, &msrs).map_err(|e| e.to_string());
+                let _ = self.states.send(state);
+                VcpuState::Paused
+            }
             Ok(VcpuEvent::Finish) | Err(_) => VcpuState::Finished,
         }
     }

@@ -7,7 +7,7 @@
 use std::fs::File;
 use std::io::{self, Write};
 use std::os::fd::{AsRawFd, FromRawFd};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -54,9 +54,14 @@ use crate::job::{JobOutcome, JobRunner, JobSpec, JobThread, PrivateDir};
 use crate::kvm::{self, KvmError};
 use crate::main_loop::{MainLoop, Wakeup};
 use crate::outcome::VmOutcome;
+use crate::snapshot::{
+    self,
+    file::{HostFacts, SavedDevice, SnapshotState},
+};
 use crate::terminal;
 use crate::vcpu::{self, IoBuses, VcpuEvent, VcpuHandle, VmControl};
 use crate::volumes::{VolumeError, Volumes};
+use ember_devices::bus::lock;
 
 /// Kernel command-line options that keep Linux away from what software KVM cannot emulate at
 /// CPL0: XSAVE (noxsave) and, by feature bit, POPCNT (151), RDTSCP (59), SMAP (308),
@@ -210,6 +215,10 @@ pub struct Vm {
     volumes: Option<Volumes>,
     /// What the user asked for, for the control socket's `GET /vm`.
     config: VmConfig,
+    /// Kept for snapshots: the IOAPIC's state is the VM's.
+    ioapic: Arc<Mutex<Ioapic>>,
+    /// Whether KVM is the software one (a snapshot records it).
+    software_kvm: bool,
 }
 
 impl Vm {
@@ -326,6 +335,8 @@ impl Vm {
             devices,
             volumes,
             config: config.clone(),
+            ioapic,
+            software_kvm,
         })
     }
 
@@ -517,6 +528,9 @@ impl Vm {
         Ok(RunningVm {
             job: None,
             paused: false,
+            vm_fd: self.vm_fd,
+            ioapic: self.ioapic,
+            software_kvm: self.software_kvm,
             vcpus,
             device_threads,
             devices: self.devices,
@@ -536,6 +550,11 @@ struct RunningVm {
     job: Option<JobThread>,
     /// Paused through the control socket.
     paused: bool,
+    /// For snapshots: the VM clock.
+    vm_fd: Arc<VmFd>,
+    /// For snapshots.
+    ioapic: Arc<Mutex<Ioapic>>,
+    software_kvm: bool,
     vcpus: Vec<VcpuHandle>,
     device_threads: DeviceThreads,
     /// The devices stay attached (their transports on the MMIO bus) until the VM is gone.
@@ -545,6 +564,11 @@ struct RunningVm {
     console_output: Option<ConsoleOutput>,
     /// Must outlive the vCPUs: KVM maps guest RAM from these host mappings.
     _guest_memory: GuestMemoryMmap,
+}
+
+/// A snapshot step that failed on Ember's side: HTTP 500 and what failed.
+fn internal(what: &str, e: impl std::fmt::Display) -> (u16, String) {
+    (500, format!("{what}: {e}"))
 }
 
 /// How long the control socket's pause and resume wait for each vCPU.
@@ -576,23 +600,8 @@ impl RunningVm {
                 let pause = *request == ApiRequest::Pause;
                 if self.paused != pause {
                     let started = Instant::now();
-                    for (index, vcpu) in self.vcpus.iter().enumerate() {
-                        let done = if pause {
-                            vcpu.pause(VCPU_ANSWER)
-                        } else {
-                            vcpu.resume(VCPU_ANSWER)
-                        };
-                        if let Err(e) = done {
-                            // Leave no vCPU behind in the other state.
-                            for vcpu in &self.vcpus[..index] {
-                                let _ = if pause {
-                                    vcpu.resume(VCPU_ANSWER)
-                                } else {
-                                    vcpu.pause(VCPU_ANSWER)
-                                };
-                            }
-                            return ApiReply::error(500, format!("vCPU {index}: {e}"));
-                        }
+                    if let Err(e) = self.set_vcpus_paused(pause) {
+                        return ApiReply::error(500, e);
                     }
                     self.paused = pause;
                     log::info!(
@@ -603,6 +612,7 @@ impl RunningVm {
                 }
                 ApiReply::json(&serde_json::json!({ "state": self.state_name() }))
             }
+            ApiRequest::Snapshot(dir) => self.snapshot(dir, config),
             ApiRequest::Shutdown => {
                 control.request_stop(VmOutcome::ShutdownRequested);
                 ApiReply::json(&serde_json::json!({ "state": "stopping" }))
@@ -632,6 +642,137 @@ impl RunningVm {
                 }
             }
         }
+    }
+
+    /// Pauses (or resumes) every vCPU; on a failure, puts back the ones already done.
+    fn set_vcpus_paused(&self, pause: bool) -> Result<(), String> {
+        for (index, vcpu) in self.vcpus.iter().enumerate() {
+            let done = if pause {
+                vcpu.pause(VCPU_ANSWER)
+            } else {
+                vcpu.resume(VCPU_ANSWER)
+            };
+            if let Err(e) = done {
+                for vcpu in &self.vcpus[..index] {
+                    let _ = if pause {
+                        vcpu.resume(VCPU_ANSWER)
+                    } else {
+                        vcpu.pause(VCPU_ANSWER)
+                    };
+                }
+                return Err(format!("vCPU {index}: {e}"));
+            }
+        }
+        Ok(())
+    }
+
+    /// `PUT /vm/snapshot`: pauses the VM (if it runs), saves it into `dir`, and lets it go on.
+    fn snapshot(&mut self, dir: &Path, config: &VmConfig) -> ApiReply {
+        let started = Instant::now();
+        let was_running = !self.paused;
+        if was_running {
+            if let Err(e) = self.set_vcpus_paused(true) {
+                return ApiReply::error(500, e);
+            }
+        }
+        let saved = self.save_into(dir, config);
+        let paused_for = started.elapsed();
+        if was_running {
+            if let Err(e) = self.set_vcpus_paused(false) {
+                log::error!("after the snapshot: {e}");
+            }
+        }
+        match saved {
+            Ok(written) => {
+                log::info!(
+                    "API: snapshot in {} (the VM paused {paused_for:?}, {written} bytes of RAM written)",
+                    dir.display()
+                );
+                ApiReply::json(&serde_json::json!({
+                    "dir": dir,
+                    "pause_ms": paused_for.as_secs_f64() * 1e3,
+                    "memory_bytes_written": written,
+                }))
+            }
+            Err((status, why)) => ApiReply::error(status, why),
+        }
+    }
+
+    /// Saves devices, vCPUs, clock, IOAPIC and RAM into `dir` (vCPUs paused). The devices sleep
+    /// until RAM is written (a device thread could write guest RAM meanwhile) and wake after.
+    /// Returns the RAM bytes written, or the status and reason of a refusal.
+    fn save_into(&self, dir: &Path, config: &VmConfig) -> Result<u64, (u16, String)> {
+        let mut devices = Vec::new();
+        let mut outcome = Ok(());
+        for attached in self.devices.devices() {
+            match lock(&attached.transport).pause_and_save() {
+                Ok(state) => devices.push(SavedDevice {
+                    id: attached.slot.id.clone(),
+                    state,
+                }),
+                Err(e) => {
+                    // A device that cannot sleep (vsock, virtio-fs while active) refuses the
+                    // snapshot; the VM goes on as before.
+                    outcome = Err((409, format!("{}: {e}", attached.slot.id)));
+                    break;
+                }
+            }
+        }
+        let written = outcome.and_then(|()| self.save_vcpus_and_ram(dir, config, devices));
+        for attached in self.devices.devices() {
+            if let Err(e) = lock(&attached.transport).resume() {
+                log::error!("{} after the snapshot: {e}", attached.slot.id);
+            }
+        }
+        written
+    }
+
+    fn save_vcpus_and_ram(
+        &self,
+        dir: &Path,
+        config: &VmConfig,
+        devices: Vec<SavedDevice>,
+    ) -> Result<u64, (u16, String)> {
+        let kvm = kvm_ioctls::Kvm::new().map_err(|e| internal("opening /dev/kvm", e))?;
+        let list = kvm
+            .get_msr_index_list()
+            .map_err(|e| internal("KVM_GET_MSR_INDEX_LIST", e))?;
+        let msrs: Arc<[u32]> = snapshot::vcpu_state::msrs_to_save(list.as_slice()).into();
+        let mut vcpus = Vec::with_capacity(self.vcpus.len());
+        for (index, vcpu) in self.vcpus.iter().enumerate() {
+            let state = vcpu
+                .save_state(msrs.clone(), VCPU_ANSWER)
+                .map_err(|e| internal(&format!("vCPU {index}"), e))?;
+            vcpus.push(state);
+        }
+        let clock = self
+            .vm_fd
+            .get_clock()
+            .map_err(|e| internal("KVM_GET_CLOCK", e))?;
+        let ioapic = lock(&self.ioapic).save();
+        std::fs::create_dir_all(dir).map_err(|e| internal(&dir.display().to_string(), e))?;
+        // Written under temporary names and renamed: a directory never holds half a snapshot
+        // under the final names.
+        let memory_path = dir.join("memory.partial");
+        let memory_file =
+            std::fs::File::create(&memory_path).map_err(|e| internal("the memory file", e))?;
+        let memory = snapshot::memory::write_sparse(&self._guest_memory, &memory_file)
+            .map_err(|e| internal("the memory file", e))?;
+        let state = SnapshotState {
+            host: HostFacts::current(self.software_kvm),
+            config: config.clone(),
+            vcpus,
+            clock,
+            ioapic,
+            devices,
+            memory: memory.regions,
+        };
+        let state_path = dir.join("state.partial");
+        snapshot::file::write(&state_path, &state).map_err(|e| internal("the state file", e))?;
+        std::fs::rename(&memory_path, dir.join("memory"))
+            .and_then(|()| std::fs::rename(&state_path, dir.join("state")))
+            .map_err(|e| internal("renaming the snapshot's files", e))?;
+        Ok(memory.written)
     }
 
     fn state_name(&self) -> &'static str {

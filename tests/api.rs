@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::{kvm_available, micro_guest, scratch_dir};
+use ember::snapshot::file::HostFacts;
 
 fn ctl(socket: &std::path::Path, action: &str) -> common::Run {
     common::run(
@@ -133,6 +134,42 @@ fn pause_resume_info_metrics_and_shutdown() {
     );
     wait_for("hello");
     assert!(io_in_exits(&socket) > at_pause);
+
+    // A snapshot: the VM pauses, its state and RAM go into the directory, and it goes on.
+    let snapshot_dir = dir.join("snap");
+    let r = common::run(
+        &[
+            "ctl",
+            socket.to_str().unwrap(),
+            "snapshot",
+            snapshot_dir.to_str().unwrap(),
+        ],
+        Duration::from_secs(120),
+    );
+    assert_eq!(r.code(), 0, "{r:?}");
+    let answer: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    assert!(answer["pause_ms"].as_f64().unwrap() > 0.0, "{answer}");
+    let here = HostFacts::current(ember::kvm::is_software_kvm());
+    let state = ember::snapshot::file::read(&snapshot_dir.join("state"), &here).unwrap();
+    assert_eq!(state.vcpus.len(), 1);
+    assert_eq!(state.config.cpus, 1);
+    assert_eq!(state.memory.iter().map(|r| r.size).sum::<u64>(), 128 << 20);
+    let memory = std::fs::metadata(snapshot_dir.join("memory")).unwrap();
+    assert_eq!(memory.len(), 128 << 20);
+    // Sparse: the micro-guest touched a few pages of its 128 MiB.
+    let allocated = std::os::unix::fs::MetadataExt::blocks(&memory) * 512;
+    assert!(allocated < 8 << 20, "{allocated} bytes allocated");
+    assert!(!snapshot_dir.join("state.partial").exists());
+    stdin.write_all(b"after the snapshot\n").unwrap();
+    wait_for("after the snapshot");
+    // A relative or missing directory is the client's mistake.
+    assert_eq!(
+        raw(
+            &socket,
+            "PUT /vm/snapshot HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}"
+        ),
+        "HTTP/1.1 400 Bad Request"
+    );
 
     // What curl would get for mistakes.
     assert_eq!(

@@ -36,14 +36,24 @@ pub enum CtlError {
     },
 }
 
-/// Sends `action` to the socket at `path`; returns the answer's body.
-pub fn request(path: &Path, action: CtlAction) -> Result<Vec<u8>, CtlError> {
+/// Sends `action` (with `dir` for a snapshot) to the socket at `path`; returns the answer's
+/// body.
+pub fn request(path: &Path, action: CtlAction, dir: Option<&Path>) -> Result<Vec<u8>, CtlError> {
+    let mut body = String::new();
     let (method, resource) = match action {
         CtlAction::Info => ("GET", "/vm"),
         CtlAction::Metrics => ("GET", "/metrics"),
         CtlAction::Pause => ("PUT", "/vm/pause"),
         CtlAction::Resume => ("PUT", "/vm/resume"),
         CtlAction::Shutdown => ("PUT", "/vm/shutdown"),
+        CtlAction::Snapshot => {
+            let dir = dir
+                .map(std::path::absolute)
+                .transpose()?
+                .unwrap_or_default();
+            body = serde_json::json!({ "dir": dir }).to_string();
+            ("PUT", "/vm/snapshot")
+        }
     };
     let mut stream = UnixStream::connect(path).map_err(|source| CtlError::Connect {
         path: path.display().to_string(),
@@ -52,7 +62,8 @@ pub fn request(path: &Path, action: CtlAction) -> Result<Vec<u8>, CtlError> {
     stream.set_read_timeout(Some(DEADLINE))?;
     write!(
         stream,
-        "{method} {resource} HTTP/1.1\r\nHost: localhost\r\nContent-Length: 0\r\n\r\n"
+        "{method} {resource} HTTP/1.1\r\nHost: localhost\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
     )?;
     let (status, body) = http::read_response(&mut stream)?;
     if (200..300).contains(&status) {

@@ -42,6 +42,8 @@ pub enum ApiRequest {
     Shutdown,
     /// `GET /metrics`: Prometheus text.
     Metrics,
+    /// `PUT /vm/snapshot {"dir": DIR}`: the VM's state and RAM into DIR, then on as before.
+    Snapshot(PathBuf),
 }
 
 /// A request on its way to the main thread, with where the answer goes.
@@ -88,28 +90,50 @@ impl ApiReply {
     }
 }
 
-/// Which request a method and path name, or the error answer.
-fn route(method: &str, path: &str) -> Result<ApiRequest, ApiReply> {
-    let wanted =
-        match path {
-            "/vm" => ("GET", ApiRequest::Info),
-            "/metrics" => ("GET", ApiRequest::Metrics),
-            "/vm/pause" => ("PUT", ApiRequest::Pause),
-            "/vm/resume" => ("PUT", ApiRequest::Resume),
-            "/vm/shutdown" => ("PUT", ApiRequest::Shutdown),
-            "/vm/snapshot" => return Err(ApiReply::error(
-                501,
-                "snapshots are not implemented yet (pause, resume, info, metrics and shutdown are)",
-            )),
-            _ => return Err(ApiReply::error(404, format!("no such resource: {path}"))),
-        };
-    if method != wanted.0 {
+/// Which request a method, path and body name, or the error answer.
+fn route(method: &str, path: &str, body: &[u8]) -> Result<ApiRequest, ApiReply> {
+    let (wanted, request) = match path {
+        "/vm" => ("GET", ApiRequest::Info),
+        "/metrics" => ("GET", ApiRequest::Metrics),
+        "/vm/pause" => ("PUT", ApiRequest::Pause),
+        "/vm/resume" => ("PUT", ApiRequest::Resume),
+        "/vm/shutdown" => ("PUT", ApiRequest::Shutdown),
+        // Its body is read once the method is right.
+        "/vm/snapshot" => ("PUT", ApiRequest::Snapshot(PathBuf::new())),
+        _ => return Err(ApiReply::error(404, format!("no such resource: {path}"))),
+    };
+    if method != wanted {
         return Err(ApiReply::error(
             405,
-            format!("{path} takes {}, not {method}", wanted.0),
+            format!("{path} takes {wanted}, not {method}"),
         ));
     }
-    Ok(wanted.1)
+    match request {
+        ApiRequest::Snapshot(_) => snapshot_request(body),
+        request => Ok(request),
+    }
+}
+
+/// `{"dir": "/path"}`: an absolute directory.
+fn snapshot_request(body: &[u8]) -> Result<ApiRequest, ApiReply> {
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Body {
+        dir: PathBuf,
+    }
+    let body: Body = serde_json::from_slice(body).map_err(|e| {
+        ApiReply::error(
+            400,
+            format!("the body must be {{\"dir\": \"/absolute/path\"}}: {e}"),
+        )
+    })?;
+    if !body.dir.is_absolute() {
+        return Err(ApiReply::error(
+            400,
+            "the snapshot directory must be an absolute path",
+        ));
+    }
+    Ok(ApiRequest::Snapshot(body.dir))
 }
 
 /// Why the control socket cannot be set up.
@@ -225,7 +249,7 @@ fn serve(listener: UnixListener, calls: Sender<ApiCall>, wake: EventFd) {
         };
         let _ = stream.set_read_timeout(Some(READ_DEADLINE));
         let reply = match http::read_request(&mut stream) {
-            Ok(request) => match route(&request.method, &request.path) {
+            Ok(request) => match route(&request.method, &request.path, &request.body) {
                 Ok(request) => ask_main_thread(request, &calls, &wake),
                 Err(reply) => reply,
             },
@@ -258,15 +282,27 @@ mod tests {
 
     #[test]
     fn routes_methods_and_unknown_paths() {
-        assert_eq!(route("GET", "/vm"), Ok(ApiRequest::Info));
-        assert_eq!(route("PUT", "/vm/pause"), Ok(ApiRequest::Pause));
-        assert_eq!(route("PUT", "/vm/resume"), Ok(ApiRequest::Resume));
-        assert_eq!(route("PUT", "/vm/shutdown"), Ok(ApiRequest::Shutdown));
-        assert_eq!(route("GET", "/metrics"), Ok(ApiRequest::Metrics));
-        assert_eq!(route("GET", "/vm/pause").unwrap_err().status, 405);
-        assert_eq!(route("PUT", "/vm").unwrap_err().status, 405);
-        assert_eq!(route("GET", "/nope").unwrap_err().status, 404);
-        assert_eq!(route("PUT", "/vm/snapshot").unwrap_err().status, 501);
+        assert_eq!(route("GET", "/vm", b""), Ok(ApiRequest::Info));
+        assert_eq!(route("PUT", "/vm/pause", b""), Ok(ApiRequest::Pause));
+        assert_eq!(route("PUT", "/vm/resume", b""), Ok(ApiRequest::Resume));
+        assert_eq!(route("PUT", "/vm/shutdown", b""), Ok(ApiRequest::Shutdown));
+        assert_eq!(route("GET", "/metrics", b""), Ok(ApiRequest::Metrics));
+        assert_eq!(route("GET", "/vm/pause", b"").unwrap_err().status, 405);
+        assert_eq!(route("PUT", "/vm", b"").unwrap_err().status, 405);
+        assert_eq!(route("GET", "/nope", b"").unwrap_err().status, 404);
+        assert_eq!(
+            route("PUT", "/vm/snapshot", br#"{"dir": "/s"}"#),
+            Ok(ApiRequest::Snapshot("/s".into()))
+        );
+        for bad in [
+            &b""[..],
+            b"{}",
+            br#"{"dir": "rel"}"#,
+            br#"{"dir": "/s", "x": 1}"#,
+            b"\xff",
+        ] {
+            assert_eq!(route("PUT", "/vm/snapshot", bad).unwrap_err().status, 400);
+        }
     }
 
     #[test]

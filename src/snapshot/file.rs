@@ -20,6 +20,7 @@ use kvm_bindings::kvm_clock_data;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use super::memory::MemoryRegionEntry;
 use super::vcpu_state::VcpuState;
 use crate::config::VmConfig;
 
@@ -127,6 +128,8 @@ pub struct SnapshotState {
     pub ioapic: IoapicState,
     /// The virtio devices.
     pub devices: Vec<SavedDevice>,
+    /// Guest RAM's regions in the memory file.
+    pub memory: Vec<MemoryRegionEntry>,
 }
 
 /// Why a state file cannot be written or read.
@@ -238,6 +241,7 @@ mod tests {
             },
             ioapic: Ioapic::new(Box::new(NoSink)).save(),
             devices: Vec::new(),
+            memory: Vec::new(),
         }
     }
 

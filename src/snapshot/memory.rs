@@ -1,0 +1,127 @@
+//! Guest RAM in a snapshot: one file, the regions end to end, written sparse.
+//!
+//! Pages the guest never touched read as zero; they are not written, so they stay holes in the
+//! file and cost no disk (and, mapped back `MAP_PRIVATE` on restore, no memory until used).
+
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+
+use serde::{Deserialize, Serialize};
+use vm_memory::{
+    Bytes, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, MemoryRegionAddress,
+};
+
+/// The unit of "touched": a page.
+const PAGE: usize = 4096;
+/// How much is copied out of guest RAM at a time.
+const CHUNK: usize = 64 * PAGE;
+
+/// One guest RAM region and where it is in the memory file.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemoryRegionEntry {
+    /// Its guest physical address.
+    pub guest_address: u64,
+    /// Its size in bytes.
+    pub size: u64,
+    /// Its offset in the memory file.
+    pub file_offset: u64,
+}
+
+/// What writing the memory file did.
+#[derive(Debug)]
+pub struct WrittenMemory {
+    /// The regions, as a restore maps them.
+    pub regions: Vec<MemoryRegionEntry>,
+    /// The bytes actually written (non-zero pages).
+    pub written: u64,
+}
+
+/// Writes every region of `memory` into `file`, skipping zero pages, and sizes the file to the
+/// whole of guest RAM.
+pub fn write_sparse(memory: &GuestMemoryMmap, file: &File) -> io::Result<WrittenMemory> {
+    let mut regions = Vec::new();
+    let mut offset = 0u64;
+    let mut written = 0u64;
+    let mut buffer = vec![0u8; CHUNK];
+    for region in memory.iter() {
+        let size = region.len();
+        let mut at = 0u64;
+        while at < size {
+            let n = CHUNK.min((size - at) as usize);
+            let chunk = &mut buffer[..n];
+            region
+                .read_slice(chunk, MemoryRegionAddress(at))
+                .map_err(|e| io::Error::other(format!("reading guest RAM: {e}")))?;
+            for (index, page) in chunk.chunks(PAGE).enumerate() {
+                if page.iter().any(|&b| b != 0) {
+                    file.write_all_at(page, offset + at + (index * PAGE) as u64)?;
+                    written += page.len() as u64;
+                }
+            }
+            at += n as u64;
+        }
+        regions.push(MemoryRegionEntry {
+            guest_address: region.start_addr().0,
+            size,
+            file_offset: offset,
+        });
+        offset += size;
+    }
+    file.set_len(offset)?;
+    file.sync_all()?;
+    Ok(WrittenMemory { regions, written })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::MetadataExt;
+    use vm_memory::GuestAddress;
+
+    #[test]
+    fn only_touched_pages_are_written_at_their_place() {
+        let mib = 1u64 << 20;
+        let memory = GuestMemoryMmap::from_ranges(&[
+            (GuestAddress(0), mib as usize),
+            (GuestAddress(4 * mib), 2 * mib as usize),
+        ])
+        .unwrap();
+        memory.write_obj(0xabu8, GuestAddress(0x1234)).unwrap();
+        memory
+            .write_slice(&[7u8; 10], GuestAddress(4 * mib + PAGE as u64 * 3))
+            .unwrap();
+        let path = std::env::temp_dir().join(format!("ember-mem-{}", std::process::id()));
+        let file = File::create(&path).unwrap();
+        let out = write_sparse(&memory, &file).unwrap();
+        assert_eq!(out.written, 2 * PAGE as u64);
+        assert_eq!(
+            out.regions,
+            [
+                MemoryRegionEntry {
+                    guest_address: 0,
+                    size: mib,
+                    file_offset: 0
+                },
+                MemoryRegionEntry {
+                    guest_address: 4 * mib,
+                    size: 2 * mib,
+                    file_offset: mib
+                },
+            ]
+        );
+        let meta = std::fs::metadata(&path).unwrap();
+        assert_eq!(meta.len(), 3 * mib);
+        // Two pages of data; the rest are holes (a file system may round up a little).
+        assert!(
+            meta.blocks() * 512 <= 64 * 1024,
+            "{} bytes allocated",
+            meta.blocks() * 512
+        );
+        let bytes = std::fs::read(&path).unwrap();
+        assert_eq!(bytes[0x1234], 0xab);
+        assert_eq!(&bytes[(mib + 3 * PAGE as u64) as usize..][..10], &[7u8; 10]);
+        assert_eq!(bytes.iter().filter(|&&b| b != 0).count(), 11);
+        std::fs::remove_file(path).unwrap();
+    }
+}
