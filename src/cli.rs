@@ -185,6 +185,13 @@ pub struct RunArgs {
     /// PUT /vm/pause, /vm/resume, /vm/shutdown, GET /metrics; `ember ctl PATH` is its client
     #[arg(long, value_name = "PATH")]
     pub api_socket: Option<PathBuf>,
+    /// Resume the snapshot in DIR (made with `ember ctl PATH snapshot DIR`) instead of booting:
+    /// the VM is the snapshot's; --console and --api-socket are this run's
+    #[arg(long, value_name = "DIR", conflicts_with_all = [
+        "kernel", "initrd", "cmdline", "cpus", "memory", "disks", "nets", "rootfs", "image",
+        "scratch", "volumes", "vsock", "command",
+    ])]
+    pub restore: Option<PathBuf>,
     /// Workarounds for software KVM (kvm_pvm): auto applies them when it is detected
     #[arg(long, value_name = "MODE", value_enum, default_value_t = SoftwareKvmMode::Auto)]
     pub software_kvm: SoftwareKvmMode,

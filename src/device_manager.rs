@@ -15,6 +15,8 @@ use kvm_ioctls::{IoEventAddress, VmFd};
 use linux_loader::cmdline::Cmdline;
 use vm_memory::GuestMemoryMmap;
 
+use crate::snapshot::file::SavedDevice;
+
 use crate::arch::x86_64::layout::{
     IOAPIC_PINS, VIRTIO_IRQ_FIRST, VIRTIO_MMIO_END, VIRTIO_MMIO_START,
 };
@@ -34,6 +36,8 @@ pub enum VirtioError {
     Cmdline(#[source] linux_loader::cmdline::Error),
     #[error("cannot start the thread of device {0}")]
     Thread(String, #[source] std::io::Error),
+    #[error("device {0} cannot take its saved state: {1}")]
+    Restore(String, String),
 }
 
 /// The kinds of virtio device Ember attaches.
@@ -99,6 +103,8 @@ pub struct VmWiring<'a> {
     pub guest_memory: &'a GuestMemoryMmap,
     pub mmio: &'a mut Bus,
     pub cmdline: &'a mut Cmdline,
+    /// When restoring a snapshot: each device's saved state, by slot id.
+    pub saved_devices: Option<&'a [SavedDevice]>,
 }
 
 impl DeviceManager {
@@ -131,8 +137,19 @@ impl DeviceManager {
     ) -> Result<&DeviceSlot, VirtioError> {
         let slot = self.allocate(kind)?;
         let pin = IoapicPin::new(vm.ioapic.clone(), slot.irq as usize);
-        let transport = MmioTransport::new(device, vm.guest_memory.clone(), pin)
-            .map_err(VirtioError::EventFd)?;
+        let transport = match vm.saved_devices {
+            None => MmioTransport::new(device, vm.guest_memory.clone(), pin)
+                .map_err(VirtioError::EventFd)?,
+            Some(saved) => {
+                // The same configuration gives the same slots: a device missing from the
+                // snapshot means it was taken of another VM.
+                let state = saved.iter().find(|d| d.id == slot.id).ok_or_else(|| {
+                    VirtioError::Restore(slot.id.clone(), "not in the snapshot".into())
+                })?;
+                MmioTransport::from_state(device, vm.guest_memory.clone(), pin, &state.state)
+                    .map_err(|e| VirtioError::Restore(slot.id.clone(), e.to_string()))?
+            }
+        };
         for (index, event) in transport.queue_events().iter().enumerate() {
             vm.vm_fd
                 .register_ioevent(

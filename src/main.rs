@@ -7,6 +7,7 @@ use std::time::Instant;
 
 use clap::Parser;
 use ember::cli::{Cli, Command};
+use ember::config::ConsoleConfig;
 use ember::outcome::{error_line, EXIT_SETUP_FAILED, EXIT_USAGE};
 use ember::rootfs::Rootfs;
 use ember::vmm;
@@ -51,6 +52,16 @@ fn main() -> ExitCode {
             };
         }
     };
+    if let Some(dir) = &args.restore {
+        let restore = match vmm::Restore::open(dir) {
+            Ok(restore) => restore,
+            Err(e) => return fail(&e),
+        };
+        let mut config = restore.state.config.clone();
+        config.console = args.console.clone().unwrap_or(ConsoleConfig::Stdio);
+        config.api_socket = args.api_socket.clone();
+        return finish(vmm::restore(&config, &restore, started));
+    }
     let job = match args.job_spec() {
         Ok(job) => job,
         Err(e) => return fail(&e),
@@ -70,6 +81,11 @@ fn main() -> ExitCode {
         None => vmm::run(&config, started),
     };
     drop(rootfs);
+    finish(result)
+}
+
+/// The exit code for how the VM ended, with a line when it did not end cleanly.
+fn finish(result: Result<ember::outcome::VmOutcome, vmm::VmmError>) -> ExitCode {
     match result {
         Ok(outcome) => {
             if outcome.is_clean() {

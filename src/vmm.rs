@@ -16,7 +16,7 @@ use ember_devices::boot_timer::BootTimer;
 use ember_devices::debug_exit::DebugExit;
 use ember_devices::i8042::{self, I8042};
 use ember_devices::ioapic::{self, Ioapic, IoapicPin};
-use ember_devices::serial::{self, SerialConsole};
+use ember_devices::serial::{self, SerialConsole, SerialConsoleState};
 use ember_devices::virtio::block::{Block, BlockError};
 use ember_devices::virtio::fs::{Fs, FsDeviceConfig, FsError};
 use ember_devices::virtio::net::{Net, NetError};
@@ -175,6 +175,8 @@ pub enum VmmError {
         #[source]
         source: FsError,
     },
+    #[error("cannot restore the snapshot: {0}")]
+    Restore(String),
     #[error("cannot create the shared memory file guest RAM needs with --volume")]
     SharedMemory(#[source] io::Error),
     #[error("cannot make a private directory for the job's vsock socket")]
@@ -225,10 +227,13 @@ impl Vm {
     /// Builds the VM `config` describes, up to the point where its vCPUs could run.
     /// `started` is when ember started: the boot timer measures from it.
     /// `agent` says how the default guest's init starts its agent (with a vsock device).
+    /// With `restore`, the VM resumes that snapshot instead of booting: RAM is its memory file,
+    /// and the vCPUs, the IOAPIC, COM1 and the virtio devices take its state.
     pub fn build(
         config: &VmConfig,
         started: Instant,
         agent: Option<AgentMode>,
+        restore: Option<&Restore>,
     ) -> Result<Self, VmmError> {
         let kvm = kvm::open()?;
         check_resources(&kvm, config)?;
@@ -248,7 +253,10 @@ impl Vm {
         // Guest RAM is registered before any device reaches KVM's I/O buses: a memory slot waits
         // for any SRCU grace period such a registration left in flight (README, "Start-up").
         // virtiofsd must map guest RAM too: with volumes it is a shared memfd.
-        let guest_memory = map_guest_memory(config.memory_bytes, !config.volumes.is_empty())?;
+        let guest_memory = match restore {
+            Some(restore) => restore.map_memory(config)?,
+            None => map_guest_memory(config.memory_bytes, !config.volumes.is_empty())?,
+        };
         let volumes = if config.volumes.is_empty() {
             None
         } else {
@@ -256,8 +264,17 @@ impl Vm {
         };
         register_guest_memory(&vm_fd, &guest_memory)?;
         irqchip::create(&vm_fd).map_err(VmmError::Irqchip)?;
-        let ioapic = Arc::new(Mutex::new(Ioapic::new(Box::new(KvmMsi(vm_fd.clone())))));
-        let (kernel, initrd) = load_kernel_and_initrd(&guest_memory, config)?;
+        let msi = Box::new(KvmMsi(vm_fd.clone()));
+        let ioapic = Arc::new(Mutex::new(match restore {
+            Some(restore) => Ioapic::from_state(&restore.state.ioapic, msi)
+                .map_err(|e| VmmError::Restore(format!("its IOAPIC: {e}")))?,
+            None => Ioapic::new(msi),
+        }));
+        // A restored guest is past its boot: nothing is loaded into its RAM.
+        let boot = match restore {
+            Some(_) => None,
+            None => Some(load_kernel_and_initrd(&guest_memory, config)?),
+        };
 
         let supported_cpuid = kvm
             .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
@@ -295,6 +312,7 @@ impl Vm {
                 guest_memory: &guest_memory,
                 mmio: &mut mmio,
                 cmdline: &mut cmdline,
+                saved_devices: restore.map(|r| &r.state.devices[..]),
             },
         )?;
         log::info!(
@@ -305,12 +323,24 @@ impl Vm {
                 .unwrap_or_default()
         );
 
-        let memory_map = memory::memory_map(&memory::ram_regions(config.memory_bytes));
-        let entry = boot::write_boot_info(&guest_memory, &kernel, &cmdline, initrd, &memory_map)?;
-        write_firmware_tables(&guest_memory, config.cpus)?;
+        let entry = match boot {
+            Some((kernel, initrd)) => {
+                let memory_map = memory::memory_map(&memory::ram_regions(config.memory_bytes));
+                let entry =
+                    boot::write_boot_info(&guest_memory, &kernel, &cmdline, initrd, &memory_map)?;
+                write_firmware_tables(&guest_memory, config.cpus)?;
+                Some(entry)
+            }
+            None => None,
+        };
 
         let console = ConsoleOutput::start(&config.console).map_err(VmmError::ConsoleOutput)?;
-        let (pio, serial, serial_fifo_drained) = legacy_devices(&ioapic, console.writer, started)?;
+        let (pio, serial, serial_fifo_drained) = legacy_devices(
+            &ioapic,
+            console.writer,
+            started,
+            restore.map(|r| &r.state.serial),
+        )?;
         let buses = Arc::new(IoBuses { pio, mmio });
         let vcpus = create_vcpus(
             &vm_fd,
@@ -320,6 +350,9 @@ impl Vm {
             software_kvm,
             entry,
         )?;
+        if let Some(restore) = restore {
+            restore.restore_vcpus_and_clock(&vm_fd, &vcpus)?;
+        }
 
         Ok(Vm {
             vm_fd,
@@ -530,6 +563,7 @@ impl Vm {
             paused: false,
             vm_fd: self.vm_fd,
             ioapic: self.ioapic,
+            serial: self.serial,
             software_kvm: self.software_kvm,
             vcpus,
             device_threads,
@@ -554,6 +588,8 @@ struct RunningVm {
     vm_fd: Arc<VmFd>,
     /// For snapshots.
     ioapic: Arc<Mutex<Ioapic>>,
+    /// For snapshots.
+    serial: Arc<Mutex<SerialConsole>>,
     software_kvm: bool,
     vcpus: Vec<VcpuHandle>,
     device_threads: DeviceThreads,
@@ -750,6 +786,7 @@ impl RunningVm {
             .get_clock()
             .map_err(|e| internal("KVM_GET_CLOCK", e))?;
         let ioapic = lock(&self.ioapic).save();
+        let serial = lock(&self.serial).save();
         std::fs::create_dir_all(dir).map_err(|e| internal(&dir.display().to_string(), e))?;
         // Written under temporary names and renamed: a directory never holds half a snapshot
         // under the final names.
@@ -764,6 +801,7 @@ impl RunningVm {
             vcpus,
             clock,
             ioapic,
+            serial,
             devices,
             memory: memory.regions,
         };
@@ -836,8 +874,73 @@ fn settle_grace_periods(vm_fd: &VmFd) {
 /// [`Vm::build`]).
 pub fn run(config: &VmConfig, started: Instant) -> Result<VmOutcome, VmmError> {
     let agent = config.vsock.as_ref().map(|_| AgentMode::Background);
-    let vm = Vm::build(config, started, agent);
+    let vm = Vm::build(config, started, agent, None);
     // Building may have put nothing on the terminal, but restore anyway on every error path.
+    let outcome = vm.and_then(|vm| vm.run(None));
+    terminal::restore();
+    outcome
+}
+
+/// A snapshot to resume: its checked state and the directory its memory file is in.
+pub struct Restore {
+    /// The state file's contents.
+    pub state: SnapshotState,
+    /// The snapshot directory.
+    pub dir: PathBuf,
+}
+
+impl Restore {
+    /// Reads the snapshot in `dir`, checked against this host.
+    pub fn open(dir: &Path) -> Result<Self, VmmError> {
+        let here = HostFacts::current(kvm::is_software_kvm());
+        let state = snapshot::file::read(&dir.join("state"), &here)
+            .map_err(|e| VmmError::Restore(format!("{}: {e}", dir.join("state").display())))?;
+        Ok(Self {
+            state,
+            dir: dir.to_owned(),
+        })
+    }
+
+    fn map_memory(&self, config: &VmConfig) -> Result<GuestMemoryMmap, VmmError> {
+        let layout: Vec<(u64, u64)> = memory::ram_regions(config.memory_bytes)
+            .iter()
+            .map(|r| (r.start, r.size))
+            .collect();
+        let path = self.dir.join("memory");
+        snapshot::memory::map_private(&path, &self.state.memory, &layout)
+            .map_err(|e| VmmError::Restore(format!("{}: {e}", path.display())))
+    }
+
+    fn restore_vcpus_and_clock(&self, vm_fd: &VmFd, vcpus: &[VcpuFd]) -> Result<(), VmmError> {
+        if self.state.vcpus.len() != vcpus.len() {
+            return Err(VmmError::Restore(format!(
+                "it has {} vCPUs, the configuration {}",
+                self.state.vcpus.len(),
+                vcpus.len()
+            )));
+        }
+        for (index, (vcpu, state)) in vcpus.iter().zip(&self.state.vcpus).enumerate() {
+            state
+                .restore(vcpu)
+                .map_err(|e| VmmError::Restore(format!("vCPU {index}: {e}")))?;
+        }
+        // KVM refuses a clock whose flags claim a stable TSC it did not measure itself.
+        let mut clock = self.state.clock;
+        clock.flags &= !kvm_bindings::KVM_CLOCK_TSC_STABLE;
+        vm_fd
+            .set_clock(&clock)
+            .map_err(|e| VmmError::Restore(format!("KVM_SET_CLOCK: {e}")))
+    }
+}
+
+/// Resumes the snapshot `restore` with `config` (the snapshot's, with this run's console and
+/// control socket), until it ends as any VM does.
+pub fn restore(
+    config: &VmConfig,
+    restore: &Restore,
+    started: Instant,
+) -> Result<VmOutcome, VmmError> {
+    let vm = Vm::build(config, started, None, Some(restore));
     let outcome = vm.and_then(|vm| vm.run(None));
     terminal::restore();
     outcome
@@ -865,7 +968,7 @@ pub fn run_job(config: &VmConfig, job: JobSpec, started: Instant) -> Result<VmOu
     let outcome = JobRunner::prepare(job, &socket)
         .map_err(VmmError::Job)
         .and_then(|runner| {
-            let vm = Vm::build(&config, started, Some(AgentMode::Job))?;
+            let vm = Vm::build(&config, started, Some(AgentMode::Job), None)?;
             vm.run(Some(runner))
         });
     terminal::restore();
@@ -1097,14 +1200,16 @@ fn legacy_devices(
     ioapic: &Arc<Mutex<Ioapic>>,
     console_writer: Box<dyn std::io::Write + Send>,
     started: Instant,
+    saved_serial: Option<&SerialConsoleState>,
 ) -> Result<(Bus, Arc<Mutex<SerialConsole>>, EventFd), VmmError> {
     let serial_irq = IoapicPin::new(ioapic.clone(), COM1_IRQ as usize);
     let serial_fifo_drained = EventFd::new(0).map_err(VmmError::Irq)?;
-    let serial = Arc::new(Mutex::new(SerialConsole::new(
-        serial_irq,
-        serial_fifo_drained.try_clone().map_err(VmmError::Irq)?,
-        console_writer,
-    )));
+    let fifo_drained = serial_fifo_drained.try_clone().map_err(VmmError::Irq)?;
+    let serial = Arc::new(Mutex::new(match saved_serial {
+        Some(state) => SerialConsole::from_state(state, serial_irq, fifo_drained, console_writer)
+            .map_err(|e| VmmError::Restore(format!("its serial port: {e}")))?,
+        None => SerialConsole::new(serial_irq, fifo_drained, console_writer),
+    }));
     let mut pio = Bus::new();
     pio.insert(serial.clone(), COM1_PORT, serial::RANGE_LEN)?;
     pio.insert(Arc::new(Mutex::new(I8042)), I8042_PORT, i8042::RANGE_LEN)?;
@@ -1128,7 +1233,7 @@ fn create_vcpus(
     supported_cpuid: &kvm_bindings::CpuId,
     cpus: u8,
     software_kvm: bool,
-    entry: EntryMode,
+    entry: Option<EntryMode>,
 ) -> Result<Vec<VcpuFd>, VmmError> {
     (0..cpus)
         .map(|cpu| {
@@ -1158,11 +1263,16 @@ fn configure_vcpu(
     guest_memory: &GuestMemoryMmap,
     supported_cpuid: &kvm_bindings::CpuId,
     topology: CpuidTopology,
-    entry: EntryMode,
+    entry: Option<EntryMode>,
 ) -> Result<(), kvm_ioctls::Error> {
     let mut cpuid = supported_cpuid.clone();
     cpuid::normalize(cpuid.as_mut_slice(), topology);
     vcpu.set_cpuid2(&cpuid)?;
+    // A vCPU being restored takes everything else from the snapshot; its boot set-up would also
+    // write page tables into guest RAM that the guest has long reused.
+    let Some(entry) = entry else {
+        return Ok(());
+    };
 
     let msrs = regs::boot_msrs();
     let written = vcpu.set_msrs(&msrs)?;

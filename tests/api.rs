@@ -40,13 +40,14 @@ fn raw(socket: &std::path::Path, request: &str) -> String {
     answer.lines().next().unwrap_or_default().to_string()
 }
 
-#[test]
-fn pause_resume_info_metrics_and_shutdown() {
-    if !kvm_available() {
-        return;
-    }
-    let dir = scratch_dir("api");
-    let socket = dir.join("api.sock");
+/// The `echo` micro-guest with a control socket at `socket`, its stdin and stdout piped.
+fn echo_guest_with_api(
+    socket: &std::path::Path,
+) -> (
+    std::process::Child,
+    std::process::ChildStdin,
+    std::process::ChildStdout,
+) {
     let kernel = micro_guest("echo");
     let mut vm = common::spawn(
         &[
@@ -58,8 +59,19 @@ fn pause_resume_info_metrics_and_shutdown() {
         ],
         Stdio::piped(),
     );
-    let mut stdin = vm.stdin.take().unwrap();
-    let mut stdout = vm.stdout.take().unwrap();
+    let stdin = vm.stdin.take().unwrap();
+    let stdout = vm.stdout.take().unwrap();
+    (vm, stdin, stdout)
+}
+
+#[test]
+fn pause_resume_info_metrics_and_shutdown() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = scratch_dir("api");
+    let socket = dir.join("api.sock");
+    let (mut vm, mut stdin, mut stdout) = echo_guest_with_api(&socket);
     let output = Arc::new(Mutex::new(String::new()));
     let reader = std::thread::spawn({
         let output = output.clone();
@@ -228,5 +240,90 @@ fn an_api_socket_path_that_is_taken_is_one_line_and_125() {
     assert!(r.stderr.contains("API socket"), "{r:?}");
     assert_eq!(r.stderr.lines().count(), 1, "{r:?}");
     assert_eq!(std::fs::read_to_string(&path).unwrap(), "x");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn a_snapshot_resumes_in_new_embers_exactly_where_it_was() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = scratch_dir("api-restore");
+    let socket = dir.join("api.sock");
+    let snapshot = dir.join("snap");
+    let (mut vm, mut stdin, mut stdout) = echo_guest_with_api(&socket);
+    // The guest counts what it echoes: 4 bytes before the snapshot.
+    stdin.write_all(b"abc\n").unwrap();
+    let mut seen = String::new();
+    let mut buf = [0u8; 256];
+    while !seen.contains("abc") {
+        let n = stdout.read(&mut buf).unwrap();
+        assert!(n > 0, "the guest ended early: {seen}");
+        seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+    }
+    let r = common::run(
+        &[
+            "ctl",
+            socket.to_str().unwrap(),
+            "snapshot",
+            snapshot.to_str().unwrap(),
+        ],
+        Duration::from_secs(120),
+    );
+    assert_eq!(r.code(), 0, "{r:?}");
+    assert_eq!(ctl(&socket, "shutdown").code(), 0);
+    drop(stdin);
+    assert_eq!(vm.wait().unwrap().code(), Some(0));
+
+    // Two new embers resume it at once, each with its own input: each guest goes on counting
+    // from the 4 bytes it had, and neither sees the other's.
+    let clones: Vec<_> = [&b"xyQ"[..], b"zQ"]
+        .into_iter()
+        .map(|input| {
+            let args = ["run", "--restore", snapshot.to_str().unwrap()].map(String::from);
+            std::thread::spawn(move || {
+                let args: Vec<&str> = args.iter().map(String::as_str).collect();
+                common::run_with_input(&args, input, Duration::from_secs(60))
+            })
+        })
+        .collect();
+    let counts: Vec<String> = clones
+        .into_iter()
+        .map(|clone| {
+            let r = clone.join().unwrap();
+            assert_eq!(r.code(), 0, "{r:?}");
+            assert!(!r.stdout.contains("echo: ready"), "it booted again: {r:?}");
+            r.lines_with("echo: ").concat()
+        })
+        .collect();
+    assert_eq!(counts, ["6 bytes", "5 bytes"]);
+
+    // A damaged state file: one line, 125, nothing run.
+    let state = snapshot.join("state");
+    let mut bytes = std::fs::read(&state).unwrap();
+    let last = bytes.len() - 3;
+    bytes[last] ^= 0x20;
+    std::fs::write(&state, &bytes).unwrap();
+    let r = common::run(
+        &["run", "--restore", snapshot.to_str().unwrap()],
+        Duration::from_secs(60),
+    );
+    assert_eq!(r.code(), 125, "{r:?}");
+    assert!(r.stderr.contains("corrupt"), "{r:?}");
+    assert_eq!(r.stderr.lines().count(), 1, "{r:?}");
+    // No snapshot there at all.
+    std::fs::remove_dir_all(&snapshot).ok();
+    let r = common::run(
+        &["run", "--restore", dir.join("none").to_str().unwrap()],
+        Duration::from_secs(60),
+    );
+    assert_eq!(r.code(), 125, "{r:?}");
+    assert_eq!(r.stderr.lines().count(), 1, "{r:?}");
+    // The shape of the VM is the snapshot's: asking for another is a usage error.
+    let r = common::run(
+        &["run", "--restore", "/x", "--cpus", "2"],
+        Duration::from_secs(60),
+    );
+    assert_eq!(r.code(), 2, "{r:?}");
     std::fs::remove_dir_all(&dir).ok();
 }

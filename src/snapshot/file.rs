@@ -15,6 +15,7 @@ use std::io::{Read, Write};
 use std::path::Path;
 
 use ember_devices::ioapic::IoapicState;
+use ember_devices::serial::SerialConsoleState;
 use ember_devices::virtio::mmio::MmioTransportState;
 use kvm_bindings::kvm_clock_data;
 use serde::{Deserialize, Serialize};
@@ -126,6 +127,8 @@ pub struct SnapshotState {
     pub clock: kvm_clock_data,
     /// The userspace IOAPIC.
     pub ioapic: IoapicState,
+    /// COM1.
+    pub serial: SerialConsoleState,
     /// The virtio devices.
     pub devices: Vec<SavedDevice>,
     /// Guest RAM's regions in the memory file.
@@ -240,6 +243,12 @@ mod tests {
                 ..Default::default()
             },
             ioapic: Ioapic::new(Box::new(NoSink)).save(),
+            serial: ember_devices::serial::SerialConsole::new(
+                vmm_sys_util::eventfd::EventFd::new(0).unwrap(),
+                vmm_sys_util::eventfd::EventFd::new(0).unwrap(),
+                Box::new(std::io::sink()),
+            )
+            .save(),
             devices: Vec::new(),
             memory: Vec::new(),
         }

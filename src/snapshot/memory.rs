@@ -9,7 +9,8 @@ use std::os::unix::fs::FileExt;
 
 use serde::{Deserialize, Serialize};
 use vm_memory::{
-    Bytes, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, MemoryRegionAddress,
+    Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+    GuestRegionMmap, MemoryRegionAddress, MmapRegion,
 };
 
 /// The unit of "touched": a page.
@@ -73,11 +74,51 @@ pub fn write_sparse(memory: &GuestMemoryMmap, file: &File) -> io::Result<Written
     Ok(WrittenMemory { regions, written })
 }
 
+/// Maps the memory file at `path` as guest RAM, `MAP_PRIVATE`: pages are read from the file when
+/// the guest first touches them, and what the guest writes stays in this process (the file, and
+/// every other VM restored from it, never see it). `regions` comes from the state file, so it is
+/// checked against the file and against `expected` (the regions the VM's configuration gives).
+pub fn map_private(
+    path: &std::path::Path,
+    regions: &[MemoryRegionEntry],
+    expected: &[(u64, u64)],
+) -> io::Result<GuestMemoryMmap> {
+    let invalid = |why: String| io::Error::new(io::ErrorKind::InvalidData, why);
+    let layout: Vec<(u64, u64)> = regions.iter().map(|r| (r.guest_address, r.size)).collect();
+    if layout != expected {
+        return Err(invalid(format!(
+            "its RAM regions {layout:x?} are not the configuration's {expected:x?}"
+        )));
+    }
+    let file = File::open(path)?;
+    let file_len = file.metadata()?.len();
+    let mut mapped = Vec::with_capacity(regions.len());
+    for region in regions {
+        let end = region.file_offset.checked_add(region.size);
+        if end.is_none_or(|end| end > file_len) || region.file_offset % PAGE as u64 != 0 {
+            return Err(invalid(format!(
+                "the memory file ({file_len} bytes) does not hold the region at {:#x}",
+                region.guest_address
+            )));
+        }
+        let mapping = MmapRegion::build(
+            Some(FileOffset::new(file.try_clone()?, region.file_offset)),
+            region.size as usize,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_NORESERVE,
+        )
+        .map_err(|e| io::Error::other(format!("mapping the memory file: {e}")))?;
+        let guest_region = GuestRegionMmap::new(mapping, GuestAddress(region.guest_address))
+            .ok_or_else(|| invalid("a region wraps around the address space".into()))?;
+        mapped.push(guest_region);
+    }
+    GuestMemoryMmap::from_regions(mapped).map_err(|e| invalid(format!("{e}")))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::os::unix::fs::MetadataExt;
-    use vm_memory::GuestAddress;
 
     #[test]
     fn only_touched_pages_are_written_at_their_place() {
@@ -122,6 +163,18 @@ mod tests {
         assert_eq!(bytes[0x1234], 0xab);
         assert_eq!(&bytes[(mib + 3 * PAGE as u64) as usize..][..10], &[7u8; 10]);
         assert_eq!(bytes.iter().filter(|&&b| b != 0).count(), 11);
+
+        // Mapped back privately: the same bytes, and writes stay in the mapping.
+        let layout = [(0, mib), (4 * mib, 2 * mib)];
+        let back = map_private(&path, &out.regions, &layout).unwrap();
+        assert_eq!(back.read_obj::<u8>(GuestAddress(0x1234)).unwrap(), 0xab);
+        back.write_obj(0x55u8, GuestAddress(0x1234)).unwrap();
+        assert_eq!(std::fs::read(&path).unwrap()[0x1234], 0xab);
+        // A layout other than the configuration's, or a file too short for it, is refused.
+        assert!(map_private(&path, &out.regions, &[(0, mib)]).is_err());
+        let mut beyond = out.regions.clone();
+        beyond[1].file_offset = 2 * mib;
+        assert!(map_private(&path, &beyond, &layout).is_err());
         std::fs::remove_file(path).unwrap();
     }
 }
