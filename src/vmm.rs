@@ -279,6 +279,24 @@ impl Vm {
         let supported_cpuid = kvm
             .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
             .map_err(|source| VmmError::Vcpu { cpu: 0, source })?;
+        // A restored VM gets its vCPUs, in their saved state, before its devices: a device built
+        // from its state raises the interrupts the guest had not taken yet, and those need the
+        // local APICs to be there, and restored, to land in.
+        let restored_vcpus = match restore {
+            Some(restore) => {
+                let vcpus = create_vcpus(
+                    &vm_fd,
+                    &guest_memory,
+                    &supported_cpuid,
+                    config.cpus,
+                    software_kvm,
+                    None,
+                )?;
+                restore.restore_vcpus_and_clock(&vm_fd, &vcpus)?;
+                Some(vcpus)
+            }
+            None => None,
+        };
         // On hardware KVM the guest kernel has XSAVE and switches every register itself.
         let xstate = software_kvm
             .then(|| XstateLayout::from_cpuid(supported_cpuid.as_slice()))
@@ -342,17 +360,17 @@ impl Vm {
             restore.map(|r| &r.state.serial),
         )?;
         let buses = Arc::new(IoBuses { pio, mmio });
-        let vcpus = create_vcpus(
-            &vm_fd,
-            &guest_memory,
-            &supported_cpuid,
-            config.cpus,
-            software_kvm,
-            entry,
-        )?;
-        if let Some(restore) = restore {
-            restore.restore_vcpus_and_clock(&vm_fd, &vcpus)?;
-        }
+        let vcpus = match restored_vcpus {
+            Some(vcpus) => vcpus,
+            None => create_vcpus(
+                &vm_fd,
+                &guest_memory,
+                &supported_cpuid,
+                config.cpus,
+                software_kvm,
+                entry,
+            )?,
+        };
 
         Ok(Vm {
             vm_fd,
@@ -689,6 +707,13 @@ impl RunningVm {
                 vcpu.resume(VCPU_ANSWER)
             };
             if let Err(e) = done {
+                // One that timed out may still act on the request later: the opposite one,
+                // sent after it, wins then. Not waited for: it did not answer the first.
+                let _ = vcpu.send(if pause {
+                    VcpuEvent::Resume
+                } else {
+                    VcpuEvent::Pause
+                });
                 for vcpu in &self.vcpus[..index] {
                     let _ = if pause {
                         vcpu.resume(VCPU_ANSWER)
@@ -704,6 +729,11 @@ impl RunningVm {
 
     /// `PUT /vm/snapshot`: pauses the VM (if it runs), saves it into `dir`, and lets it go on.
     fn snapshot(&mut self, dir: &Path, config: &VmConfig) -> ApiReply {
+        // virtiofsd maps guest RAM itself and holds the guest's FUSE state: neither can be in a
+        // snapshot, even before the guest mounts the volume.
+        if !config.volumes.is_empty() {
+            return ApiReply::error(409, "a VM with volumes cannot be snapshotted");
+        }
         let started = Instant::now();
         let was_running = !self.paused;
         if was_running {
@@ -715,7 +745,9 @@ impl RunningVm {
         let paused_for = started.elapsed();
         if was_running {
             if let Err(e) = self.set_vcpus_paused(false) {
+                // They are paused again (see set_vcpus_paused): say so, for a resume to retry.
                 log::error!("after the snapshot: {e}");
+                self.paused = true;
             }
         }
         match saved {
@@ -755,6 +787,11 @@ impl RunningVm {
             }
         }
         let written = outcome.and_then(|()| self.save_vcpus_and_ram(dir, config, devices));
+        if written.is_err() {
+            // What a failed snapshot wrote is of no use (and the memory file may be large).
+            let _ = std::fs::remove_file(dir.join("memory.partial"));
+            let _ = std::fs::remove_file(dir.join("state.partial"));
+        }
         for attached in self.devices.devices() {
             if let Err(e) = lock(&attached.transport).resume() {
                 log::error!("{} after the snapshot: {e}", attached.slot.id);
@@ -774,6 +811,11 @@ impl RunningVm {
             .get_msr_index_list()
             .map_err(|e| internal("KVM_GET_MSR_INDEX_LIST", e))?;
         let msrs: Arc<[u32]> = snapshot::vcpu_state::msrs_to_save(list.as_slice()).into();
+        // The interrupt sources before the vCPUs: an interrupt COM1 raises in between (console
+        // input keeps coming) then lands in a saved local APIC, at worst a spurious one after the
+        // restore, instead of being in the saved FIFO with no interrupt to say so.
+        let ioapic = lock(&self.ioapic).save();
+        let serial = lock(&self.serial).save();
         let mut vcpus = Vec::with_capacity(self.vcpus.len());
         for (index, vcpu) in self.vcpus.iter().enumerate() {
             let state = vcpu
@@ -785,8 +827,6 @@ impl RunningVm {
             .vm_fd
             .get_clock()
             .map_err(|e| internal("KVM_GET_CLOCK", e))?;
-        let ioapic = lock(&self.ioapic).save();
-        let serial = lock(&self.serial).save();
         std::fs::create_dir_all(dir).map_err(|e| internal(&dir.display().to_string(), e))?;
         // Written under temporary names and renamed: a directory never holds half a snapshot
         // under the final names.
@@ -807,9 +847,18 @@ impl RunningVm {
         };
         let state_path = dir.join("state.partial");
         snapshot::file::write(&state_path, &state).map_err(|e| internal("the state file", e))?;
-        std::fs::rename(&memory_path, dir.join("memory"))
+        // An older snapshot's state goes first: its memory must never stand beside a new state,
+        // nor its state beside new memory. The state file is renamed last: it is what makes the
+        // directory a snapshot.
+        let replaced = match std::fs::remove_file(dir.join("state")) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        };
+        replaced
+            .and_then(|()| std::fs::rename(&memory_path, dir.join("memory")))
             .and_then(|()| std::fs::rename(&state_path, dir.join("state")))
-            .map_err(|e| internal("renaming the snapshot's files", e))?;
+            .and_then(|()| std::fs::File::open(dir)?.sync_all())
+            .map_err(|e| internal("putting the snapshot's files in place", e))?;
         Ok(memory.written)
     }
 
@@ -895,6 +944,11 @@ impl Restore {
         let here = HostFacts::current(kvm::is_software_kvm());
         let state = snapshot::file::read(&dir.join("state"), &here)
             .map_err(|e| VmmError::Restore(format!("{}: {e}", dir.join("state").display())))?;
+        if !state.config.volumes.is_empty() {
+            return Err(VmmError::Restore(
+                "it has volumes, which a snapshot cannot carry".into(),
+            ));
+        }
         Ok(Self {
             state,
             dir: dir.to_owned(),

@@ -20,14 +20,17 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-/// How long a client may take to send its request.
+/// How long a client may take to send its whole request: one thread serves every client, and
+/// ember's exit waits for the request it is reading.
 const READ_DEADLINE: Duration = Duration::from_secs(5);
 /// How long the API thread waits for the main thread's answer (a pause waits for every vCPU).
 const ANSWER_DEADLINE: Duration = Duration::from_secs(30);
+/// A snapshot writes all of guest RAM: the main thread answers when it is done, however long.
+const SNAPSHOT_ANSWER_DEADLINE: Duration = Duration::from_secs(3600);
 
 /// What a client asked for.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -247,8 +250,11 @@ fn serve(listener: UnixListener, calls: Sender<ApiCall>, wake: EventFd) {
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(_) => return,
         };
-        let _ = stream.set_read_timeout(Some(READ_DEADLINE));
-        let reply = match http::read_request(&mut stream) {
+        let mut reader = DeadlineReader {
+            stream: &stream,
+            deadline: Instant::now() + READ_DEADLINE,
+        };
+        let reply = match http::read_request(&mut reader) {
             Ok(request) => match route(&request.method, &request.path, &request.body) {
                 Ok(request) => ask_main_thread(request, &calls, &wake),
                 Err(reply) => reply,
@@ -263,12 +269,34 @@ fn serve(listener: UnixListener, calls: Sender<ApiCall>, wake: EventFd) {
     }
 }
 
+/// Reads from a connection until a deadline for the whole request, not per read: a client that
+/// trickles bytes cannot hold the API thread past it.
+struct DeadlineReader<'a> {
+    stream: &'a UnixStream,
+    deadline: Instant,
+}
+
+impl io::Read for DeadlineReader<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let left = self.deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io::ErrorKind::TimedOut.into());
+        }
+        self.stream.set_read_timeout(Some(left))?;
+        (&*self.stream).read(buf)
+    }
+}
+
 fn ask_main_thread(request: ApiRequest, calls: &Sender<ApiCall>, wake: &EventFd) -> ApiReply {
+    let deadline = match request {
+        ApiRequest::Snapshot(_) => SNAPSHOT_ANSWER_DEADLINE,
+        _ => ANSWER_DEADLINE,
+    };
     let (reply, answer) = mpsc::channel();
     if calls.send(ApiCall { request, reply }).is_err() || wake.write(1).is_err() {
         return ApiReply::error(503, "the VM is stopping");
     }
-    match answer.recv_timeout(ANSWER_DEADLINE) {
+    match answer.recv_timeout(deadline) {
         Ok(reply) => reply,
         Err(RecvTimeoutError::Timeout) => ApiReply::error(503, "the VM did not answer in time"),
         Err(RecvTimeoutError::Disconnected) => ApiReply::error(503, "the VM is stopping"),
@@ -330,14 +358,25 @@ mod tests {
                 (first, http::read_response(&mut s).unwrap())
             }
         });
-        // The main thread's side: woken, it takes the call and answers it.
-        let call = server.calls.recv_timeout(Duration::from_secs(10)).unwrap();
-        assert_eq!(server.wake.read().unwrap(), 1);
+        // The main thread's side: woken (the call is queued before the wake-up is written), it
+        // takes the call and answers it.
+        let woken = Instant::now();
+        while server.wake.read().is_err() {
+            assert!(woken.elapsed() < Duration::from_secs(10), "never woken");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let call = server.calls.try_recv().unwrap();
         assert_eq!(call.request, ApiRequest::Pause);
         call.reply
             .send(ApiReply::json(&serde_json::json!({"state": "paused"})))
             .unwrap();
         let (first, garbage) = client.join().unwrap();
+        // A client that sends part of a request and then nothing is cut off at the deadline.
+        let mut slow = UnixStream::connect(&path).unwrap();
+        slow.write_all(b"GET /vm HTTP/1.1\r\n").unwrap();
+        let started = Instant::now();
+        assert_eq!(http::read_response(&mut slow).unwrap().0, 400);
+        assert!(started.elapsed() < READ_DEADLINE * 2);
         assert_eq!(first, (200, br#"{"state":"paused"}"#.to_vec()));
         assert_eq!(garbage.0, 400);
         drop(server);

@@ -255,7 +255,10 @@ mod tests {
     }
 
     fn encoded() -> Vec<u8> {
-        let dir = std::env::temp_dir().join(format!("ember-state-{}", std::process::id()));
+        // A directory per call: the tests that use it run in parallel.
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("ember-state-{}-{n}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("state");
         write(&path, &state()).unwrap();
