@@ -1,5 +1,6 @@
 //! Snapshots of the Linux guest: one taken through the control socket while a shell loop
-//! counts, resumed by a new ember, which goes on counting with its files and disk as they were.
+//! counts, resumed by a new ember, which goes on counting with its files and disk as they were,
+//! and whose guest agent answers over the restored vsock device.
 
 mod common;
 
@@ -14,6 +15,21 @@ fn strs(args: &[String]) -> Vec<&str> {
     args.iter().map(String::as_str).collect()
 }
 
+/// `ember exec --vsock SOCKET -- CMD`, again until the guest agent answers with status 0.
+fn exec_until_answered(vsock: &std::path::Path, command: &[&str]) {
+    let deadline = Instant::now() + LINUX_TIMEOUT;
+    loop {
+        let mut args = vec!["exec", "--vsock", vsock.to_str().unwrap(), "--"];
+        args.extend_from_slice(command);
+        let r = common::run(&args, Duration::from_secs(120));
+        if r.code() == 0 {
+            return;
+        }
+        assert!(Instant::now() < deadline, "the agent never answered: {r:?}");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
 #[test]
 fn a_linux_guest_resumes_from_its_snapshot() {
     if !kvm_available() {
@@ -23,14 +39,16 @@ fn a_linux_guest_resumes_from_its_snapshot() {
     let socket = dir.join("api.sock");
     let snapshot = dir.join("snap");
     let disk = dir.join("disk.img");
+    let vsock = dir.join("v.sock");
     std::fs::File::create(&disk)
         .unwrap()
         .set_len(1 << 20)
         .unwrap();
-    // No double quotes: the script is one kernel command-line value.
+    // No double quotes: the script is one kernel command-line value. It counts until a file
+    // appears, which only `ember exec` after the restore makes.
     let script =
         "echo kept > /tmp/note; echo before-snapshot | dd of=/dev/vda conv=sync 2>/dev/null; \
-                  sync; i=0; while [ $i -lt 6 ]; do i=$((i+1)); echo tick $i; sleep 1; done; \
+                  sync; i=0; while [ ! -e /tmp/stop ]; do i=$((i+1)); echo tick $i; sleep 1; done; \
                   echo 3 > /proc/sys/vm/drop_caches; echo note=$(cat /tmp/note); \
                   echo disk=$(dd if=/dev/vda bs=512 count=1 2>/dev/null | head -n 1)";
     let mut args = linux_args(&format!("ember.cmd=\"{script}\""));
@@ -39,6 +57,8 @@ fn a_linux_guest_resumes_from_its_snapshot() {
         format!("path={}", disk.display()),
         "--api-socket".into(),
         socket.display().to_string(),
+        "--vsock".into(),
+        format!("cid=3,socket={}", vsock.display()),
     ]);
     let mut vm = common::spawn(&strs(&args), Stdio::null());
     let mut stdout = vm.stdout.take().unwrap();
@@ -72,6 +92,8 @@ fn a_linux_guest_resumes_from_its_snapshot() {
         all.extend_from_slice(action);
         common::run(&all, Duration::from_secs(300))
     };
+    // The agent answers before the snapshot (it starts beside the console's command).
+    exec_until_answered(&vsock, &["true"]);
     let r = ctl(&["snapshot", snapshot.to_str().unwrap()]);
     assert_eq!(r.code(), 0, "{r:?}");
     assert_eq!(ctl(&["shutdown"]).code(), 0);
@@ -83,13 +105,31 @@ fn a_linux_guest_resumes_from_its_snapshot() {
         "the original ran to the end: {before}"
     );
 
-    let r = common::run(
-        &["run", "--restore", snapshot.to_str().unwrap()],
-        LINUX_TIMEOUT,
-    );
+    // The restored loop prints a tick (with a later number than any before the snapshot)
+    // before anything lets it stop.
+    let mut command = std::process::Command::new(common::ember());
+    command
+        .args(["run", "--restore", snapshot.to_str().unwrap()])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let (restored, first) = common::spawn_command_until(command, "tick ", LINUX_TIMEOUT);
+    // The restored vsock device reset the guest's connections; its agent still listens, and a
+    // new connection through the new ember reaches it.
+    exec_until_answered(&vsock, &["touch", "/tmp/stop"]);
+    let mut r = common::finish(restored, LINUX_TIMEOUT);
+    r.stdout.insert_str(0, &first);
     assert_eq!(r.code(), 0, "{r:?}");
     // It goes on from where the snapshot was: later ticks, not the first; no boot again.
-    r.assert_line("tick 6");
+    let ticks: Vec<u32> = r
+        .lines_with("tick ")
+        .iter()
+        .map(|n| n.parse().unwrap())
+        .collect();
+    assert!(
+        !ticks.is_empty() && ticks.iter().all(|&n| n > 2),
+        "the restored loop counts on from past tick 2: {r:?}"
+    );
     assert!(!r.stdout.contains("tick 1\n"), "{r:?}");
     assert!(!r.stdout.contains("EMBER-INIT"), "it booted again: {r:?}");
     // Its tmpfs, and the disk (read from the device again, caches dropped), as they were.

@@ -15,6 +15,7 @@
 //! on the host. Logs go to stderr, which in the guest is the console.
 
 use std::fs::OpenOptions;
+use std::io::Read;
 use std::os::unix::fs::FileExt;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -122,7 +123,16 @@ fn main() -> ExitCode {
         mark_boot();
     }
     // Held for the agent's whole life: the host takes its closing as the agent's death.
-    let _ready = announce(&args.ready);
+    let ready = args.ready;
+    if let Some(first) = announce(&ready, true) {
+        let spawned = thread::Builder::new()
+            .name("ready".into())
+            .stack_size(THREAD_STACK)
+            .spawn(move || keep_announced(first, &ready));
+        if let Err(e) = spawned {
+            log!("no thread for the ready connection: {e}");
+        }
+    }
 
     let next_id = AtomicU64::new(1);
     loop {
@@ -148,13 +158,16 @@ fn main() -> ExitCode {
 }
 
 /// Tells the host the agent is up: Hello, then Ready, on a connection kept open. A failure is
-/// logged and the agent serves anyway (a host may connect without waiting for Ready).
-fn announce(addr: &ReadyAddr) -> Option<Stream> {
+/// logged (when `log_unreachable`, or once connected) and the agent serves anyway (a host may
+/// connect without waiting for Ready).
+fn announce(addr: &ReadyAddr, log_unreachable: bool) -> Option<Stream> {
     let mut stream = match Stream::connect(addr) {
         Ok(Some(stream)) => stream,
         Ok(None) => return None,
         Err(e) => {
-            log!("cannot reach the host at {addr}: {e}");
+            if log_unreachable {
+                log!("cannot reach the host at {addr}: {e}");
+            }
             return None;
         }
     };
@@ -168,6 +181,36 @@ fn announce(addr: &ReadyAddr) -> Option<Stream> {
         Err(e) => {
             log!("cannot tell the host at {addr} we are ready: {e}");
             None
+        }
+    }
+}
+
+/// How often, and how many times, the agent tries to tell a host again after its ready
+/// connection broke: a restored snapshot's host starts listening within moments.
+const REANNOUNCE_INTERVAL: Duration = Duration::from_millis(200);
+const REANNOUNCE_ATTEMPTS: u32 = 50;
+
+/// Holds the ready connection; when it breaks (a snapshot of this guest was restored by another
+/// host process, whose vsock device reset every connection), says Hello and Ready again, so the
+/// new host learns the agent is there. Gives up after a few seconds of nobody listening: the host
+/// that closed the connection may simply be gone.
+fn keep_announced(mut stream: Stream, addr: &ReadyAddr) {
+    loop {
+        let mut byte = [0u8; 1];
+        // The host never writes here: this returns when the connection ends.
+        let _ = stream.read(&mut byte);
+        log!("the ready connection ended; announcing again");
+        let mut again = None;
+        for _ in 0..REANNOUNCE_ATTEMPTS {
+            thread::sleep(REANNOUNCE_INTERVAL);
+            again = announce(addr, false);
+            if again.is_some() {
+                break;
+            }
+        }
+        match again {
+            Some(next) => stream = next,
+            None => return,
         }
     }
 }

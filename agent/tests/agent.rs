@@ -23,7 +23,9 @@ const TIMEOUT: Duration = Duration::from_secs(30);
 struct Agent {
     child: Child,
     dir: PathBuf,
-    _ready: UnixStream,
+    ready: Option<UnixStream>,
+    /// Where the agent says Hello and Ready.
+    ready_listener: UnixListener,
 }
 
 impl Agent {
@@ -55,31 +57,12 @@ impl Agent {
             .stderr(log)
             .spawn()
             .unwrap();
-        // Accept with a deadline, so an agent that never connects fails the test.
-        listener.set_nonblocking(true).unwrap();
-        let deadline = Instant::now() + TIMEOUT;
-        let ready = loop {
-            match listener.accept() {
-                Ok((stream, _)) => break stream,
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    assert!(Instant::now() < deadline, "the agent never connected");
-                    thread::sleep(Duration::from_millis(10));
-                }
-                Err(e) => panic!("accept: {e}"),
-            }
-        };
-        ready.set_nonblocking(false).unwrap();
-        ready.set_read_timeout(Some(TIMEOUT)).unwrap();
-        let mut r = &ready;
-        assert_eq!(
-            read_message(&mut r).unwrap(),
-            Some(Message::Hello { version: VERSION })
-        );
-        assert_eq!(read_message(&mut r).unwrap(), Some(Message::Ready));
+        let ready = accept_announcement(&listener);
         Agent {
             child,
             dir,
-            _ready: ready,
+            ready: Some(ready),
+            ready_listener: listener,
         }
     }
 
@@ -215,6 +198,32 @@ fn assert_closed(conn: &mut Conn) {
     }
 }
 
+/// Accepts the agent's ready connection (with a deadline, so an agent that never connects fails
+/// the test) and reads its Hello and Ready.
+fn accept_announcement(listener: &UnixListener) -> UnixStream {
+    listener.set_nonblocking(true).unwrap();
+    let deadline = Instant::now() + TIMEOUT;
+    let ready = loop {
+        match listener.accept() {
+            Ok((stream, _)) => break stream,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                assert!(Instant::now() < deadline, "the agent never connected");
+                thread::sleep(Duration::from_millis(10));
+            }
+            Err(e) => panic!("accept: {e}"),
+        }
+    };
+    ready.set_nonblocking(false).unwrap();
+    ready.set_read_timeout(Some(TIMEOUT)).unwrap();
+    let mut r = &ready;
+    assert_eq!(
+        read_message(&mut r).unwrap(),
+        Some(Message::Hello { version: VERSION })
+    );
+    assert_eq!(read_message(&mut r).unwrap(), Some(Message::Ready));
+    ready
+}
+
 fn request(argv: &[&str]) -> ExecRequest {
     ExecRequest {
         argv: argv.iter().map(|s| s.to_string()).collect(),
@@ -310,6 +319,18 @@ fn a_user_runs_the_command_with_its_ids_and_home() {
         }) => assert!(message.contains("no-such-user"), "{message}"),
         other => panic!("expected Failed, got {other:?}"),
     }
+}
+
+#[test]
+fn a_broken_ready_connection_is_announced_again() {
+    // As when a snapshot of the guest is restored: the vsock transport resets the connection,
+    // and the new host waits for the agent's Ready.
+    let mut agent = Agent::start();
+    drop(agent.ready.take());
+    agent.ready = Some(accept_announcement(&agent.ready_listener));
+    // And it still serves.
+    let out = agent.run(sh("echo still here"));
+    assert_eq!(out.stdout(), "still here\n");
 }
 
 #[test]

@@ -137,11 +137,14 @@ pub enum VirtioDeviceState {
     Block(block::BlockState),
     /// A virtio-net device.
     Net(net::NetState),
-    /// A virtio-vsock device that was never activated (or was reset): its identity only. An
-    /// active one cannot sleep yet (see `Vsock`'s `sleep`).
+    /// A virtio-vsock device: its identity only. Its connections are host sockets a snapshot
+    /// cannot carry: a restored device resets them (see `Vsock`'s `wake`).
     Vsock {
         /// The guest's context ID.
         guest_cid: u64,
+        /// The features the driver accepted at DRIVER_OK; `None` when not activated.
+        #[cfg_attr(feature = "serde", serde(default))]
+        acked_features: Option<u64>,
     },
     /// A virtio-fs device that was never activated (or was reset): its tag only. An active one
     /// cannot sleep (see `Fs`'s `sleep`).
@@ -176,7 +179,8 @@ impl VirtioDeviceState {
         match self {
             Self::Block(state) => state.acked_features,
             Self::Net(state) => state.acked_features,
-            Self::Vsock { .. } | Self::Fs { .. } => None,
+            Self::Vsock { acked_features, .. } => *acked_features,
+            Self::Fs { .. } => None,
             #[cfg(test)]
             Self::Fake { acked_features } => *acked_features,
         }

@@ -591,7 +591,10 @@ fn an_active_device_refuses_to_sleep_and_state_keeps_the_tag() {
         Err(VirtioDeviceStateError::FsTag { .. })
     ));
     assert!(matches!(
-        fs.restore_state(&VirtioDeviceState::Vsock { guest_cid: 3 }),
+        fs.restore_state(&VirtioDeviceState::Vsock {
+            guest_cid: 3,
+            acked_features: None
+        }),
         Err(VirtioDeviceStateError::WrongDevice {
             saved: 19,
             device: 26

@@ -8,8 +8,9 @@
 //!   gets RST (ECONNRESET).
 //!
 //! Three queues: receive (0, packets to the guest), transmit (1, packets from the guest) and
-//! event (2, for transport resets after a snapshot restore, which this device does not do: its
-//! buffers stay with the guest). Both directions keep to the spec's credit flow control, so
+//! event (2): after a snapshot is restored, the device puts one VIRTIO_VSOCK_EVENT_TRANSPORT_RESET
+//! there, since the connections' host sockets stayed with the process that took the snapshot;
+//! the guest then resets every connected socket (listening ones stay), as with Firecracker. Both directions keep to the spec's credit flow control, so
 //! ember's memory per connection is bounded by the credit it advertises, whatever the guest or
 //! the host program does (see `connection.rs` and `muxer.rs`).
 //!
@@ -98,13 +99,21 @@ pub struct Vsock {
     rx_payload: Box<[u8]>,
     /// Present between activation and reset.
     active: Option<Active>,
+    /// Restored from a snapshot: tell the guest its connections are gone when it next runs.
+    reset_on_wake: bool,
+    /// The features the driver accepted at DRIVER_OK, until a reset (a snapshot keeps them).
+    acked_features: Option<u64>,
 }
+
+/// VIRTIO_VSOCK_EVENT_TRANSPORT_RESET (virtio 1.2, 5.10.6.7): `struct virtio_vsock_event`'s id.
+const EVENT_TRANSPORT_RESET: u32 = 0;
 
 /// What the driver handed over at DRIVER_OK.
 struct Active {
     mem: GuestMemoryMmap,
     rx: DeviceQueue,
     tx: DeviceQueue,
+    event: DeviceQueue,
     interrupt: Arc<Interrupt>,
     /// A receive buffer taken off the ring with nothing to put in it yet.
     rx_buffer: Option<RxBuffer>,
@@ -125,6 +134,8 @@ impl Vsock {
             tx_payload: vec![0; MAX_PKT_BUF].into_boxed_slice(),
             rx_payload: vec![0; MAX_PKT_BUF].into_boxed_slice(),
             active: None,
+            reset_on_wake: false,
+            acked_features: None,
         })
     }
 
@@ -154,6 +165,45 @@ impl Vsock {
 }
 
 impl Active {
+    fn new(mem: GuestMemoryMmap, [rx, tx, event]: [Queue; 3], interrupt: Arc<Interrupt>) -> Self {
+        Self {
+            mem,
+            rx: DeviceQueue::new(rx, "virtio-vsock RX"),
+            tx: DeviceQueue::new(tx, "virtio-vsock TX"),
+            event: DeviceQueue::new(event, "virtio-vsock event"),
+            interrupt,
+            rx_buffer: None,
+            tx_waiting: false,
+        }
+    }
+
+    /// Puts a transport-reset event in the guest's next event buffer. A guest with no event
+    /// buffer posted misses it (Linux keeps eight posted); a buffer too small or not writable
+    /// is returned unused.
+    fn send_transport_reset(&mut self) -> Result<(), DeviceBroken> {
+        if !self.event.ready() {
+            return Ok(());
+        }
+        let Some(chain) = self.event.pop(&self.mem)? else {
+            log::warn!("virtio-vsock: no event buffer for the transport reset");
+            return Ok(());
+        };
+        let head = chain.head_index();
+        let mut written = 0;
+        if let Some(desc) = chain
+            .into_iter()
+            .find(|d| d.is_write_only() && d.len() >= 4)
+        {
+            match vm_memory::Bytes::write_obj(&self.mem, EVENT_TRANSPORT_RESET.to_le(), desc.addr())
+            {
+                Ok(()) => written = 4,
+                Err(e) => log::debug!("virtio-vsock: event buffer {head} refused: {e}"),
+            }
+        }
+        self.event.add_used(&self.mem, head, written)?;
+        self.event.signal_used(&self.mem, &self.interrupt)
+    }
+
     /// Hands the guest's packets to the muxer, until the ring is empty or the muxer is full.
     /// Uncapped, as for virtio-net: a packet costs one copy and a non-blocking write or connect.
     fn transmit(
@@ -254,6 +304,16 @@ impl Active {
     }
 }
 
+/// The receive, transmit and event queues, in that order.
+fn three_queues(queues: Vec<Queue>) -> Result<[Queue; 3], DeviceBroken> {
+    <[Queue; 3]>::try_from(queues).map_err(|queues| {
+        DeviceBroken(format!(
+            "virtio-vsock has three queues, but was given {}",
+            queues.len()
+        ))
+    })
+}
+
 impl VirtioDevice for Vsock {
     fn device_type(&self) -> u32 {
         DEVICE_TYPE_VSOCK
@@ -288,23 +348,13 @@ impl VirtioDevice for Vsock {
         queues: Vec<Queue>,
         interrupt: Arc<Interrupt>,
     ) -> Result<(), DeviceBroken> {
-        let [mut rx, mut tx, _event] = <[Queue; 3]>::try_from(queues).map_err(|queues| {
-            DeviceBroken(format!(
-                "virtio-vsock has three queues, but was given {}",
-                queues.len()
-            ))
-        })?;
+        let mut queues = three_queues(queues)?;
         let event_idx = features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0;
-        rx.set_event_idx(event_idx);
-        tx.set_event_idx(event_idx);
-        self.active = Some(Active {
-            mem,
-            rx: DeviceQueue::new(rx, "virtio-vsock RX"),
-            tx: DeviceQueue::new(tx, "virtio-vsock TX"),
-            interrupt,
-            rx_buffer: None,
-            tx_waiting: false,
-        });
+        for queue in &mut queues {
+            queue.set_event_idx(event_idx);
+        }
+        self.active = Some(Active::new(mem, queues, interrupt));
+        self.acked_features = Some(features);
         // Host programs may have connected before the driver was ready: the transport kicks
         // every queue once after activation, and that pass sends their REQUESTs.
         Ok(())
@@ -336,46 +386,65 @@ impl VirtioDevice for Vsock {
         // The guest's sockets are gone with its driver: so are the connections. The listener
         // stays for the next driver.
         self.active = None;
+        self.acked_features = None;
         self.muxer.reset();
     }
 
-    /// An active vsock device cannot sleep yet: its connections live in host sockets that a
-    /// snapshot cannot carry, and a receive buffer it holds would have to go back to the ring.
-    /// (Firecracker resets every connection with a transport-reset event on restore; snapshots
-    /// will decide.) Refusing leaves it running, as the contract asks.
+    /// Hands the queues back; the connections stay (this VM goes on with them after a
+    /// snapshot). A receive buffer taken off the ring and not yet filled goes back to it: it was
+    /// the last one taken, so the ring's next index steps back over it.
     fn sleep(&mut self) -> Result<Option<Vec<Queue>>, DeviceBroken> {
-        match self.active {
-            None => Ok(None),
-            Some(_) => Err(DeviceBroken(
-                "virtio-vsock cannot be paused for a snapshot: its connections live in host \
-                 sockets"
-                    .into(),
-            )),
+        let Some(mut active) = self.active.take() else {
+            return Ok(None);
+        };
+        if active.rx_buffer.take().is_some() {
+            active.rx.unpop(1);
         }
+        Ok(Some(vec![
+            active.rx.into_queue(),
+            active.tx.into_queue(),
+            active.event.into_queue(),
+        ]))
     }
 
+    /// Takes the queues back; restored from a snapshot, tells the guest its connections are
+    /// gone (their host sockets were the other process's).
     fn wake(
         &mut self,
-        _mem: GuestMemoryMmap,
-        _queues: Vec<Queue>,
-        _interrupt: Arc<Interrupt>,
+        mem: GuestMemoryMmap,
+        queues: Vec<Queue>,
+        interrupt: Arc<Interrupt>,
     ) -> Result<(), DeviceBroken> {
-        Err(DeviceBroken("virtio-vsock is not asleep".into()))
+        let active = self
+            .active
+            .insert(Active::new(mem, three_queues(queues)?, interrupt));
+        if std::mem::take(&mut self.reset_on_wake) {
+            self.muxer.reset();
+            active.send_transport_reset()?;
+        }
+        Ok(())
     }
 
     fn save_state(&self) -> VirtioDeviceState {
         VirtioDeviceState::Vsock {
             guest_cid: self.guest_cid,
+            acked_features: self.acked_features,
         }
     }
 
     fn restore_state(&mut self, state: &VirtioDeviceState) -> Result<(), VirtioDeviceStateError> {
         match state {
-            VirtioDeviceState::Vsock { guest_cid } if *guest_cid == self.guest_cid => {
+            VirtioDeviceState::Vsock {
+                guest_cid,
+                acked_features,
+            } if *guest_cid == self.guest_cid => {
                 self.reset();
+                self.acked_features = *acked_features;
+                // The transport wakes the device with its queues if the driver had it running.
+                self.reset_on_wake = true;
                 Ok(())
             }
-            VirtioDeviceState::Vsock { guest_cid } => Err(VirtioDeviceStateError::VsockCid {
+            VirtioDeviceState::Vsock { guest_cid, .. } => Err(VirtioDeviceStateError::VsockCid {
                 saved: *guest_cid,
                 device: self.guest_cid,
             }),
@@ -433,33 +502,70 @@ mod tests {
     }
 
     #[test]
-    fn an_active_device_refuses_to_sleep_and_state_keeps_the_cid() {
+    fn an_asleep_device_keeps_its_connections_and_a_restored_one_resets_them() {
         let mem = memory();
         let mut driver = Driver::new(&mem);
-        // Active: it cannot sleep, and stays active.
-        assert!(driver.vsock.sleep().is_err());
         let state = driver.vsock.save_state();
         assert_eq!(
             state,
             VirtioDeviceState::Vsock {
-                guest_cid: GUEST_CID
+                guest_cid: GUEST_CID,
+                acked_features: Some(BASE_FEATURES),
             }
         );
         assert_eq!(state.device_type(), 19);
-        // Reset, it sleeps with nothing to hand back, and a state restores it (as a reset).
-        driver.vsock.reset();
-        assert!(matches!(driver.vsock.sleep(), Ok(None)));
-        driver.vsock.restore_state(&state).unwrap();
+        // A guest event buffer, as Linux keeps posted.
+        const EVENT_BUFFER: u64 = 0x3f_0000;
+        mem.write_obj(0xffff_ffffu32, GuestAddress(EVENT_BUFFER))
+            .unwrap();
+        driver.push(
+            EVENT_QUEUE,
+            &[crate::virtio::test_support::writable(EVENT_BUFFER, 8)],
+        );
+
+        // Asleep and awake again in the same VM (a snapshot taken): no event.
+        let queues = driver
+            .vsock
+            .sleep()
+            .unwrap()
+            .expect("an active device's queues");
+        assert_eq!(queues.len(), 3);
+        assert!(matches!(driver.vsock.sleep(), Ok(None)), "asleep twice");
+        driver
+            .vsock
+            .wake(mem.clone(), queues, driver.irq.interrupt())
+            .unwrap();
+        assert_eq!(driver.used_idx(EVENT_QUEUE), 0);
+
+        // Restored in another process: the guest hears its transport was reset.
+        let queues = driver.vsock.sleep().unwrap().unwrap();
+        let dir = TempDir::new_with_prefix("/tmp/ember-vsock-").unwrap();
+        let mut restored = Vsock::new(VsockDeviceConfig {
+            guest_cid: GUEST_CID,
+            uds_path: dir.as_path().join("v.sock"),
+        })
+        .unwrap();
         assert!(matches!(
-            driver
-                .vsock
-                .restore_state(&VirtioDeviceState::Vsock { guest_cid: 9 }),
+            restored.restore_state(&VirtioDeviceState::Vsock {
+                guest_cid: 9,
+                acked_features: None
+            }),
             Err(VirtioDeviceStateError::VsockCid { saved: 9, .. })
         ));
-        assert!(driver
-            .vsock
-            .wake(mem.clone(), Vec::new(), driver.irq.interrupt())
-            .is_err());
+        restored.restore_state(&state).unwrap();
+        let irq = crate::virtio::test_support::Irq::new();
+        restored.wake(mem.clone(), queues, irq.interrupt()).unwrap();
+        assert_eq!(driver.used_idx(EVENT_QUEUE), 1);
+        assert_eq!(driver.used(EVENT_QUEUE, 0).1, 4);
+        assert_eq!(
+            mem.read_obj::<u32>(GuestAddress(EVENT_BUFFER)).unwrap(),
+            EVENT_TRANSPORT_RESET
+        );
+        assert!(irq.fired());
+        // Once only.
+        let queues = restored.sleep().unwrap().unwrap();
+        restored.wake(mem.clone(), queues, irq.interrupt()).unwrap();
+        assert_eq!(driver.used_idx(EVENT_QUEUE), 1);
     }
 
     #[test]
