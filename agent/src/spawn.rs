@@ -138,6 +138,15 @@ pub fn spawn(request: &ExecRequest) -> Result<Spawned, SpawnError> {
         Some(size) => {
             let (master, slave) =
                 open_pty(size).map_err(|e| SpawnError::other(format!("pty: {e}")))?;
+            if let Some(identity) = &identity {
+                // The terminal is the user's, as login gives it: a command that reopens its tty
+                // by name (sudo, ssh, vim's :!) must be allowed to.
+                // SAFETY: fchown on the slave's descriptor, open for this call.
+                if unsafe { libc::fchown(slave.as_raw_fd(), identity.uid, identity.gid) } < 0 {
+                    let e = io::Error::last_os_error();
+                    return Err(SpawnError::other(format!("pty: {e}")));
+                }
+            }
             let dup = |fd: &OwnedFd| {
                 fd.try_clone()
                     .map_err(|e| SpawnError::other(format!("pty: {e}")))

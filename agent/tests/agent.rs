@@ -309,6 +309,12 @@ fn a_user_runs_the_command_with_its_ids_and_home() {
     req.user = Some("4242:4343".into());
     let out = agent.run(req.clone());
     assert_eq!(out.stdout(), "4242 4343 4343 /\ndenied\n");
+    // With a terminal, the terminal is the user's.
+    let mut tty = sh("stat -c %u:%g $(tty)");
+    tty.user = Some("4242:4343".into());
+    tty.tty = Some(WinSize { rows: 24, cols: 80 });
+    let out = agent.run(tty);
+    assert_eq!(out.stdout().trim_end(), "4242:4343");
     // A name that is not there: nothing runs, 125.
     req.user = Some("no-such-user".into());
     let out = agent.run(req);
