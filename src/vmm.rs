@@ -648,6 +648,11 @@ impl RunningVm {
                     "kind": d.slot.kind.name(),
                     "mmio_base": d.slot.mmio_base,
                     "irq": d.slot.irq,
+                    "counters": lock(&d.transport)
+                        .device_counters()
+                        .into_iter()
+                        .map(|(name, count)| (name.to_string(), count.into()))
+                        .collect::<serde_json::Map<String, serde_json::Value>>(),
                 })).collect::<Vec<_>>(),
             })),
             ApiRequest::Pause | ApiRequest::Resume => {
@@ -679,6 +684,22 @@ impl RunningVm {
                 for (reason, count) in control.exits.snapshot() {
                     text.push_str(&format!(
                         "ember_vcpu_exits_total{{reason=\"{reason}\"}} {count}\n"
+                    ));
+                }
+                // One family per counter name, every device's sample in it.
+                let mut families: std::collections::BTreeMap<&str, String> = Default::default();
+                for attached in self.devices.devices() {
+                    for (name, count) in lock(&attached.transport).device_counters() {
+                        families.entry(name).or_default().push_str(&format!(
+                            "ember_device_{name}_total{{device=\"{}\",kind=\"{}\"}} {count}\n",
+                            attached.slot.id,
+                            attached.slot.kind.name()
+                        ));
+                    }
+                }
+                for (name, samples) in families {
+                    text.push_str(&format!(
+                        "# TYPE ember_device_{name}_total counter\n{samples}"
                     ));
                 }
                 text.push_str(&format!(

@@ -94,6 +94,21 @@ fn a_linux_guest_resumes_from_its_snapshot() {
     };
     // The agent answers before the snapshot (it starts beside the console's command).
     exec_until_answered(&vsock, &["true"]);
+    // The disk's counters: the guest has written (and read, booting) through it.
+    let metrics = ctl(&["metrics"]);
+    assert_eq!(metrics.code(), 0, "{metrics:?}");
+    let counter = |name: &str| -> u64 {
+        let prefix = format!("ember_device_{name}_total{{device=\"block0\",kind=\"block\"}} ");
+        metrics
+            .stdout
+            .lines()
+            .find_map(|l| l.strip_prefix(&prefix))
+            .unwrap_or_else(|| panic!("no {name} for block0 in {}", metrics.stdout))
+            .parse()
+            .unwrap()
+    };
+    assert!(counter("requests") > 0);
+    assert!(counter("written_bytes") >= 512, "{}", metrics.stdout);
     let r = ctl(&["snapshot", snapshot.to_str().unwrap()]);
     assert_eq!(r.code(), 0, "{r:?}");
     assert_eq!(ctl(&["shutdown"]).code(), 0);

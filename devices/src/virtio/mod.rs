@@ -332,6 +332,11 @@ pub trait VirtioDevice: Send {
     /// What the device keeps of its own, for a snapshot. Take it while the device sleeps (or
     /// was never activated): its queues, which the transport saves, must match it.
     fn save_state(&self) -> VirtioDeviceState;
+    /// Running totals of what the device served, by name (`requests`, `read_bytes`, …), for the
+    /// monitor's metrics; none by default.
+    fn counters(&self) -> Vec<(&'static str, u64)> {
+        Vec::new()
+    }
     /// Puts the device in `state` (which [`VirtioDevice::save_state`] gave), replacing whatever
     /// it held as a reset would: asleep with the saved features if the state was taken from an
     /// activated device (a [`VirtioDevice::wake`] with the saved queues resumes it), reset

@@ -9,6 +9,7 @@ use std::io::{self, Seek, SeekFrom};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use virtio_queue::desc::split::Descriptor;
 use vm_memory::bitmap::BitmapSlice;
@@ -29,6 +30,23 @@ pub(super) struct Disk {
     pub(super) size: u64,
     pub(super) read_only: bool,
     pub(super) serial: [u8; SERIAL_LEN],
+    /// What the guest asked of the disk, for the monitor's metrics.
+    pub(super) counters: DiskCounters,
+}
+
+/// Requests and bytes served, counted as they complete (relaxed: read for metrics only).
+#[derive(Default)]
+pub(super) struct DiskCounters {
+    pub(super) requests: AtomicU64,
+    pub(super) errors: AtomicU64,
+    pub(super) read_bytes: AtomicU64,
+    pub(super) written_bytes: AtomicU64,
+}
+
+impl DiskCounters {
+    pub(super) fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
 }
 
 impl Disk {
@@ -68,6 +86,7 @@ impl Disk {
             size,
             read_only,
             serial,
+            counters: DiskCounters::default(),
         })
     }
 
@@ -115,6 +134,8 @@ impl Disk {
                     .map_err(RequestError::ImageTransfer)?;
             }
         }
+        let written: u64 = buffers.iter().map(|b| u64::from(b.len())).sum();
+        DiskCounters::add(&self.counters.written_bytes, written);
         Ok(())
     }
 

@@ -358,6 +358,17 @@ impl VirtioDevice for Block {
         self.start(mem, features, queues, interrupt)
     }
 
+    fn counters(&self) -> Vec<(&'static str, u64)> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let c = &self.disk.counters;
+        vec![
+            ("requests", c.requests.load(Relaxed)),
+            ("request_errors", c.errors.load(Relaxed)),
+            ("read_bytes", c.read_bytes.load(Relaxed)),
+            ("written_bytes", c.written_bytes.load(Relaxed)),
+        ]
+    }
+
     fn save_state(&self) -> VirtioDeviceState {
         VirtioDeviceState::Block(self.state())
     }

@@ -16,7 +16,7 @@ use vm_memory::{
     Bytes, GuestMemoryBackend, GuestMemoryError, GuestMemoryMmap, VolatileMemoryError,
 };
 
-use super::image::Disk;
+use super::image::{Disk, DiskCounters};
 use super::{SECTOR_SIZE, SEG_MAX, SERIAL_LEN};
 
 /// Every request chain has at most this many descriptors; anything longer is refused unread.
@@ -114,9 +114,11 @@ pub(super) fn serve(
             .and_then(|request| request.execute(disk, mem, writeback)),
         _ => Err(RequestError::ChainTooLong(count)),
     };
+    DiskCounters::add(&disk.counters.requests, 1);
     let (status_byte, data_len) = match outcome {
         Ok(data_len) => (VIRTIO_BLK_S_OK as u8, data_len),
         Err(e) => {
+            DiskCounters::add(&disk.counters.errors, 1);
             if e.is_host_failure() {
                 log::warn!("virtio-block: {}: {e}", disk.path.display());
             } else {
@@ -225,7 +227,11 @@ impl<'c> Request<'c> {
         writeback: bool,
     ) -> Result<u32, RequestError> {
         match self {
-            Self::In { offset, buffers } => disk.read_into(mem, offset, buffers),
+            Self::In { offset, buffers } => {
+                let read = disk.read_into(mem, offset, buffers)?;
+                DiskCounters::add(&disk.counters.read_bytes, u64::from(read));
+                Ok(read)
+            }
             Self::Out { offset, buffers } => {
                 disk.write_from(mem, offset, buffers)?;
                 disk.write_through(writeback).map(|()| 0)
@@ -389,6 +395,24 @@ mod tests {
         // sector * 512 overflows u64.
         assert_eq!(driver.read(u64::MAX / 256, 512), (1, IOERR));
         assert_eq!(driver.write(1 << 55, &[1; 512]), (1, IOERR));
+    }
+
+    #[test]
+    fn requests_and_bytes_are_counted() {
+        let mem = guest_memory();
+        let image = image(16);
+        let mut driver = Driver::new(&mem, open(&image, false, None).unwrap());
+        assert_eq!(driver.write(2, &[7; 1024]), (1, OK));
+        assert_eq!(driver.read(2, 512), (513, OK));
+        assert_eq!(driver.read(16, 512), (1, IOERR));
+        let counters: std::collections::HashMap<_, _> =
+            crate::virtio::VirtioDevice::counters(&driver.block)
+                .into_iter()
+                .collect();
+        assert_eq!(counters["requests"], 3);
+        assert_eq!(counters["request_errors"], 1);
+        assert_eq!(counters["read_bytes"], 512);
+        assert_eq!(counters["written_bytes"], 1024);
     }
 
     #[test]

@@ -156,6 +156,12 @@ impl MmioTransport {
         self.device_type
     }
 
+    /// The device's running totals ([`VirtioDevice::counters`]); waits for a queue pass the
+    /// device thread is in, which is short.
+    pub fn device_counters(&self) -> Vec<(&'static str, u64)> {
+        lock(&self.device).counters()
+    }
+
     /// The eventfd for each queue, to register as ioeventfds at QueueNotify with the queue index
     /// as datamatch, and to poll on the device's thread.
     pub fn queue_events(&self) -> &[EventFd] {
