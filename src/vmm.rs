@@ -237,11 +237,7 @@ impl Vm {
     ) -> Result<Self, VmmError> {
         let kvm = kvm::open()?;
         check_resources(&kvm, config)?;
-        let software_kvm = match config.software_kvm {
-            SoftwareKvmMode::Auto => kvm::is_software_kvm(),
-            SoftwareKvmMode::On => true,
-            SoftwareKvmMode::Off => false,
-        };
+        let software_kvm = software_kvm_workarounds(config.software_kvm);
         if software_kvm {
             log::info!(
                 "software KVM (kvm_pvm): hiding CX16 and the PV_UNHALT/PV_SEND_IPI/PV_SCHED_YIELD \
@@ -588,7 +584,7 @@ impl Vm {
             devices: self.devices,
             _volumes: self.volumes,
             console_output: self.console_output,
-            _guest_memory: self.guest_memory,
+            guest_memory: self.guest_memory,
         })
     }
 }
@@ -617,7 +613,7 @@ struct RunningVm {
     _volumes: Option<Volumes>,
     console_output: Option<ConsoleOutput>,
     /// Must outlive the vCPUs: KVM maps guest RAM from these host mappings.
-    _guest_memory: GuestMemoryMmap,
+    guest_memory: GuestMemoryMmap,
 }
 
 /// A snapshot step that failed on Ember's side: HTTP 500 and what failed.
@@ -854,7 +850,7 @@ impl RunningVm {
         let memory_path = dir.join("memory.partial");
         let memory_file =
             std::fs::File::create(&memory_path).map_err(|e| internal("the memory file", e))?;
-        let memory = snapshot::memory::write_sparse(&self._guest_memory, &memory_file)
+        let memory = snapshot::memory::write_sparse(&self.guest_memory, &memory_file)
             .map_err(|e| internal("the memory file", e))?;
         let state = SnapshotState {
             host: HostFacts::current(self.software_kvm),
@@ -951,6 +947,16 @@ pub fn run(config: &VmConfig, started: Instant) -> Result<VmOutcome, VmmError> {
     outcome
 }
 
+/// Whether the software-KVM workarounds apply under `mode`: one answer for booting a VM and for
+/// checking a snapshot against this host.
+fn software_kvm_workarounds(mode: SoftwareKvmMode) -> bool {
+    match mode {
+        SoftwareKvmMode::Auto => kvm::is_software_kvm(),
+        SoftwareKvmMode::On => true,
+        SoftwareKvmMode::Off => false,
+    }
+}
+
 /// A snapshot to resume: its checked state and the directory its memory file is in.
 pub struct Restore {
     /// The state file's contents.
@@ -962,8 +968,12 @@ pub struct Restore {
 impl Restore {
     /// Reads the snapshot in `dir`, checked against this host.
     pub fn open(dir: &Path) -> Result<Self, VmmError> {
-        let here = HostFacts::current(kvm::is_software_kvm());
-        let state = snapshot::file::read(&dir.join("state"), &here)
+        let state = snapshot::file::read_unchecked(&dir.join("state"))
+            .and_then(|state| {
+                // The facts this run would record, under the snapshot's own --software-kvm mode.
+                let here = HostFacts::current(software_kvm_workarounds(state.config.software_kvm));
+                state.host.check_restorable_on(&here).map(|()| state)
+            })
             .map_err(|e| VmmError::Restore(format!("{}: {e}", dir.join("state").display())))?;
         if !state.config.volumes.is_empty() {
             return Err(VmmError::Restore(

@@ -6,7 +6,6 @@ mod common;
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::process::Stdio;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::{kvm_available, micro_guest, scratch_dir};
@@ -71,23 +70,9 @@ fn pause_resume_info_metrics_and_shutdown() {
     }
     let dir = scratch_dir("api");
     let socket = dir.join("api.sock");
-    let (mut vm, mut stdin, mut stdout) = echo_guest_with_api(&socket);
-    let output = Arc::new(Mutex::new(String::new()));
-    let reader = std::thread::spawn({
-        let output = output.clone();
-        move || {
-            let mut buf = [0u8; 256];
-            while let Ok(n) = stdout.read(&mut buf) {
-                if n == 0 {
-                    break;
-                }
-                output
-                    .lock()
-                    .unwrap()
-                    .push_str(&String::from_utf8_lossy(&buf[..n]));
-            }
-        }
-    });
+    let (mut vm, mut stdin, stdout) = echo_guest_with_api(&socket);
+    let reader = common::OutputCollector::start(stdout);
+    let output = reader.output.clone();
     let wait_for = |text: &str| {
         let deadline = Instant::now() + Duration::from_secs(60);
         while !output.lock().unwrap().contains(text) {
@@ -209,7 +194,7 @@ fn pause_resume_info_metrics_and_shutdown() {
         );
         std::thread::sleep(Duration::from_millis(20));
     };
-    reader.join().unwrap();
+    reader.join();
     assert_eq!(status.code(), Some(0));
     assert!(!socket.exists(), "the API socket outlived ember");
 

@@ -4,9 +4,7 @@
 
 mod common;
 
-use std::io::Read;
 use std::process::Stdio;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::{kvm_available, linux_args, scratch_dir, LINUX_TIMEOUT};
@@ -61,23 +59,8 @@ fn a_linux_guest_resumes_from_its_snapshot() {
         format!("cid=3,socket={}", vsock.display()),
     ]);
     let mut vm = common::spawn(&strs(&args), Stdio::null());
-    let mut stdout = vm.stdout.take().unwrap();
-    let output = Arc::new(Mutex::new(String::new()));
-    let reader = std::thread::spawn({
-        let output = output.clone();
-        move || {
-            let mut buf = [0u8; 512];
-            while let Ok(n) = stdout.read(&mut buf) {
-                if n == 0 {
-                    break;
-                }
-                output
-                    .lock()
-                    .unwrap()
-                    .push_str(&String::from_utf8_lossy(&buf[..n]));
-            }
-        }
-    });
+    let reader = common::OutputCollector::start(vm.stdout.take().unwrap());
+    let output = reader.output.clone();
     let deadline = Instant::now() + LINUX_TIMEOUT;
     while !output.lock().unwrap().contains("tick 2") {
         assert!(
@@ -113,7 +96,7 @@ fn a_linux_guest_resumes_from_its_snapshot() {
     assert_eq!(r.code(), 0, "{r:?}");
     assert_eq!(ctl(&["shutdown"]).code(), 0);
     assert_eq!(vm.wait().unwrap().code(), Some(0));
-    reader.join().unwrap();
+    reader.join();
     let before = output.lock().unwrap().clone();
     assert!(
         !before.contains("note="),

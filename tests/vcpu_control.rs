@@ -23,12 +23,8 @@ const COUNTER: u64 = 0x30000;
 const RECORDER_PORT: u16 = 0x500;
 const TIMEOUT: Duration = Duration::from_secs(10);
 
-/// A VM with 2 MiB of RAM, `code` at [`CODE`] and `data` at [`DATA`], and one vCPU in long mode
-/// about to run it.
-fn micro_vm(code: &[u8], data: &[u8]) -> (VmFd, GuestMemoryMmap, VcpuFd) {
-    let kvm = Kvm::new().expect("open /dev/kvm");
-    let vm = kvm.create_vm().unwrap();
-    let memory = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 2 << 20)]).unwrap();
+/// Gives `vm` the 2 MiB of `memory` as its RAM, at guest address 0.
+fn register(vm: &VmFd, memory: &GuestMemoryMmap) {
     let host = memory.get_host_address(GuestAddress(0)).unwrap();
     let region = kvm_userspace_memory_region {
         slot: 0,
@@ -39,6 +35,15 @@ fn micro_vm(code: &[u8], data: &[u8]) -> (VmFd, GuestMemoryMmap, VcpuFd) {
     };
     // SAFETY: the mapping belongs to `memory`, which the caller keeps until the VM is gone.
     unsafe { vm.set_user_memory_region(region) }.unwrap();
+}
+
+/// A VM with 2 MiB of RAM, `code` at [`CODE`] and `data` at [`DATA`], and one vCPU in long mode
+/// about to run it.
+fn micro_vm(code: &[u8], data: &[u8]) -> (VmFd, GuestMemoryMmap, VcpuFd) {
+    let kvm = Kvm::new().expect("open /dev/kvm");
+    let vm = kvm.create_vm().unwrap();
+    let memory = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 2 << 20)]).unwrap();
+    register(&vm, &memory);
     memory.write_slice(code, GuestAddress(CODE)).unwrap();
     memory.write_slice(data, GuestAddress(DATA)).unwrap();
     let vcpu = vm.create_vcpu(0).unwrap();
@@ -196,16 +201,7 @@ fn rep_insb_reads_the_device_once_per_byte() {
 /// as its RAM; its vCPU is created and left as KVM made it.
 fn vm_with_irqchip(memory: &GuestMemoryMmap) -> (VmFd, VcpuFd) {
     let vm = Kvm::new().unwrap().create_vm().unwrap();
-    let host = memory.get_host_address(GuestAddress(0)).unwrap();
-    let region = kvm_userspace_memory_region {
-        slot: 0,
-        flags: 0,
-        guest_phys_addr: 0,
-        memory_size: 2 << 20,
-        userspace_addr: host as u64,
-    };
-    // SAFETY: the mapping belongs to `memory`, which the caller keeps until the VM is gone.
-    unsafe { vm.set_user_memory_region(region) }.unwrap();
+    register(&vm, memory);
     ember::irqchip::create(&vm).unwrap();
     let vcpu = vm.create_vcpu(0).unwrap();
     (vm, vcpu)

@@ -179,9 +179,15 @@ pub fn write(path: &Path, state: &SnapshotState) -> Result<(), StateFileError> {
 
 /// Reads a state file and checks that it can resume on `here`.
 pub fn read(path: &Path, here: &HostFacts) -> Result<SnapshotState, StateFileError> {
-    let state = parse(&mut std::fs::File::open(path)?)?;
+    let state = read_unchecked(path)?;
     state.host.check_restorable_on(here)?;
     Ok(state)
+}
+
+/// Reads a state file (format, length, checksum), leaving the host check to the caller, which
+/// may need the state's own configuration to know what this host is for it.
+pub fn read_unchecked(path: &Path) -> Result<SnapshotState, StateFileError> {
+    parse(&mut std::fs::File::open(path)?)
 }
 
 fn parse(reader: &mut impl Read) -> Result<SnapshotState, StateFileError> {

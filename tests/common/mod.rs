@@ -350,3 +350,42 @@ pub fn spawn_command_until(
     child.stdout = Some(stdout);
     (child, String::from_utf8_lossy(&seen).into_owned())
 }
+
+/// Everything read so far from a child's stdout, gathered by a thread as it arrives, so a test can
+/// wait for a line while the child keeps running.
+pub struct OutputCollector {
+    pub output: std::sync::Arc<std::sync::Mutex<String>>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl OutputCollector {
+    pub fn start(mut stdout: impl Read + Send + 'static) -> Self {
+        let output = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let thread = std::thread::spawn({
+            let output = output.clone();
+            move || {
+                let mut buf = [0u8; 512];
+                while let Ok(n) = stdout.read(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    output
+                        .lock()
+                        .unwrap()
+                        .push_str(&String::from_utf8_lossy(&buf[..n]));
+                }
+            }
+        });
+        Self { output, thread }
+    }
+
+    /// What has arrived so far.
+    pub fn text(&self) -> String {
+        self.output.lock().unwrap().clone()
+    }
+
+    /// Waits for the end of the stream (the child closed it).
+    pub fn join(self) {
+        self.thread.join().unwrap();
+    }
+}
