@@ -189,9 +189,13 @@ pub struct RunArgs {
     /// the VM is the snapshot's; --console and --api-socket are this run's
     #[arg(long, value_name = "DIR", conflicts_with_all = [
         "kernel", "initrd", "cmdline", "cpus", "memory", "disks", "nets", "rootfs", "image",
-        "scratch", "volumes", "vsock", "command",
+        "scratch", "volumes", "vsock", "command", "cold",
     ])]
     pub restore: Option<PathBuf>,
+    /// With -- CMD: boot the guest even if the warm-start cache has a snapshot of it, and do
+    /// not save one
+    #[arg(long, requires = "command")]
+    pub cold: bool,
     /// Workarounds for software KVM (kvm_pvm): auto applies them when it is detected
     #[arg(long, value_name = "MODE", value_enum, default_value_t = SoftwareKvmMode::Auto)]
     pub software_kvm: SoftwareKvmMode,

@@ -66,7 +66,7 @@ fn main() -> ExitCode {
         Ok(job) => job,
         Err(e) => return fail(&e),
     };
-    let (image, scratch) = (args.image.clone(), args.scratch);
+    let (image, scratch, cold) = (args.image.clone(), args.scratch, args.cold);
     let mut config = match args.into_config() {
         Ok(config) => config,
         Err(e) => return fail(&e),
@@ -77,7 +77,7 @@ fn main() -> ExitCode {
         Err(e) => return fail(&e),
     };
     let result = match job {
-        Some(job) => vmm::run_job(&config, rootfs.apply(job), started),
+        Some(job) => vmm::run_job(&config, rootfs.apply(job), started, cold),
         None => vmm::run(&config, started),
     };
     drop(rootfs);

@@ -1,9 +1,9 @@
 //! The main thread's loop: it sleeps in one `epoll_wait` until something needs it, and names each
 //! reason with a [`Wakeup`].
 //!
-//! Today the reasons are a stop request (from a vCPU, the console or a device) and a termination
-//! signal. The control socket, the guest agent and snapshots will each be one more variant and
-//! one more arm in the loop in `vmm.rs`, not more code around it.
+//! The reasons: a stop request (from a vCPU, the console or a device), a termination signal, a
+//! volume's daemon exiting, a control-socket request, and job mode asking for a warm-start
+//! snapshot. Each is one variant here and one arm in the loop in `vmm.rs`.
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -21,14 +21,17 @@ pub enum Wakeup {
     BackendExited,
     /// The control socket has a request for the main thread.
     Api,
+    /// Job mode asks for the snapshot later runs will warm-start from.
+    SnapshotRequested,
 }
 
 impl Wakeup {
-    const ALL: [Wakeup; 4] = [
+    const ALL: [Wakeup; 5] = [
         Wakeup::StopRequested,
         Wakeup::Signal,
         Wakeup::BackendExited,
         Wakeup::Api,
+        Wakeup::SnapshotRequested,
     ];
 
     /// The epoll token: the variant's position.

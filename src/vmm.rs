@@ -53,9 +53,10 @@ use crate::job::ready::ReadyError;
 use crate::job::{JobOutcome, JobRunner, JobSpec, JobThread, PrivateDir};
 use crate::kvm::{self, KvmError};
 use crate::main_loop::{MainLoop, Wakeup};
-use crate::outcome::VmOutcome;
+use crate::outcome::{error_line, VmOutcome};
 use crate::snapshot::{
     self,
+    cache::{CacheEntry, Plan},
     file::{HostFacts, SavedDevice, SnapshotState},
 };
 use crate::terminal;
@@ -390,7 +391,7 @@ impl Vm {
     /// Runs the VM until the guest stops it, a vCPU fails, a signal arrives or, with `job`, the
     /// job's command ends. Every vCPU thread has been joined and the terminal restored when this
     /// returns.
-    pub fn run(self, job: Option<JobRunner>) -> Result<VmOutcome, VmmError> {
+    pub fn run(self, mut job: Option<JobRunner>) -> Result<VmOutcome, VmmError> {
         let control = Arc::new(VmControl::new().map_err(VmmError::EventLoop)?);
         // Before any thread starts: see MainLoop::new.
         let mut main_loop =
@@ -418,6 +419,12 @@ impl Vm {
         if let Some(api) = &api {
             main_loop
                 .watch(api.wake.as_raw_fd(), Wakeup::Api)
+                .map_err(VmmError::EventLoop)?;
+        }
+        let mut snapshot_requests = job.as_mut().and_then(JobRunner::take_snapshot_requests);
+        if let Some(requests) = &snapshot_requests {
+            main_loop
+                .watch(requests.wake.as_raw_fd(), Wakeup::SnapshotRequested)
                 .map_err(VmmError::EventLoop)?;
         }
         let config = self.config.clone();
@@ -476,6 +483,20 @@ impl Vm {
                             let _ = call.reply.send(reply);
                         }
                     }
+                    Wakeup::SnapshotRequested => {
+                        let Some(requests) = &snapshot_requests else {
+                            continue;
+                        };
+                        let _ = requests.wake.read();
+                        while let Ok(request) = requests.requests.try_recv() {
+                            let saved = running
+                                .snapshot(&request.dir, &config)
+                                .map(|_| ())
+                                .map_err(|(_, why)| why);
+                            // The job thread waits for this answer.
+                            let _ = request.reply.send(saved);
+                        }
+                    }
                     Wakeup::Signal => {
                         while let Some(signal) = main_loop.read_signal() {
                             // A job's command gets the signal first; it ending stops the VM.
@@ -492,6 +513,9 @@ impl Vm {
             }
         }
 
+        // Before the job thread is joined: a request it is waiting on is answered (as refused)
+        // by the channel closing.
+        snapshot_requests.take();
         running.stop();
         drop(api);
         let outcome = control.take_outcome().unwrap_or(VmOutcome::MonitorFailed {
@@ -616,6 +640,14 @@ struct RunningVm {
     guest_memory: GuestMemoryMmap,
 }
 
+/// What a snapshot cost.
+struct SnapshotReport {
+    /// How long the vCPUs stood still.
+    paused_for: Duration,
+    /// Guest RAM bytes written (the rest are holes).
+    memory_bytes_written: u64,
+}
+
 /// A snapshot step that failed on Ember's side: HTTP 500 and what failed.
 fn internal(what: &str, e: impl std::fmt::Display) -> (u16, String) {
     (500, format!("{what}: {e}"))
@@ -667,7 +699,14 @@ impl RunningVm {
                 }
                 ApiReply::json(&serde_json::json!({ "state": self.state_name() }))
             }
-            ApiRequest::Snapshot(dir) => self.snapshot(dir, config),
+            ApiRequest::Snapshot(dir) => match self.snapshot(dir, config) {
+                Ok(report) => ApiReply::json(&serde_json::json!({
+                    "dir": dir,
+                    "pause_ms": report.paused_for.as_secs_f64() * 1e3,
+                    "memory_bytes_written": report.memory_bytes_written,
+                })),
+                Err((status, why)) => ApiReply::error(status, why),
+            },
             ApiRequest::Shutdown => {
                 control.request_stop(VmOutcome::ShutdownRequested);
                 ApiReply::json(&serde_json::json!({ "state": "stopping" }))
@@ -744,19 +783,18 @@ impl RunningVm {
         Ok(())
     }
 
-    /// `PUT /vm/snapshot`: pauses the VM (if it runs), saves it into `dir`, and lets it go on.
-    fn snapshot(&mut self, dir: &Path, config: &VmConfig) -> ApiReply {
+    /// Pauses the VM (if it runs), saves it into `dir`, and lets it go on: `PUT /vm/snapshot`,
+    /// and job mode's warm-start snapshot. An error is an HTTP status and why.
+    fn snapshot(&mut self, dir: &Path, config: &VmConfig) -> Result<SnapshotReport, (u16, String)> {
         // virtiofsd maps guest RAM itself and holds the guest's FUSE state: neither can be in a
         // snapshot, even before the guest mounts the volume.
         if !config.volumes.is_empty() {
-            return ApiReply::error(409, "a VM with volumes cannot be snapshotted");
+            return Err((409, "a VM with volumes cannot be snapshotted".into()));
         }
         let started = Instant::now();
         let was_running = !self.paused;
         if was_running {
-            if let Err(e) = self.set_vcpus_paused(true) {
-                return ApiReply::error(500, e);
-            }
+            self.set_vcpus_paused(true).map_err(|e| (500, e))?;
         }
         let saved = self.save_into(dir, config);
         let paused_for = started.elapsed();
@@ -767,20 +805,15 @@ impl RunningVm {
                 self.paused = true;
             }
         }
-        match saved {
-            Ok(written) => {
-                log::info!(
-                    "API: snapshot in {} (the VM paused {paused_for:?}, {written} bytes of RAM written)",
-                    dir.display()
-                );
-                ApiReply::json(&serde_json::json!({
-                    "dir": dir,
-                    "pause_ms": paused_for.as_secs_f64() * 1e3,
-                    "memory_bytes_written": written,
-                }))
-            }
-            Err((status, why)) => ApiReply::error(status, why),
-        }
+        let written = saved?;
+        log::info!(
+            "snapshot in {} (the VM paused {paused_for:?}, {written} bytes of RAM written)",
+            dir.display()
+        );
+        Ok(SnapshotReport {
+            paused_for,
+            memory_bytes_written: written,
+        })
     }
 
     /// Saves devices, vCPUs, clock, IOAPIC and RAM into `dir` (vCPUs paused). The devices sleep
@@ -1031,9 +1064,24 @@ pub fn restore(
     outcome
 }
 
-/// Job mode: builds the VM `config` describes with a vsock device (a private one unless the
-/// configuration names one) and the guest agent, runs `job` in it, and returns when it ends.
-pub fn run_job(config: &VmConfig, job: JobSpec, started: Instant) -> Result<VmOutcome, VmmError> {
+/// How long a resumed guest's agent may take to announce itself before the snapshot is taken
+/// as unusable. It takes milliseconds; the margin is for a host that is very busy.
+const WARM_READY_WITHIN: Duration = Duration::from_secs(30);
+
+/// Job mode: runs `job` in the VM `config` describes, with a vsock device (a private one unless
+/// the configuration names one) and the guest agent, and returns when it ends.
+///
+/// Unless `cold` (`--cold`) or the VM cannot have one (see [`snapshot::cache`]), the guest is
+/// resumed from the warm-start cache's snapshot of it; without one it boots, and is saved there
+/// the moment its agent is ready. A cached snapshot that cannot be resumed (corrupt, truncated,
+/// from another host, or a guest whose agent does not come back) is removed, with a warning,
+/// and the guest boots cold.
+pub fn run_job(
+    config: &VmConfig,
+    job: JobSpec,
+    started: Instant,
+    cold: bool,
+) -> Result<VmOutcome, VmmError> {
     // Nothing else on the host can reach the agent through a socket in a directory of its own.
     let mut private_dir = None;
     let mut config = config.clone();
@@ -1045,20 +1093,95 @@ pub fn run_job(config: &VmConfig, job: JobSpec, started: Instant) -> Result<VmOu
         });
         private_dir = Some(dir);
     }
-    let socket = config
-        .vsock
-        .as_ref()
-        .map(|vsock| vsock.socket.clone())
-        .unwrap_or_default();
-    let outcome = JobRunner::prepare(job, &socket)
-        .map_err(VmmError::Job)
-        .and_then(|runner| {
-            let vm = Vm::build(&config, started, Some(AgentMode::Job), None)?;
-            vm.run(Some(runner))
-        });
+    let outcome = match snapshot::cache::plan(&config, cold) {
+        Plan::Hit(entry) => match run_warm_job(&config, &job, started, &entry) {
+            Ok(outcome) => {
+                entry.touch();
+                Ok(outcome)
+            }
+            Err(why) => {
+                eprintln!(
+                    "ember: warning: the warm-start snapshot {} cannot be resumed ({why}); \
+                     removed it, booting cold",
+                    entry.dir.display()
+                );
+                entry.discard();
+                // A socket of its own: the failed attempt's may not be gone yet.
+                if let (Some(dir), Some(vsock)) = (&private_dir, config.vsock.as_mut()) {
+                    vsock.socket = dir.path().join("vsock-cold.sock");
+                }
+                run_cold_job(&config, job, started, Some(entry))
+            }
+        },
+        Plan::Miss(entry) => {
+            log::info!(
+                "warm start: no snapshot of this guest yet: booting cold, saving one in {} when \
+                 its agent is ready",
+                entry.dir.display()
+            );
+            run_cold_job(&config, job, started, Some(entry))
+        }
+        Plan::Cold(why) => {
+            log::info!("warm start: not used ({why}): booting cold");
+            run_cold_job(&config, job, started, None)
+        }
+    };
     terminal::restore();
     drop(private_dir);
     outcome
+}
+
+/// Boots `config` and runs `job`; with `save`, saves the VM there when its agent is ready.
+fn run_cold_job(
+    config: &VmConfig,
+    job: JobSpec,
+    started: Instant,
+    save: Option<CacheEntry>,
+) -> Result<VmOutcome, VmmError> {
+    let mut runner = JobRunner::prepare(job, &job_socket(config)).map_err(VmmError::Job)?;
+    if let Some(entry) = save {
+        if let Err(e) = runner.save_at_ready(entry) {
+            log::warn!("warm start: cannot arrange the snapshot: {e}");
+        }
+    }
+    let vm = Vm::build(config, started, Some(AgentMode::Job), None)?;
+    vm.run(Some(runner))
+}
+
+/// Resumes `entry`'s snapshot with `config` (this run's sockets and console) and runs `job`.
+/// `Err` says why the snapshot is of no use: nothing of the job has happened then.
+fn run_warm_job(
+    config: &VmConfig,
+    job: &JobSpec,
+    started: Instant,
+    entry: &CacheEntry,
+) -> Result<VmOutcome, String> {
+    let restore = Restore::open(&entry.dir).map_err(|e| error_line(&e))?;
+    log::info!("warm start: resuming {}", entry.dir.display());
+    let mut runner =
+        JobRunner::prepare(job.clone(), &job_socket(config)).map_err(|e| error_line(&e))?;
+    runner.expect_restored(WARM_READY_WITHIN);
+    let agent_was_ready = runner.agent_was_ready();
+    let vm = Vm::build(config, started, Some(AgentMode::Job), Some(&restore))
+        .map_err(|e| error_line(&e))?;
+    let outcome = vm.run(Some(runner)).map_err(|e| error_line(&e))?;
+    // Ctrl-C while resuming ends Ember as it would a cold boot.
+    if agent_was_ready.load(std::sync::atomic::Ordering::SeqCst)
+        || matches!(outcome, VmOutcome::Signal(_))
+    {
+        Ok(outcome)
+    } else {
+        Err(outcome.to_string())
+    }
+}
+
+/// Job mode's vsock socket.
+fn job_socket(config: &VmConfig) -> PathBuf {
+    config
+        .vsock
+        .as_ref()
+        .map(|vsock| vsock.socket.clone())
+        .unwrap_or_default()
 }
 
 fn check_resources(kvm: &Kvm, config: &VmConfig) -> Result<(), VmmError> {

@@ -34,6 +34,7 @@ macro_rules! log {
 }
 
 mod net;
+mod refresh;
 mod session;
 mod spawn;
 mod user;
@@ -134,6 +135,8 @@ fn main() -> ExitCode {
         }
     }
 
+    // Only in the guest: under test on a host, the host's clock and RNG are not the agent's.
+    let in_guest = matches!(args.listen, ListenAddr::Vsock { .. });
     let next_id = AtomicU64::new(1);
     loop {
         let stream = match listener.accept() {
@@ -150,7 +153,7 @@ fn main() -> ExitCode {
         let spawned = thread::Builder::new()
             .name(format!("conn-{id}"))
             .stack_size(THREAD_STACK)
-            .spawn(move || session::serve(id, stream));
+            .spawn(move || session::serve(id, stream, in_guest));
         if let Err(e) = spawned {
             log!("[{id}] no thread for the connection: {e}");
         }

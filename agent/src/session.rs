@@ -28,6 +28,7 @@ use ember_agent::wire::{
 };
 
 use crate::net::Stream;
+use crate::refresh;
 use crate::spawn::{self, Spawned};
 
 /// Encoded output waiting for the host above which the command's output is left unread.
@@ -43,9 +44,11 @@ const EXIT_GRACE: Duration = Duration::from_secs(2);
 /// pty's buffers are far smaller; a pipe says how much it holds): everything it holds.
 const DRAIN_FALLBACK: usize = 1 << 20;
 
-/// Serves one connection to its end. Never panics on anything the host sends.
-pub fn serve(id: u64, mut sock: Stream) {
-    let request = match handshake(&mut sock) {
+/// Serves one connection to its end. Never panics on anything the host sends. With
+/// `apply_refresh` (the agent of a guest, not one under test on a host) a `Refresh` from the host
+/// reseeds the RNG and sets the clock.
+pub fn serve(id: u64, mut sock: Stream, apply_refresh: bool) {
+    let request = match handshake(&mut sock, id, apply_refresh) {
         Ok(request) => request,
         Err(Refusal::Gone(why)) => {
             log!("[{id}] connection closed during handshake: {why}");
@@ -99,8 +102,9 @@ enum Refusal {
     Fail(FailureKind, String),
 }
 
-/// Hello both ways, then the one Exec. Blocking: nothing else happens on the connection yet.
-fn handshake(sock: &mut Stream) -> Result<ExecRequest, Refusal> {
+/// Hello both ways, then Refresh if the host sends one, then the one Exec. Blocking: nothing else
+/// happens on the connection yet.
+fn handshake(sock: &mut Stream, id: u64, apply_refresh: bool) -> Result<ExecRequest, Refusal> {
     wire::write_message(sock, &Message::Hello { version: VERSION })
         .map_err(|e| Refusal::Gone(e.to_string()))?;
     match read_or_refuse(sock)? {
@@ -118,7 +122,27 @@ fn handshake(sock: &mut Stream) -> Result<ExecRequest, Refusal> {
             ))
         }
     }
-    match read_or_refuse(sock)? {
+    let mut next = read_or_refuse(sock)?;
+    if let Message::Refresh {
+        realtime_ns,
+        entropy,
+    } = &next
+    {
+        if apply_refresh {
+            // A guest that cannot be refreshed still runs the command: the failure is logged
+            // on the console, which a failing job shows.
+            match refresh::apply(*realtime_ns, entropy) {
+                Ok(done) if done.clock_step_ns != 0 => log!(
+                    "[{id}] clock stepped by {:.3} s to the host's",
+                    done.clock_step_ns as f64 / 1e9
+                ),
+                Ok(_) => {}
+                Err(e) => log!("[{id}] cannot take the host's entropy and time: {e}"),
+            }
+        }
+        next = read_or_refuse(sock)?;
+    }
+    match next {
         Message::Exec(request) => Ok(request),
         other => Err(Refusal::Fail(
             FailureKind::Other,

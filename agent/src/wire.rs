@@ -25,11 +25,16 @@
 //!
 //! ```text
 //! agent -> host   Hello
-//! host  -> agent  Hello, Exec
+//! host  -> agent  Hello, [Refresh], Exec
 //! agent -> host   Started | Failed
 //! host  -> agent  Stdin*, StdinEof, Signal*, Resize*   (any order, any time after Exec)
 //! agent -> host   Stdout*, Stderr*, then Exited | Signaled (the last frame, then the agent closes)
 //! ```
+//!
+//! `Refresh` (version 3) carries the host's entropy and wall-clock time: a guest restored from a
+//! snapshot shares its RNG state with every other clone of that snapshot and wakes with the clock
+//! of the moment it was taken, so the agent reseeds the kernel's RNG and sets the clock from it
+//! before it runs anything.
 //!
 //! The command's exit ends the conversation, as with `docker run`: the agent then kills what the
 //! command left running in its process group, sends the output still buffered (reading it for
@@ -47,7 +52,7 @@
 use std::io::{self, Read, Write};
 
 /// The version of this wire format, exchanged in [`Message::Hello`].
-pub const VERSION: u32 = 2;
+pub const VERSION: u32 = 3;
 /// The vsock port the agent listens on for exec connections.
 pub const AGENT_PORT: u32 = 1024;
 /// The host's vsock port the agent connects to, once listening, to say it is ready.
@@ -91,6 +96,10 @@ pub struct ExecRequest {
     pub user: Option<String>,
 }
 
+/// The most entropy one [`Message::Refresh`] carries: the kernel's RNG needs 32 bytes to be
+/// seeded; more adds nothing.
+pub const MAX_ENTROPY: usize = 256;
+
 /// Why a command could not be started. Each has the exit status a shell would give.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FailureKind {
@@ -123,7 +132,15 @@ pub enum Message {
     },
     /// Agent to host, on the [`READY_PORT`] connection: the agent is listening.
     Ready,
-    /// Host to agent, once per connection, after `Hello`.
+    /// Host to agent, at most once, between `Hello` and `Exec` (added in version 3): fresh
+    /// randomness for the guest kernel's RNG and the host's wall-clock time.
+    Refresh {
+        /// `CLOCK_REALTIME` on the host, in nanoseconds since the Unix epoch.
+        realtime_ns: i64,
+        /// Random bytes from the host's kernel, at most [`MAX_ENTROPY`].
+        entropy: Vec<u8>,
+    },
+    /// Host to agent, once per connection, after `Hello` (and `Refresh`).
     Exec(ExecRequest),
     /// Agent to host: the command runs, as this pid (also its process group and session).
     Started {
@@ -170,6 +187,7 @@ impl Message {
         match self {
             Message::Hello { .. } => "Hello",
             Message::Ready => "Ready",
+            Message::Refresh { .. } => "Refresh",
             Message::Exec(_) => "Exec",
             Message::Started { .. } => "Started",
             Message::Stdout(_) => "Stdout",
@@ -188,6 +206,7 @@ impl Message {
         match self {
             Message::Hello { .. } => tag::HELLO,
             Message::Ready => tag::READY,
+            Message::Refresh { .. } => tag::REFRESH,
             Message::Exec(_) => tag::EXEC,
             Message::Started { .. } => tag::STARTED,
             Message::Stdout(_) => tag::STDOUT,
@@ -218,6 +237,7 @@ mod tag {
     pub const EXITED: u8 = 11;
     pub const SIGNALED: u8 = 12;
     pub const FAILED: u8 = 13;
+    pub const REFRESH: u8 = 14;
 }
 
 /// Why a frame could not be read, written or decoded. After any of these the stream is out of
@@ -265,6 +285,13 @@ pub fn encode(message: &Message) -> Vec<u8> {
     match message {
         Message::Hello { version } => put_u32(&mut buf, *version),
         Message::Ready | Message::StdinEof => {}
+        Message::Refresh {
+            realtime_ns,
+            entropy,
+        } => {
+            buf.extend_from_slice(&realtime_ns.to_le_bytes());
+            buf.extend_from_slice(entropy);
+        }
         Message::Exec(request) => {
             put_count(&mut buf, request.argv.len());
             for arg in &request.argv {
@@ -443,6 +470,17 @@ fn decode_frame(body: &[u8]) -> Result<Message, WireError> {
     let message = match type_byte {
         tag::HELLO => Message::Hello { version: p.u32()? },
         tag::READY => Message::Ready,
+        tag::REFRESH => {
+            let realtime_ns = i64::from_le_bytes(p.array()?);
+            let entropy = p.rest();
+            if entropy.len() > MAX_ENTROPY {
+                return Err(WireError::Invalid("entropy length"));
+            }
+            Message::Refresh {
+                realtime_ns,
+                entropy: entropy.to_vec(),
+            }
+        }
         tag::EXEC => {
             // Each argument is at least its 4-byte length.
             let argc = p.count(4)?;
@@ -619,6 +657,14 @@ mod tests {
             Message::Hello { version: VERSION },
             Message::Hello { version: u32::MAX },
             Message::Ready,
+            Message::Refresh {
+                realtime_ns: 1_764_000_000_123_456_789,
+                entropy: vec![7; 32],
+            },
+            Message::Refresh {
+                realtime_ns: -1,
+                entropy: vec![],
+            },
             Message::Exec(ExecRequest {
                 argv: vec!["sh".into(), "-c".into(), "echo héllo".into(), String::new()],
                 env: vec![("A".into(), "1".into()), ("EMPTY".into(), String::new())],
@@ -847,6 +893,17 @@ mod tests {
         payload.extend_from_slice(&[2, 0, 0]);
         let mut r = &frame(tag::EXEC, &payload)[..];
         assert!(matches!(read_message(&mut r), Err(WireError::Invalid(_))));
+
+        // Refresh: a clock cut short, and more entropy than any refresh carries.
+        let mut r = &frame(tag::REFRESH, &[1, 2, 3])[..];
+        assert!(matches!(read_message(&mut r), Err(WireError::Truncated)));
+        let mut payload = 0i64.to_le_bytes().to_vec();
+        payload.extend_from_slice(&[0; MAX_ENTROPY + 1]);
+        let mut r = &frame(tag::REFRESH, &payload)[..];
+        assert!(matches!(
+            read_message(&mut r),
+            Err(WireError::Invalid("entropy length"))
+        ));
     }
 
     #[test]

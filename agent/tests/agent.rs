@@ -264,6 +264,32 @@ fn stdout_stderr_and_exit_code() {
 }
 
 #[test]
+fn a_refresh_before_exec_is_taken_and_the_command_runs() {
+    let agent = Agent::start();
+    let mut conn = agent.connect();
+    // On a host the agent leaves the host's clock and RNG alone: a time far off changes nothing.
+    conn.send(&Message::Refresh {
+        realtime_ns: 0,
+        entropy: vec![1; 32],
+    });
+    conn.send(&Message::Exec(sh("echo refreshed")));
+    let out = conn.collect();
+    assert_eq!(out.last, Some(Message::Exited { code: 0 }));
+    assert_eq!(out.stdout, b"refreshed\n");
+    // A Refresh where Exec belongs (a second one) is a protocol error.
+    let mut conn = agent.connect();
+    conn.send(&Message::Refresh {
+        realtime_ns: 0,
+        entropy: vec![],
+    });
+    conn.send(&Message::Refresh {
+        realtime_ns: 0,
+        entropy: vec![],
+    });
+    assert!(matches!(conn.recv(), Message::Failed { .. }));
+}
+
+#[test]
 fn environment_and_working_directory() {
     let agent = Agent::start();
     let mut req = sh("echo \"$PATH|$HOME|${TERM-unset}|$FOO\"; pwd");

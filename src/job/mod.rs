@@ -20,7 +20,7 @@ use std::time::Duration;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::main_loop::{MainLoop, Wakeup};
-pub use runner::{JobRunner, JobThread, PrivateDir};
+pub use runner::{JobRunner, JobThread, PrivateDir, SnapshotRequest, SnapshotRequests};
 pub use session::{JobHandle, Session};
 
 /// The command to run and how.
@@ -155,8 +155,8 @@ pub fn exec(socket: &Path, spec: &JobSpec) -> JobOutcome {
         for wakeup in wakeups {
             match wakeup {
                 Wakeup::StopRequested => break 'wait,
-                // ember exec watches no backend and has no control socket.
-                Wakeup::BackendExited | Wakeup::Api => {}
+                // ember exec watches no backend, has no control socket and takes no snapshot.
+                Wakeup::BackendExited | Wakeup::Api | Wakeup::SnapshotRequested => {}
                 Wakeup::Signal => {
                     while let Some(signal) = main_loop.read_signal() {
                         if signal == libc::SIGWINCH {

@@ -7,6 +7,7 @@ use std::io::{self, Read};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use ember_agent::wire::{self, Message};
 
@@ -36,6 +37,8 @@ pub enum ReadyError {
     Unexpected(Box<Message>),
     #[error("the VM stopped before its agent was ready")]
     Stopped,
+    #[error("the guest agent did not say it was ready within {0:?}")]
+    TimedOut(Duration),
 }
 
 /// The listener for the agent's ready connection; removed when dropped.
@@ -58,18 +61,42 @@ impl ReadyListener {
     }
 
     /// Waits for the agent's Hello and Ready, or until `stopped` (a descriptor that becomes
-    /// readable when the VM stops) says there is no point any more.
-    pub fn wait(&self, stopped: &impl AsRawFd) -> Result<UnixStream, ReadyError> {
-        wait_readable(&self.listener, stopped)?;
+    /// readable when the VM stops) says there is no point any more, or `deadline` passes.
+    pub fn wait(
+        &self,
+        stopped: &impl AsRawFd,
+        deadline: Option<Instant>,
+    ) -> Result<UnixStream, ReadyError> {
+        let waited = Instant::now();
+        let timed_out = |e| match e {
+            ReadyError::TimedOut(_) => ReadyError::TimedOut(waited.elapsed()),
+            e => e,
+        };
+        wait_readable(&self.listener, stopped, deadline).map_err(timed_out)?;
         let (stream, _) = self.listener.accept().map_err(ReadyError::Wait)?;
-        greet(&stream, stopped)?;
+        greet(&stream, stopped, deadline).map_err(timed_out)?;
         Ok(stream)
     }
 }
 
-/// Waits until `fd` is readable, or `stopped` is (then `Err(Stopped)`).
-fn wait_readable(fd: &impl AsRawFd, stopped: &impl AsRawFd) -> Result<(), ReadyError> {
+/// Waits until `fd` is readable, or `stopped` is (then `Err(Stopped)`), or `deadline` passes.
+fn wait_readable(
+    fd: &impl AsRawFd,
+    stopped: &impl AsRawFd,
+    deadline: Option<Instant>,
+) -> Result<(), ReadyError> {
     loop {
+        let timeout_ms = match deadline {
+            None => -1,
+            Some(deadline) => {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return Err(ReadyError::TimedOut(Duration::ZERO));
+                }
+                // Rounded up: a poll that wakes a hair early just goes round again.
+                i32::try_from(left.as_millis() + 1).unwrap_or(i32::MAX)
+            }
+        };
         let mut fds = [
             libc::pollfd {
                 fd: fd.as_raw_fd(),
@@ -83,7 +110,7 @@ fn wait_readable(fd: &impl AsRawFd, stopped: &impl AsRawFd) -> Result<(), ReadyE
             },
         ];
         // SAFETY: `fds` is a valid array of two pollfd structs for the duration of the call.
-        let ready = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+        let ready = unsafe { libc::poll(fds.as_mut_ptr(), 2, timeout_ms) };
         if ready < 0 {
             let e = io::Error::last_os_error();
             if e.kind() == io::ErrorKind::Interrupted {
@@ -103,12 +130,16 @@ fn wait_readable(fd: &impl AsRawFd, stopped: &impl AsRawFd) -> Result<(), ReadyE
 /// Reads the agent's Hello (checking the wire version) and Ready, a chunk at a time as they
 /// come, watching `stopped` meanwhile: a guest that connects and says nothing must not hold a
 /// stopping Ember.
-fn greet(stream: &UnixStream, stopped: &impl AsRawFd) -> Result<(), ReadyError> {
+fn greet(
+    stream: &UnixStream,
+    stopped: &impl AsRawFd,
+    deadline: Option<Instant>,
+) -> Result<(), ReadyError> {
     let mut decoder = wire::Decoder::new();
     let mut messages = Vec::new();
     let mut buf = [0u8; 256];
     while messages.len() < 2 {
-        wait_readable(stream, stopped)?;
+        wait_readable(stream, stopped, deadline)?;
         let n = match (&*stream).read(&mut buf) {
             Ok(0) => return Err(ReadyError::Greeting(wire::WireError::Truncated)),
             Ok(n) => n,
@@ -178,7 +209,7 @@ mod tests {
             wire::write_message(&mut stream, &Message::Ready).unwrap();
             stream
         });
-        listener.wait(&stopped).unwrap();
+        listener.wait(&stopped, None).unwrap();
         drop(agent.join().unwrap());
         // A guest that connects and says nothing does not hold a stopping VM.
         let agent_path = host_port_path(&socket, wire::READY_PORT);
@@ -188,7 +219,7 @@ mod tests {
             let socket = socket.clone();
             move || {
                 let listener = listener;
-                let result = listener.wait(&stopped);
+                let result = listener.wait(&stopped, None);
                 drop(socket);
                 (listener, result)
             }
@@ -200,7 +231,16 @@ mod tests {
         drop(silent);
         stopped.read().unwrap();
         stopped.write(1).unwrap();
-        assert!(matches!(listener.wait(&stopped), Err(ReadyError::Stopped)));
+        assert!(matches!(
+            listener.wait(&stopped, None),
+            Err(ReadyError::Stopped)
+        ));
+        stopped.read().unwrap();
+        // A restored guest whose agent never speaks: the wait ends at its deadline.
+        let started = Instant::now();
+        let result = listener.wait(&stopped, Some(started + Duration::from_millis(200)));
+        assert!(matches!(result, Err(ReadyError::TimedOut(_))), "{result:?}");
+        assert!(started.elapsed() >= Duration::from_millis(200));
         drop(listener);
         assert!(!host_port_path(&socket, wire::READY_PORT).exists());
         std::fs::remove_dir_all(&dir).unwrap();

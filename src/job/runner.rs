@@ -6,8 +6,11 @@ use std::io;
 use std::os::unix::fs::DirBuilderExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use ember_agent::wire;
 use vmm_sys_util::eventfd::EventFd;
@@ -16,6 +19,7 @@ use super::ready::{ReadyError, ReadyListener};
 use super::session::{terminal_size, JobHandle, Session};
 use super::{hybrid, JobOutcome, JobSpec};
 use crate::outcome::{error_line, VmOutcome};
+use crate::snapshot::cache::CacheEntry;
 use crate::vcpu::VmControl;
 
 /// A directory only this user can enter, removed with everything in it when dropped: where job
@@ -56,11 +60,47 @@ impl Drop for PrivateDir {
     }
 }
 
+/// The job thread asks the main thread, which owns the vCPUs, to save the VM into `dir`.
+pub struct SnapshotRequest {
+    /// An empty directory to save into.
+    pub dir: PathBuf,
+    /// `Err(why)` when the snapshot could not be taken (the VM goes on either way).
+    pub reply: Sender<Result<(), String>>,
+}
+
+/// The main thread's end of the snapshot requests: an eventfd its loop watches, and the
+/// requests. Dropping it answers every pending request with a disconnection.
+pub struct SnapshotRequests {
+    /// Readable when a request is queued.
+    pub wake: EventFd,
+    /// The requests.
+    pub requests: Receiver<SnapshotRequest>,
+}
+
+/// What the job thread does for warm starts.
+enum WarmRole {
+    /// A cold boot: save the VM into this cache entry once the agent is ready, before the
+    /// command runs, so that later runs resume it there.
+    SaveAtReady {
+        entry: CacheEntry,
+        wake: EventFd,
+        requests: Sender<SnapshotRequest>,
+    },
+    /// A resumed snapshot: its agent must announce itself again within this long, or the
+    /// snapshot is taken as unusable.
+    Restored { within: Duration },
+}
+
 /// A job waiting for its VM: the ready listener is bound before the guest runs.
 pub struct JobRunner {
     spec: JobSpec,
     socket: PathBuf,
     ready: ReadyListener,
+    warm: Option<WarmRole>,
+    /// The main thread's end of `warm`'s requests, until the VM takes it.
+    snapshot_requests: Option<SnapshotRequests>,
+    /// Set once the agent said it was ready.
+    agent_was_ready: Arc<AtomicBool>,
 }
 
 impl JobRunner {
@@ -70,7 +110,44 @@ impl JobRunner {
             spec,
             socket: socket.to_path_buf(),
             ready: ReadyListener::bind(socket)?,
+            warm: None,
+            snapshot_requests: None,
+            agent_was_ready: Arc::default(),
         })
+    }
+
+    /// Once the agent is ready, and before the command runs, have the VM saved into `entry`
+    /// (see [`take_snapshot_requests`](Self::take_snapshot_requests)).
+    pub fn save_at_ready(&mut self, entry: CacheEntry) -> io::Result<()> {
+        let wake = EventFd::new(libc::EFD_NONBLOCK)?;
+        let (requests, received) = mpsc::channel();
+        self.snapshot_requests = Some(SnapshotRequests {
+            wake: wake.try_clone()?,
+            requests: received,
+        });
+        self.warm = Some(WarmRole::SaveAtReady {
+            entry,
+            wake,
+            requests,
+        });
+        Ok(())
+    }
+
+    /// The VM was resumed from a snapshot: give up (as the job's failure) if its agent does not
+    /// announce itself within `within`.
+    pub fn expect_restored(&mut self, within: Duration) {
+        self.warm = Some(WarmRole::Restored { within });
+    }
+
+    /// For the VM's main loop: the requests [`save_at_ready`](Self::save_at_ready) will send.
+    pub fn take_snapshot_requests(&mut self) -> Option<SnapshotRequests> {
+        self.snapshot_requests.take()
+    }
+
+    /// Becomes true once the agent has said it is ready: a resumed VM that ends without it
+    /// was not a usable snapshot.
+    pub fn agent_was_ready(&self) -> Arc<AtomicBool> {
+        self.agent_was_ready.clone()
     }
 
     /// Starts the job's thread: it waits for the agent, runs the command, and stops the VM
@@ -91,12 +168,25 @@ impl JobRunner {
 
     /// `None` when the VM stopped before the agent was ready: the VM's own outcome stands.
     fn run(self, stopped: &EventFd, slot: &Mutex<Slot>) -> Option<JobOutcome> {
-        let ready = match self.ready.wait(stopped) {
+        let deadline = match &self.warm {
+            Some(WarmRole::Restored { within }) => Some(Instant::now() + *within),
+            _ => None,
+        };
+        let ready = match self.ready.wait(stopped, deadline) {
             Ok(ready) => ready,
             Err(ReadyError::Stopped) => return None,
             Err(e) => return Some(JobOutcome::Failed(error_line(&e))),
         };
+        self.agent_was_ready.store(true, Ordering::SeqCst);
         log::info!("job: the guest agent is ready");
+        if let Some(WarmRole::SaveAtReady {
+            entry,
+            wake,
+            requests,
+        }) = &self.warm
+        {
+            save_for_warm_starts(entry, wake, requests);
+        }
         let stream = match hybrid::connect(&self.socket, wire::AGENT_PORT) {
             Ok(stream) => stream,
             Err(e) => {
@@ -124,6 +214,45 @@ impl JobRunner {
         }
         watch_agent(ready, handle);
         Some(session.run())
+    }
+}
+
+/// Has the main thread save the VM into `entry`'s staging directory and puts it in place. A
+/// failure costs later runs their warm start, not this run its command: it is a warning.
+fn save_for_warm_starts(entry: &CacheEntry, wake: &EventFd, requests: &Sender<SnapshotRequest>) {
+    let started = Instant::now();
+    let staging = match entry.staging() {
+        Ok(staging) => staging,
+        Err(e) => {
+            log::warn!("warm start: cannot make a directory for the snapshot: {e}");
+            return;
+        }
+    };
+    let (reply, answer) = mpsc::channel();
+    let asked = requests
+        .send(SnapshotRequest {
+            dir: staging.clone(),
+            reply,
+        })
+        .map_err(|_| "the VM is stopping".to_string())
+        .and_then(|()| wake.write(1).map_err(|e| e.to_string()));
+    // The main thread drops unanswered requests when the VM stops: no answer is a refusal.
+    let saved = asked.and_then(|()| {
+        answer
+            .recv()
+            .unwrap_or_else(|_| Err("the VM is stopping".into()))
+    });
+    let committed = saved.and_then(|()| entry.commit(&staging).map_err(|e| e.to_string()));
+    match committed {
+        Ok(_) => log::info!(
+            "warm start: saved {} in {:?}; later runs of this guest resume it",
+            entry.dir.display(),
+            started.elapsed()
+        ),
+        Err(why) => {
+            let _ = std::fs::remove_dir_all(&staging);
+            log::warn!("warm start: no snapshot saved: {why}");
+        }
     }
 }
 

@@ -205,6 +205,9 @@ impl Session {
                 version: wire::VERSION,
             },
         )?;
+        // Every command refreshes the guest: a restored clone must not run anything with the
+        // RNG state and clock its snapshot gave every other clone.
+        wire::write_message(&mut writer, &refresh_message())?;
         let tty = spec.tty.then(terminal_size);
         wire::write_message(
             &mut writer,
@@ -403,6 +406,23 @@ pub fn terminal_size() -> WinSize {
     WinSize { rows: 24, cols: 80 }
 }
 
+/// The host's time and 64 bytes from its RNG, for the guest. Without entropy (getrandom failing
+/// is not expected) the refresh still sets the clock.
+fn refresh_message() -> Message {
+    let mut entropy = vec![0u8; 64];
+    // SAFETY: the buffer is valid for writes of its length.
+    let got = unsafe { libc::getrandom(entropy.as_mut_ptr().cast(), entropy.len(), 0) };
+    entropy.truncate(usize::try_from(got).unwrap_or(0));
+    let realtime_ns = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
+        .unwrap_or(0);
+    Message::Refresh {
+        realtime_ns,
+        entropy,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -417,6 +437,11 @@ mod tests {
                     version: wire::VERSION
                 })
             );
+            let Some(Message::Refresh { entropy, .. }) = wire::read_message(&mut agent).unwrap()
+            else {
+                panic!("no Refresh");
+            };
+            assert_eq!(entropy.len(), 64);
             let Some(Message::Exec(request)) = wire::read_message(&mut agent).unwrap() else {
                 panic!("no Exec");
             };
@@ -487,8 +512,10 @@ mod tests {
     fn a_timeout_kills_the_command_and_says_so() {
         let (host, mut agent) = UnixStream::pair().unwrap();
         let fake = std::thread::spawn(move || {
-            wire::read_message(&mut agent).unwrap();
-            wire::read_message(&mut agent).unwrap();
+            // Hello, Refresh, Exec.
+            for _ in 0..3 {
+                wire::read_message(&mut agent).unwrap();
+            }
             for message in [
                 Message::Hello {
                     version: wire::VERSION,
