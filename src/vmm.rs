@@ -640,6 +640,41 @@ struct RunningVm {
     guest_memory: GuestMemoryMmap,
 }
 
+/// Starts a graceful shutdown: a thread asks the guest agent behind `vsock_socket` to power the
+/// guest off, and ends the VM itself if the guest is not off after `grace` (or could not be
+/// asked). False when no thread could start (the caller ends the VM).
+fn shut_down_gracefully(vsock_socket: &Path, grace: Duration, control: Arc<VmControl>) -> bool {
+    let socket = vsock_socket.to_owned();
+    let spawned = std::thread::Builder::new()
+        .name("shutdown".into())
+        .spawn(move || {
+            let deadline = Instant::now() + grace;
+            match crate::job::ask_guest_to_power_off(&socket) {
+                Ok(()) => log::info!("API: asked the guest to power off; waiting {grace:?}"),
+                Err(e) => {
+                    log::warn!("graceful shutdown: {e}; ending the VM");
+                    control.request_stop(VmOutcome::ShutdownRequested);
+                    return;
+                }
+            }
+            while !control.is_stopping() {
+                if Instant::now() >= deadline {
+                    log::warn!("the guest was not off after {grace:?}: ending the VM");
+                    control.request_stop(VmOutcome::ShutdownRequested);
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        });
+    match spawned {
+        Ok(_) => true,
+        Err(e) => {
+            log::warn!("graceful shutdown: no thread ({e}); ending the VM");
+            false
+        }
+    }
+}
+
 /// What a snapshot cost.
 struct SnapshotReport {
     /// How long the vCPUs stood still.
@@ -661,7 +696,7 @@ impl RunningVm {
     fn answer(
         &mut self,
         request: &ApiRequest,
-        control: &VmControl,
+        control: &Arc<VmControl>,
         config: &VmConfig,
         running_since: Instant,
     ) -> ApiReply {
@@ -707,9 +742,22 @@ impl RunningVm {
                 })),
                 Err((status, why)) => ApiReply::error(status, why),
             },
-            ApiRequest::Shutdown => {
-                control.request_stop(VmOutcome::ShutdownRequested);
-                ApiReply::json(&serde_json::json!({ "state": "stopping" }))
+            ApiRequest::Shutdown { grace } => {
+                // The guest is asked through its agent when it may have one (a vsock device);
+                // without, or with no grace, the VM ends now.
+                let graceful = match &config.vsock {
+                    Some(vsock) if !grace.is_zero() => {
+                        shut_down_gracefully(&vsock.socket, *grace, control.clone())
+                    }
+                    _ => false,
+                };
+                if !graceful {
+                    control.request_stop(VmOutcome::ShutdownRequested);
+                }
+                ApiReply::json(&serde_json::json!({
+                    "state": "stopping",
+                    "graceful": graceful,
+                }))
             }
             ApiRequest::Metrics => {
                 let mut text = String::from(

@@ -44,12 +44,23 @@ const EXIT_GRACE: Duration = Duration::from_secs(2);
 /// pty's buffers are far smaller; a pipe says how much it holds): everything it holds.
 const DRAIN_FALLBACK: usize = 1 << 20;
 
-/// Serves one connection to its end. Never panics on anything the host sends. With
-/// `apply_refresh` (the agent of a guest, not one under test on a host) a `Refresh` from the host
-/// reseeds the RNG and sets the clock.
-pub fn serve(id: u64, mut sock: Stream, apply_refresh: bool) {
-    let request = match handshake(&mut sock, id, apply_refresh) {
-        Ok(request) => request,
+/// Serves one connection to its end. Never panics on anything the host sends. Only `in_guest`
+/// (the agent of a guest, not one under test on a host) does a `Refresh` reseed the RNG and set
+/// the clock, and a `Shutdown` power the machine off.
+pub fn serve(id: u64, mut sock: Stream, in_guest: bool) {
+    let request = match handshake(&mut sock, id, in_guest) {
+        Ok(Request::Exec(request)) => request,
+        Ok(Request::Shutdown) if in_guest => {
+            log!("[{id}] the host asks the guest to power off");
+            power_off();
+        }
+        Ok(Request::Shutdown) => {
+            let message = "not in a guest: the agent powers nothing off".to_string();
+            log!("[{id}] refused: {message}");
+            let kind = FailureKind::Other;
+            let _ = wire::write_message(&mut sock, &Message::Failed { kind, message });
+            return;
+        }
         Err(Refusal::Gone(why)) => {
             log!("[{id}] connection closed during handshake: {why}");
             return;
@@ -102,9 +113,40 @@ enum Refusal {
     Fail(FailureKind, String),
 }
 
-/// Hello both ways, then Refresh if the host sends one, then the one Exec. Blocking: nothing else
-/// happens on the connection yet.
-fn handshake(sock: &mut Stream, id: u64, apply_refresh: bool) -> Result<ExecRequest, Refusal> {
+/// What the host asked for on a connection.
+enum Request {
+    Exec(ExecRequest),
+    Shutdown,
+}
+
+/// Syncs the file systems and ends the machine: a power-off where the kernel can do one (ACPI),
+/// otherwise a restart, which ends an Ember VM just the same (the default guest's kernel has no
+/// ACPI and restarts through the i8042, `reboot=k`; asked to power off, it would only halt).
+/// Processes are not asked to stop first: what they did not write is lost, what the file
+/// systems hold is not.
+fn power_off() -> ! {
+    let how = if std::path::Path::new("/sys/firmware/acpi").exists() {
+        libc::RB_POWER_OFF
+    } else {
+        libc::RB_AUTOBOOT
+    };
+    // SAFETY: sync and reboot take no pointers; reboot only returns on failure.
+    unsafe {
+        libc::sync();
+        libc::reboot(how);
+    }
+    log!(
+        "cannot power off: {}; the host ends the VM when its wait runs out",
+        io::Error::last_os_error()
+    );
+    loop {
+        std::thread::sleep(Duration::from_secs(3600));
+    }
+}
+
+/// Hello both ways, then Refresh if the host sends one, then the one Exec or Shutdown. Blocking:
+/// nothing else happens on the connection yet.
+fn handshake(sock: &mut Stream, id: u64, apply_refresh: bool) -> Result<Request, Refusal> {
     wire::write_message(sock, &Message::Hello { version: VERSION })
         .map_err(|e| Refusal::Gone(e.to_string()))?;
     match read_or_refuse(sock)? {
@@ -143,7 +185,8 @@ fn handshake(sock: &mut Stream, id: u64, apply_refresh: bool) -> Result<ExecRequ
         next = read_or_refuse(sock)?;
     }
     match next {
-        Message::Exec(request) => Ok(request),
+        Message::Exec(request) => Ok(Request::Exec(request)),
+        Message::Shutdown => Ok(Request::Shutdown),
         other => Err(Refusal::Fail(
             FailureKind::Other,
             format!("protocol error: expected Exec, got {}", other.name()),

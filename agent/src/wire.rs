@@ -25,7 +25,7 @@
 //!
 //! ```text
 //! agent -> host   Hello
-//! host  -> agent  Hello, [Refresh], Exec
+//! host  -> agent  Hello, [Refresh], Exec | Shutdown
 //! agent -> host   Started | Failed
 //! host  -> agent  Stdin*, StdinEof, Signal*, Resize*   (any order, any time after Exec)
 //! agent -> host   Stdout*, Stderr*, then Exited | Signaled (the last frame, then the agent closes)
@@ -35,6 +35,10 @@
 //! snapshot shares its RNG state with every other clone of that snapshot and wakes with the clock
 //! of the moment it was taken, so the agent reseeds the kernel's RNG and sets the clock from it
 //! before it runs anything.
+//!
+//! `Shutdown` (version 3) in place of `Exec` asks the guest to end cleanly: the agent syncs the
+//! file systems and powers the machine off (or restarts it, without ACPI), which ends the VM; it
+//! answers nothing.
 //!
 //! The command's exit ends the conversation, as with `docker run`: the agent then kills what the
 //! command left running in its process group, sends the output still buffered (reading it for
@@ -142,6 +146,9 @@ pub enum Message {
     },
     /// Host to agent, once per connection, after `Hello` (and `Refresh`).
     Exec(ExecRequest),
+    /// Host to agent, in place of `Exec` (added in version 3): sync and power the guest off (or
+    /// restart it, without ACPI): either ends an Ember VM.
+    Shutdown,
     /// Agent to host: the command runs, as this pid (also its process group and session).
     Started {
         /// The command's pid in the guest.
@@ -189,6 +196,7 @@ impl Message {
             Message::Ready => "Ready",
             Message::Refresh { .. } => "Refresh",
             Message::Exec(_) => "Exec",
+            Message::Shutdown => "Shutdown",
             Message::Started { .. } => "Started",
             Message::Stdout(_) => "Stdout",
             Message::Stderr(_) => "Stderr",
@@ -208,6 +216,7 @@ impl Message {
             Message::Ready => tag::READY,
             Message::Refresh { .. } => tag::REFRESH,
             Message::Exec(_) => tag::EXEC,
+            Message::Shutdown => tag::SHUTDOWN,
             Message::Started { .. } => tag::STARTED,
             Message::Stdout(_) => tag::STDOUT,
             Message::Stderr(_) => tag::STDERR,
@@ -238,6 +247,7 @@ mod tag {
     pub const SIGNALED: u8 = 12;
     pub const FAILED: u8 = 13;
     pub const REFRESH: u8 = 14;
+    pub const SHUTDOWN: u8 = 15;
 }
 
 /// Why a frame could not be read, written or decoded. After any of these the stream is out of
@@ -284,7 +294,7 @@ pub fn encode(message: &Message) -> Vec<u8> {
     buf.push(message.type_byte());
     match message {
         Message::Hello { version } => put_u32(&mut buf, *version),
-        Message::Ready | Message::StdinEof => {}
+        Message::Ready | Message::StdinEof | Message::Shutdown => {}
         Message::Refresh {
             realtime_ns,
             entropy,
@@ -470,6 +480,7 @@ fn decode_frame(body: &[u8]) -> Result<Message, WireError> {
     let message = match type_byte {
         tag::HELLO => Message::Hello { version: p.u32()? },
         tag::READY => Message::Ready,
+        tag::SHUTDOWN => Message::Shutdown,
         tag::REFRESH => {
             let realtime_ns = i64::from_le_bytes(p.array()?);
             let entropy = p.rest();
@@ -665,6 +676,7 @@ mod tests {
                 realtime_ns: -1,
                 entropy: vec![],
             },
+            Message::Shutdown,
             Message::Exec(ExecRequest {
                 argv: vec!["sh".into(), "-c".into(), "echo héllo".into(), String::new()],
                 env: vec![("A".into(), "1".into()), ("EMPTY".into(), String::new())],

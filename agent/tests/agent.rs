@@ -287,6 +287,13 @@ fn a_refresh_before_exec_is_taken_and_the_command_runs() {
         entropy: vec![],
     });
     assert!(matches!(conn.recv(), Message::Failed { .. }));
+    // Asked to power off on a host, the agent refuses (and goes on serving).
+    let mut conn = agent.connect();
+    conn.send(&Message::Shutdown);
+    assert!(
+        matches!(conn.recv(), Message::Failed { message, .. } if message.contains("not in a guest"))
+    );
+    assert_eq!(agent.run(sh("echo still")).stdout, b"still\n");
 }
 
 #[test]

@@ -1,5 +1,7 @@
 #!/usr/bin/env python3
-"""Snapshots of the default Linux guest: a cold boot against a restore, in one run.
+"""Snapshots and warm starts of the default Linux guest, in one run.
+
+Console mode (a shell on the serial console, snapshot through the control socket):
 
   cold_s        spawn -> a booted guest's shell printing READY on the serial console, ready to
                 read a line (the snapshot is taken after that, outside the measurement)
@@ -8,16 +10,32 @@
   pause_ms      how long the snapshot paused the VM (ember's answer to PUT /vm/snapshot)
   written_mib   guest RAM written to the memory file (sparse: touched pages only)
 
+Job mode (`ember run -- true`, the warm-start cache in a private XDG_CACHE_HOME):
+
+  job_cold_s    spawn -> exit of `ember run --cold -- true` (boot, agent, command)
+  job_warm_s    spawn -> exit of `ember run -- true` resuming the cached snapshot
+  warm_*_ms     a warm run taken apart from `ember -v`'s log: spawn -> "resuming" (ember's own
+                start), -> the agent announcing itself (restore, the guest taking the vsock
+                reset), -> "the command runs" (connection, refresh, the guest's fork+exec),
+                -> "the command exited", -> ember's exit (teardown)
+  save_pause_ms the first run's pause to save the snapshot, and its size (save_mib)
+  concurrent_s  --concurrent warm runs of `true` spawned at once -> the last one exited
+  pss_mib       proportional set size of each of --concurrent warm VMs running `sleep` at
+                once (guest RAM included: the snapshot's pages are shared between them), and
+                rss_mib, the same without sharing taken into account
+
 Runs are interleaved (cold, warm, cold, ...). Prints a Markdown table and writes it to
 --markdown, with the raw samples in --json. Needs /dev/kvm and the default guest
 (resources/build-guest.sh). Python 3.11 standard library only.
 
-  resources/bench/snapshot.py [--runs 5]
+  resources/bench/snapshot.py [--runs 5] [--job-runs 5] [--concurrent 10]
 """
 
 import argparse
+import datetime
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -28,6 +46,12 @@ from pathlib import Path
 from benchlib import (BASE_CMDLINE, CACHE, EMBER, ROOT, BenchError, fmt, log, median_min_max)
 
 SCRIPT = "echo READY; read line; echo GOT $line"
+LOG_RE = re.compile(r"^\[(\S+Z) +INFO +\S+\] (.*)$")
+# (sample key, the -v log line that ends the phase)
+WARM_PHASES = [("warm_start_ms", "warm start: resuming"),
+               ("warm_agent_ms", "job: the guest agent is ready"),
+               ("warm_command_ms", "job: the command runs in the guest"),
+               ("warm_exit_ms", "the command exited")]
 
 
 def wait_for(proc, needle, timeout):
@@ -54,9 +78,116 @@ def answer(proc, start):
     return time.monotonic() - start
 
 
+class Jobs:
+    """`ember -v run -- CMD` on the default guest, with a warm-start cache of its own."""
+
+    def __init__(self, ember, kernel, initrd, cache):
+        self.base = [str(ember), "-v", "run", "--kernel", str(kernel.resolve()), "--initrd",
+                     str(initrd.resolve())]
+        self.env = dict(os.environ, XDG_CACHE_HOME=str(cache))
+
+    def spawn(self, argv, extra=(), stderr=subprocess.PIPE):
+        return subprocess.Popen(self.base + list(extra) + ["--"] + argv, env=self.env,
+                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                stderr=stderr, text=True)
+
+    def run(self, argv, extra=()):
+        """Runs a job; returns (spawn -> exit in seconds, spawn wall-clock time, ember's log)."""
+        wall, start = time.time(), time.monotonic()
+        p = self.spawn(argv, extra)
+        _, err = p.communicate(timeout=600)
+        elapsed = time.monotonic() - start
+        if p.returncode != 0:
+            raise BenchError(f"{argv} exited {p.returncode}: {err[-2000:]}")
+        return elapsed, wall, err
+
+
+def phases(wall, elapsed, log_text):
+    """A warm run's phases in ms, from its log's wall-clock timestamps."""
+    stamps = {}
+    for line in log_text.splitlines():
+        m = LOG_RE.match(line)
+        if not m:
+            continue
+        at = datetime.datetime.fromisoformat(m.group(1).replace("Z", "+00:00")).timestamp()
+        for key, text in WARM_PHASES:
+            if m.group(2).startswith(text) and key not in stamps:
+                stamps[key] = at
+    missing = [key for key, _ in WARM_PHASES if key not in stamps]
+    if missing:
+        raise BenchError(f"no {missing} in a warm run's log: {log_text[-2000:]}")
+    out, last = {}, wall
+    for key, _ in WARM_PHASES:
+        out[key] = (stamps[key] - last) * 1e3
+        last = stamps[key]
+    out["warm_teardown_ms"] = (wall + elapsed - last) * 1e3
+    return out
+
+
+def memory_of(pid):
+    """(Pss, Rss) of a process in MiB, from smaps_rollup."""
+    fields = {}
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:]:
+        name, value = line.split(":", 1)
+        fields[name] = int(value.split()[0])
+    return fields["Pss"] / 1024, fields["Rss"] / 1024
+
+
+def job_mode(args, ember, kernel, initrd, tmp, samples):
+    jobs = Jobs(ember, kernel, initrd, tmp / "cache")
+    log("job mode: the first run boots and saves the snapshot")
+    _, _, err = jobs.run(["true"])
+    m = re.search(r"the VM paused ([\d.]+)(ms|s|µs), (\d+) bytes of RAM written", err)
+    if not m:
+        raise BenchError(f"the first run saved no snapshot: {err[-2000:]}")
+    scale = {"s": 1e3, "ms": 1, "µs": 1e-3}[m.group(2)]
+    samples["save_pause_ms"].append(float(m.group(1)) * scale)
+    samples["save_mib"].append(int(m.group(3)) / (1 << 20))
+    for i in range(args.job_runs):
+        log(f"job run {i + 1}/{args.job_runs}: cold, warm")
+        elapsed, _, _ = jobs.run(["true"], ["--cold"])
+        samples["job_cold_s"].append(elapsed)
+        elapsed, wall, err = jobs.run(["true"])
+        if "warm start: resuming" not in err:
+            raise BenchError(f"a run that should be warm was not: {err[-2000:]}")
+        samples["job_warm_s"].append(elapsed)
+        for key, value in phases(wall, elapsed, err).items():
+            samples[key].append(value)
+    log(f"job mode: {args.concurrent} warm runs at once")
+    start = time.monotonic()
+    procs = [jobs.spawn(["true"], stderr=subprocess.DEVNULL) for _ in range(args.concurrent)]
+    for p in procs:
+        if p.wait(600) != 0:
+            raise BenchError(f"a concurrent warm run exited {p.returncode}")
+    samples["concurrent_s"].append(time.monotonic() - start)
+    log(f"job mode: memory of {args.concurrent} warm VMs at once")
+    logs = [tmp / f"sleep{n}.log" for n in range(args.concurrent)]
+    procs = []
+    for path in logs:
+        with open(path, "w") as f:
+            procs.append(jobs.spawn(["sleep", "600"], stderr=f))
+    try:
+        deadline = time.monotonic() + 600
+        while not all("the command runs in the guest" in p.read_text() for p in logs):
+            if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
+                raise BenchError("the warm VMs did not all start their command")
+            time.sleep(0.2)
+        for p in procs:
+            pss, rss = memory_of(p.pid)
+            samples["pss_mib"].append(pss)
+            samples["rss_mib"].append(rss)
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            p.wait(60)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--runs", type=int, default=5)
+    p.add_argument("--runs", type=int, default=5, help="console-mode cold/restore pairs (5)")
+    p.add_argument("--job-runs", type=int, default=5, help="job-mode cold/warm pairs (5)")
+    p.add_argument("--concurrent", type=int, default=10, help="warm VMs at once (10)")
     p.add_argument("--ember", default=str(EMBER))
     p.add_argument("--markdown", default=str(ROOT / "target/bench/snapshot.md"))
     p.add_argument("--json", default=str(ROOT / "target/bench/snapshot.json"))
@@ -68,8 +199,13 @@ def main():
     if not kernel.exists():
         raise BenchError("the default guest is not built: run resources/build-guest.sh")
     tmp = Path(tempfile.mkdtemp(prefix="ember-bench-snapshot-"))
-    samples = {k: [] for k in ("cold_s", "warm_s", "pause_ms", "written_mib")}
+    samples = {k: [] for k in ("cold_s", "warm_s", "pause_ms", "written_mib", "job_cold_s",
+                               "job_warm_s", "save_pause_ms", "save_mib", "concurrent_s",
+                               "pss_mib", "rss_mib", "warm_teardown_ms")}
+    for key, _ in WARM_PHASES:
+        samples[key] = []
     try:
+        job_mode(args, ember, kernel, initrd, tmp, samples)
         for i in range(args.runs):
             log(f"run {i + 1}/{args.runs}: cold boot, snapshot")
             socket, snap = tmp / "api.sock", tmp / f"snap{i}"
@@ -100,18 +236,34 @@ def main():
             shutil.rmtree(snap)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    rows = [("spawn → the shell ready, booted", "cold_s", "s"),
-            ("spawn → the shell's answer, restored", "warm_s", "s"),
-            ("snapshot pause", "pause_ms", "ms"),
-            ("RAM written", "written_mib", "MiB")]
+    rows = [("console: spawn → the shell ready, booted", "cold_s", "s"),
+            ("console: spawn → the shell's answer, restored", "warm_s", "s"),
+            ("console: snapshot pause", "pause_ms", "ms"),
+            ("console: RAM written", "written_mib", "MiB"),
+            ("job: `ember run --cold -- true`, spawn → exit", "job_cold_s", "s"),
+            ("job: `ember run -- true` warm, spawn → exit", "job_warm_s", "s"),
+            ("… ember's start → resuming", "warm_start_ms", "ms"),
+            ("… resuming → the agent announces itself", "warm_agent_ms", "ms"),
+            ("… → the command runs (the guest's fork+exec)", "warm_command_ms", "ms"),
+            ("… → the command exited", "warm_exit_ms", "ms"),
+            ("… → ember's exit", "warm_teardown_ms", "ms"),
+            ("job: the first run's pause to save", "save_pause_ms", "ms"),
+            ("job: the snapshot's RAM", "save_mib", "MiB"),
+            (f"job: {args.concurrent} warm `true` at once, all exited", "concurrent_s", "s"),
+            (f"job: PSS of each of {args.concurrent} warm VMs", "pss_mib", "MiB"),
+            (f"job: RSS of each of {args.concurrent} warm VMs", "rss_mib", "MiB")]
     lines = ["| metric | median (min–max) |", "|---|---|"]
     for name, key, unit in rows:
         m = median_min_max(samples[key])
         lines.append(f"| {name} | {fmt(m[0])} {unit} ({fmt(m[1])}–{fmt(m[2])}) |")
-    cold, warm = median_min_max(samples["cold_s"])[0], median_min_max(samples["warm_s"])[0]
-    lines.append(f"| cold / warm | {fmt(cold / warm)}× |")
+    for name, cold_key, warm_key in (("console: booted / restored", "cold_s", "warm_s"),
+                                     ("job: cold / warm", "job_cold_s", "job_warm_s")):
+        cold = median_min_max(samples[cold_key])[0]
+        warm = median_min_max(samples[warm_key])[0]
+        lines.append(f"| {name} | {fmt(cold / warm)}× |")
     lines.append("")
-    lines.append(f"{args.runs} runs, default guest (1 vCPU, 128 MiB), console mode.")
+    lines.append(f"{args.runs} console and {args.job_runs} job runs, default guest (1 vCPU, "
+                 "128 MiB).")
     table = "\n".join(lines)
     print(table)
     Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)

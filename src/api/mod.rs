@@ -41,8 +41,10 @@ pub enum ApiRequest {
     Pause,
     /// `PUT /vm/resume`.
     Resume,
-    /// `PUT /vm/shutdown`: end the VM (devices flushed, as on every way out).
-    Shutdown,
+    /// `PUT /vm/shutdown [{"timeout_s": N}]`: ask the guest to power off (through its agent,
+    /// when the VM has one), and end the VM after `grace` if it has not (devices flushed, as on
+    /// every way out). A zero grace ends it at once.
+    Shutdown { grace: Duration },
     /// `GET /metrics`: Prometheus text.
     Metrics,
     /// `PUT /vm/snapshot {"dir": DIR}`: the VM's state and RAM into DIR, then on as before.
@@ -100,7 +102,13 @@ fn route(method: &str, path: &str, body: &[u8]) -> Result<ApiRequest, ApiReply> 
         "/metrics" => ("GET", ApiRequest::Metrics),
         "/vm/pause" => ("PUT", ApiRequest::Pause),
         "/vm/resume" => ("PUT", ApiRequest::Resume),
-        "/vm/shutdown" => ("PUT", ApiRequest::Shutdown),
+        // Its body is read once the method is right.
+        "/vm/shutdown" => (
+            "PUT",
+            ApiRequest::Shutdown {
+                grace: Duration::ZERO,
+            },
+        ),
         // Its body is read once the method is right.
         "/vm/snapshot" => ("PUT", ApiRequest::Snapshot(PathBuf::new())),
         _ => return Err(ApiReply::error(404, format!("no such resource: {path}"))),
@@ -113,8 +121,41 @@ fn route(method: &str, path: &str, body: &[u8]) -> Result<ApiRequest, ApiReply> 
     }
     match request {
         ApiRequest::Snapshot(_) => snapshot_request(body),
+        ApiRequest::Shutdown { .. } => shutdown_request(body),
         request => Ok(request),
     }
+}
+
+/// How long a graceful shutdown waits for the guest by default: its kernel is emulated here, and
+/// a loaded host slows it further.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+/// The longest wait a client may ask for.
+const MAX_SHUTDOWN_GRACE: Duration = Duration::from_secs(600);
+
+/// Nothing, or `{"timeout_s": N}` (0 to 600; 0 ends the VM at once).
+fn shutdown_request(body: &[u8]) -> Result<ApiRequest, ApiReply> {
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Body {
+        timeout_s: f64,
+    }
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(ApiRequest::Shutdown {
+            grace: SHUTDOWN_GRACE,
+        });
+    }
+    let refuse = |why: String| {
+        ApiReply::error(
+            400,
+            format!("the body must be empty or {{\"timeout_s\": 0 to 600}}: {why}"),
+        )
+    };
+    let body: Body = serde_json::from_slice(body).map_err(|e| refuse(e.to_string()))?;
+    let grace = Duration::try_from_secs_f64(body.timeout_s)
+        .ok()
+        .filter(|grace| *grace <= MAX_SHUTDOWN_GRACE)
+        .ok_or_else(|| refuse(format!("{} is out of range", body.timeout_s)))?;
+    Ok(ApiRequest::Shutdown { grace })
 }
 
 /// `{"dir": "/path"}`: an absolute directory.
@@ -313,7 +354,33 @@ mod tests {
         assert_eq!(route("GET", "/vm", b""), Ok(ApiRequest::Info));
         assert_eq!(route("PUT", "/vm/pause", b""), Ok(ApiRequest::Pause));
         assert_eq!(route("PUT", "/vm/resume", b""), Ok(ApiRequest::Resume));
-        assert_eq!(route("PUT", "/vm/shutdown", b""), Ok(ApiRequest::Shutdown));
+        assert_eq!(
+            route("PUT", "/vm/shutdown", b""),
+            Ok(ApiRequest::Shutdown {
+                grace: SHUTDOWN_GRACE
+            })
+        );
+        assert_eq!(
+            route("PUT", "/vm/shutdown", br#"{"timeout_s": 0}"#),
+            Ok(ApiRequest::Shutdown {
+                grace: Duration::ZERO
+            })
+        );
+        assert_eq!(
+            route("PUT", "/vm/shutdown", br#"{"timeout_s": 2.5}"#),
+            Ok(ApiRequest::Shutdown {
+                grace: Duration::from_millis(2500)
+            })
+        );
+        for bad in [
+            &br#"{"timeout_s": -1}"#[..],
+            br#"{"timeout_s": 601}"#,
+            br#"{"timeout_s": "soon"}"#,
+            br#"{"grace": 1}"#,
+        ] {
+            let refused = route("PUT", "/vm/shutdown", bad).unwrap_err();
+            assert_eq!(refused.status, 400, "{}", String::from_utf8_lossy(bad));
+        }
         assert_eq!(route("GET", "/metrics", b""), Ok(ApiRequest::Metrics));
         assert_eq!(route("GET", "/vm/pause", b"").unwrap_err().status, 405);
         assert_eq!(route("PUT", "/vm", b"").unwrap_err().status, 405);

@@ -174,6 +174,28 @@ pub fn exec(socket: &Path, spec: &JobSpec) -> JobOutcome {
         .unwrap_or_else(|_| JobOutcome::Failed("the job thread panicked".into()))
 }
 
+/// Asks the guest agent behind the vsock socket `socket` to sync and power the guest off
+/// (`PUT /vm/shutdown`). Returns once the request is sent; the VM ends when the guest is off.
+pub fn ask_guest_to_power_off(socket: &Path) -> Result<(), String> {
+    use ember_agent::wire::{self, Message};
+    let mut stream = hybrid::connect(socket, wire::AGENT_PORT)
+        .map_err(|e| format!("cannot reach the guest agent: {e}"))?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .map_err(|e| e.to_string())?;
+    match wire::read_message(&mut stream) {
+        Ok(Some(Message::Hello { version })) if version == wire::VERSION => {}
+        Ok(other) => return Err(format!("the guest agent did not say Hello: {other:?}")),
+        Err(e) => return Err(format!("the guest agent's greeting: {e}")),
+    }
+    let hello = Message::Hello {
+        version: wire::VERSION,
+    };
+    wire::write_message(&mut stream, &hello)
+        .and_then(|()| wire::write_message(&mut stream, &Message::Shutdown))
+        .map_err(|e| format!("cannot ask the guest agent: {e}"))
+}
+
 /// Parses `-e KEY=VALUE`.
 pub fn parse_env(text: &str) -> Result<(String, String), String> {
     match text.split_once('=') {

@@ -334,7 +334,8 @@ impl Session {
                 _ if !greeted => Some(JobOutcome::Failed(
                     "the guest agent did not say Hello".into(),
                 )),
-                Message::Started { .. } => {
+                Message::Started { pid } => {
+                    log::info!("job: the command runs in the guest as pid {pid}");
                     self.handle.shared.state().started = true;
                     None
                 }
