@@ -57,7 +57,7 @@ use crate::outcome::{error_line, VmOutcome};
 use crate::snapshot::{
     self,
     cache::{CacheEntry, Plan},
-    file::{HostFacts, SavedDevice, SnapshotState},
+    file::{DiskIdentity, HostFacts, SavedDevice, SnapshotState},
 };
 use crate::terminal;
 use crate::vcpu::{self, IoBuses, VcpuEvent, VcpuHandle, VmControl};
@@ -904,6 +904,12 @@ impl RunningVm {
         config: &VmConfig,
         devices: Vec<SavedDevice>,
     ) -> Result<u64, (u16, String)> {
+        let disks = config
+            .disks
+            .iter()
+            .map(|disk| DiskIdentity::of(&disk.path))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| internal("a disk's identity", e))?;
         let kvm = kvm_ioctls::Kvm::new().map_err(|e| internal("opening /dev/kvm", e))?;
         let list = kvm
             .get_msr_index_list()
@@ -942,6 +948,7 @@ impl RunningVm {
             serial,
             devices,
             memory: memory.regions,
+            disks,
         };
         let state_path = dir.join("state.partial");
         snapshot::file::write(&state_path, &state).map_err(|e| internal("the state file", e))?;
@@ -1053,7 +1060,10 @@ impl Restore {
             .and_then(|state| {
                 // The facts this run would record, under the snapshot's own --software-kvm mode.
                 let here = HostFacts::current(software_kvm_workarounds(state.config.software_kvm));
-                state.host.check_restorable_on(&here).map(|()| state)
+                state.host.check_restorable_on(&here)?;
+                // The disks it will re-open, by path: the same files, the same sizes.
+                state.disks.iter().try_for_each(DiskIdentity::check)?;
+                Ok(state)
             })
             .map_err(|e| VmmError::Restore(format!("{}: {e}", dir.join("state").display())))?;
         if !state.config.volumes.is_empty() {

@@ -81,7 +81,12 @@ fn a_linux_guest_resumes_from_its_snapshot() {
     let metrics = ctl(&["metrics"]);
     assert_eq!(metrics.code(), 0, "{metrics:?}");
     let counter = |name: &str| -> u64 {
-        let prefix = format!("ember_device_{name}_total{{device=\"block0\",kind=\"block\"}} ");
+        let device = if name == "connections" {
+            "device=\"vsock0\",kind=\"vsock\""
+        } else {
+            "device=\"block0\",kind=\"block\""
+        };
+        let prefix = format!("ember_device_{name}_total{{{device}}} ");
         metrics
             .stdout
             .lines()
@@ -92,6 +97,8 @@ fn a_linux_guest_resumes_from_its_snapshot() {
     };
     assert!(counter("requests") > 0);
     assert!(counter("written_bytes") >= 512, "{}", metrics.stdout);
+    // The exec's, at least (nothing listens for the agent's ready connection in console mode).
+    assert!(counter("connections") >= 1, "{}", metrics.stdout);
     let r = ctl(&["snapshot", snapshot.to_str().unwrap()]);
     assert_eq!(r.code(), 0, "{r:?}");
     // A graceful shutdown: the agent syncs and restarts the guest (its kernel has no ACPI to
@@ -116,6 +123,19 @@ fn a_linux_guest_resumes_from_its_snapshot() {
         !before.contains("note="),
         "the original ran to the end: {before}"
     );
+
+    // Its disk replaced by a copy (another file, same size and bytes): refused, one line, 125.
+    let original = dir.join("disk.original");
+    std::fs::rename(&disk, &original).unwrap();
+    std::fs::copy(&original, &disk).unwrap();
+    let refused = common::run(
+        &["run", "--restore", snapshot.to_str().unwrap()],
+        Duration::from_secs(60),
+    );
+    assert_eq!(refused.code(), 125, "{refused:?}");
+    assert!(refused.stderr.contains("another file"), "{refused:?}");
+    assert_eq!(refused.stderr.lines().count(), 1, "{refused:?}");
+    std::fs::rename(&original, &disk).unwrap();
 
     // The restored loop prints a tick (with a later number than any before the snapshot)
     // before anything lets it stop.

@@ -27,8 +27,9 @@ use crate::config::VmConfig;
 
 /// The first bytes of every state file.
 pub const MAGIC: &[u8; 8] = b"EMBERSNP";
-/// This format's version: bumped whenever a field changes meaning.
-pub const FORMAT_VERSION: u32 = 1;
+/// This format's version: bumped whenever a field changes meaning or is added.
+/// 2: `disks`, each disk's identity.
+pub const FORMAT_VERSION: u32 = 2;
 /// The longest body read back (a VM of 255 vCPUs is ~5 MiB of JSON).
 const MAX_BODY: u64 = 64 << 20;
 const HEADER_LEN: usize = 8 + 4 + 8 + 32;
@@ -105,6 +106,55 @@ impl HostFacts {
     }
 }
 
+/// Which file a disk was when the snapshot was taken: the guest's caches hold its blocks, so a
+/// restore must find the same file, the same size.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskIdentity {
+    /// The disk's path.
+    pub path: std::path::PathBuf,
+    /// The file system it is on, and its inode there.
+    pub dev: u64,
+    pub ino: u64,
+    /// Its size in bytes.
+    pub size: u64,
+}
+
+impl DiskIdentity {
+    /// The file at `path` now.
+    pub fn of(path: &Path) -> std::io::Result<Self> {
+        use std::os::unix::fs::MetadataExt;
+        let meta = std::fs::metadata(path)?;
+        Ok(Self {
+            path: path.to_owned(),
+            dev: meta.dev(),
+            ino: meta.ino(),
+            size: meta.size(),
+        })
+    }
+
+    /// Why the file at this path now is not the disk the snapshot saw, if it is not.
+    pub fn check(&self) -> Result<(), StateFileError> {
+        let now = Self::of(&self.path).map_err(|e| {
+            StateFileError::Mismatch(format!("its disk {}: {e}", self.path.display()))
+        })?;
+        if (now.dev, now.ino) != (self.dev, self.ino) {
+            return Err(StateFileError::Mismatch(format!(
+                "its disk {} is another file than the one it was taken with",
+                self.path.display()
+            )));
+        }
+        if now.size != self.size {
+            return Err(StateFileError::Mismatch(format!(
+                "its disk {} is {} bytes, it was {}",
+                self.path.display(),
+                now.size,
+                self.size
+            )));
+        }
+        Ok(())
+    }
+}
+
 /// One virtio device's saved transport and device state, by its stable slot id.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SavedDevice {
@@ -133,6 +183,8 @@ pub struct SnapshotState {
     pub devices: Vec<SavedDevice>,
     /// Guest RAM's regions in the memory file.
     pub memory: Vec<MemoryRegionEntry>,
+    /// The disks, in the configuration's order.
+    pub disks: Vec<DiskIdentity>,
 }
 
 /// Why a state file cannot be written or read.
@@ -257,6 +309,7 @@ mod tests {
             .save(),
             devices: Vec::new(),
             memory: Vec::new(),
+            disks: Vec::new(),
         }
     }
 
@@ -281,6 +334,31 @@ mod tests {
         assert_eq!(back.clock.clock, 123_456);
         assert_eq!(back.host, HostFacts::current(false));
         assert_eq!(back.ioapic, state().ioapic);
+    }
+
+    #[test]
+    fn a_disk_must_be_the_same_file_of_the_same_size() {
+        let dir = std::env::temp_dir().join(format!("ember-disk-id-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("disk.img");
+        std::fs::write(&path, [0u8; 512]).unwrap();
+        let saved = DiskIdentity::of(&path).unwrap();
+        saved.check().unwrap();
+        // Written in place: still the same disk.
+        std::fs::write(&path, [1u8; 512]).unwrap();
+        saved.check().unwrap();
+        std::fs::write(&path, [0u8; 1024]).unwrap();
+        let resized = saved.check().unwrap_err().to_string();
+        assert!(resized.contains("1024 bytes, it was 512"), "{resized}");
+        // Replaced by another file of the same size (kept alive so its inode is not reused).
+        let old = dir.join("old.img");
+        std::fs::rename(&path, &old).unwrap();
+        std::fs::write(&path, [0u8; 512]).unwrap();
+        let replaced = saved.check().unwrap_err().to_string();
+        assert!(replaced.contains("another file"), "{replaced}");
+        std::fs::remove_file(&path).unwrap();
+        assert!(saved.check().is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -425,6 +425,10 @@ impl VirtioDevice for Vsock {
         Ok(())
     }
 
+    fn counters(&self) -> Vec<(&'static str, u64)> {
+        vec![("connections", self.muxer.connections_opened())]
+    }
+
     fn save_state(&self) -> VirtioDeviceState {
         VirtioDeviceState::Vsock {
             guest_cid: self.guest_cid,

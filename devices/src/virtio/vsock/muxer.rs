@@ -105,9 +105,16 @@ pub(super) struct Muxer {
     /// Local ports of host-initiated connections.
     host_ports: HashSet<u32>,
     next_host_port: u32,
+    /// Connections set up so far, either way (for the monitor's metrics).
+    opened: u64,
 }
 
 impl Muxer {
+    /// Connections set up so far, either way.
+    pub(super) fn connections_opened(&self) -> u64 {
+        self.opened
+    }
+
     /// Listens at `uds_path` for host programs; the guest is `guest_cid`.
     pub(super) fn new(guest_cid: u64, uds_path: PathBuf) -> Result<Self, VsockError> {
         // Before the socket file exists, so that no error leaves it behind.
@@ -136,6 +143,7 @@ impl Muxer {
             rsts: VecDeque::new(),
             host_ports: HashSet::new(),
             next_host_port: FIRST_HOST_PORT,
+            opened: 0,
         };
         muxer
             .listener
@@ -325,6 +333,7 @@ impl Muxer {
         };
         self.endpoints.insert(token, Endpoint::Connection(key));
         let connection = Connection::host_initiated(stream, self.guest_cid, local_port, peer_port);
+        self.opened += 1;
         self.connections.insert(
             key,
             Live {
@@ -420,6 +429,7 @@ impl Muxer {
             return;
         };
         let connection = Connection::guest_initiated(stream, request);
+        self.opened += 1;
         self.connections.insert(
             key,
             Live {
