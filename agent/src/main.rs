@@ -204,8 +204,11 @@ fn keep_announced(mut stream: Stream, addr: &ReadyAddr) {
         let _ = stream.read(&mut byte);
         log!("the ready connection ended; announcing again");
         let mut again = None;
-        for _ in 0..REANNOUNCE_ATTEMPTS {
-            thread::sleep(REANNOUNCE_INTERVAL);
+        // At once first: a warm start waits for exactly this.
+        for attempt in 0..REANNOUNCE_ATTEMPTS {
+            if attempt > 0 {
+                thread::sleep(REANNOUNCE_INTERVAL);
+            }
             again = announce(addr, false);
             if again.is_some() {
                 break;

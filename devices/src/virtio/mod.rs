@@ -145,6 +145,11 @@ pub enum VirtioDeviceState {
         /// The features the driver accepted at DRIVER_OK; `None` when not activated.
         #[cfg_attr(feature = "serde", serde(default))]
         acked_features: Option<u64>,
+        /// The host port the next host-initiated connection gets: a restored device goes on
+        /// from there, since the guest may still hold sockets of connections it closed to the
+        /// ports before (a new connection from one of them would be refused).
+        #[cfg_attr(feature = "serde", serde(default))]
+        next_host_port: Option<u32>,
     },
     /// A virtio-fs device that was never activated (or was reset): its tag only. An active one
     /// cannot sleep (see `Fs`'s `sleep`).

@@ -593,7 +593,8 @@ fn an_active_device_refuses_to_sleep_and_state_keeps_the_tag() {
     assert!(matches!(
         fs.restore_state(&VirtioDeviceState::Vsock {
             guest_cid: 3,
-            acked_features: None
+            acked_features: None,
+            next_host_port: None,
         }),
         Err(VirtioDeviceStateError::WrongDevice {
             saved: 19,

@@ -433,6 +433,7 @@ impl VirtioDevice for Vsock {
         VirtioDeviceState::Vsock {
             guest_cid: self.guest_cid,
             acked_features: self.acked_features,
+            next_host_port: Some(self.muxer.next_host_port()),
         }
     }
 
@@ -441,9 +442,13 @@ impl VirtioDevice for Vsock {
             VirtioDeviceState::Vsock {
                 guest_cid,
                 acked_features,
+                next_host_port,
             } if *guest_cid == self.guest_cid => {
                 self.reset();
                 self.acked_features = *acked_features;
+                if let Some(port) = next_host_port {
+                    self.muxer.continue_host_ports_from(*port);
+                }
                 // The transport wakes the device with its queues if the driver had it running.
                 self.reset_on_wake = true;
                 Ok(())
@@ -515,6 +520,7 @@ mod tests {
             VirtioDeviceState::Vsock {
                 guest_cid: GUEST_CID,
                 acked_features: Some(BASE_FEATURES),
+                next_host_port: Some(1 << 30),
             }
         );
         assert_eq!(state.device_type(), 19);
@@ -552,10 +558,23 @@ mod tests {
         assert!(matches!(
             restored.restore_state(&VirtioDeviceState::Vsock {
                 guest_cid: 9,
-                acked_features: None
+                acked_features: None,
+                next_host_port: None,
             }),
             Err(VirtioDeviceStateError::VsockCid { saved: 9, .. })
         ));
+        // Connections the host made before the snapshot used ports the guest may still hold:
+        // the restored device goes on after them.
+        let VirtioDeviceState::Vsock { acked_features, .. } = state else {
+            unreachable!()
+        };
+        let later = VirtioDeviceState::Vsock {
+            guest_cid: GUEST_CID,
+            acked_features,
+            next_host_port: Some((1 << 30) + 5),
+        };
+        restored.restore_state(&later).unwrap();
+        assert_eq!(restored.muxer.next_host_port(), (1 << 30) + 5);
         restored.restore_state(&state).unwrap();
         let irq = crate::virtio::test_support::Irq::new();
         restored.wake(mem.clone(), queues, irq.interrupt()).unwrap();

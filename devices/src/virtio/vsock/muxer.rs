@@ -110,6 +110,17 @@ pub(super) struct Muxer {
 }
 
 impl Muxer {
+    /// The host port the next host-initiated connection tries first.
+    pub(super) fn next_host_port(&self) -> u32 {
+        self.next_host_port
+    }
+
+    /// Goes on allocating host ports from `port` (a restored device: see
+    /// `VirtioDeviceState::Vsock`); one below the range starts the range again.
+    pub(super) fn continue_host_ports_from(&mut self, port: u32) {
+        self.next_host_port = port.max(FIRST_HOST_PORT);
+    }
+
     /// Connections set up so far, either way.
     pub(super) fn connections_opened(&self) -> u64 {
         self.opened
