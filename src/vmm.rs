@@ -1109,6 +1109,9 @@ impl Restore {
     }
 }
 
+/// How many times a restore tries to give the guest agent the host's entropy and time.
+const REFRESH_ATTEMPTS: u32 = 10;
+
 /// Resumes the snapshot `restore` with `config` (the snapshot's, with this run's console and
 /// control socket), until it ends as any VM does.
 pub fn restore(
@@ -1117,6 +1120,36 @@ pub fn restore(
     started: Instant,
 ) -> Result<VmOutcome, VmmError> {
     let vm = Vm::build(config, started, None, Some(restore));
+    // A guest agent (the snapshot has a vsock device) gets the host's entropy and time as soon as
+    // the guest runs: this clone must not go on with the RNG state and clock of every other.
+    if let (Ok(_), Some(vsock)) = (&vm, &config.vsock) {
+        let socket = vsock.socket.clone();
+        let spawned = std::thread::Builder::new()
+            .name("refresh".into())
+            .spawn(move || {
+                // A connection made before the guest has taken the vsock device's transport
+                // reset is reset with the others: try again a few times.
+                let mut outcome = Err(String::new());
+                for attempt in 0..REFRESH_ATTEMPTS {
+                    if attempt > 0 {
+                        std::thread::sleep(Duration::from_millis(200));
+                    }
+                    outcome = crate::job::refresh_guest(&socket);
+                    if outcome.is_ok() {
+                        break;
+                    }
+                }
+                match outcome {
+                    Ok(()) => {
+                        log::info!("restore: the guest agent took the host's entropy and time")
+                    }
+                    Err(e) => log::info!("restore: cannot refresh the guest's RNG and clock: {e}"),
+                }
+            });
+        if let Err(e) = spawned {
+            log::warn!("restore: no thread to refresh the guest: {e}");
+        }
+    }
     let outcome = vm.and_then(|vm| vm.run(None));
     terminal::restore();
     outcome

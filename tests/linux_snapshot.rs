@@ -138,14 +138,22 @@ fn a_linux_guest_resumes_from_its_snapshot() {
     std::fs::rename(&original, &disk).unwrap();
 
     // The restored loop prints a tick (with a later number than any before the snapshot)
-    // before anything lets it stop.
+    // before anything lets it stop, and its agent answers.
     let mut command = std::process::Command::new(common::ember());
     command
-        .args(["run", "--restore", snapshot.to_str().unwrap()])
+        .args(["-v", "run", "--restore", snapshot.to_str().unwrap()])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    let (restored, first) = common::spawn_command_until(command, "tick ", LINUX_TIMEOUT);
+    // The clone gets the host's entropy and time before anything else is asked of it.
+    let (mut restored, mut first) =
+        common::spawn_command_until(command, "took the host's entropy and time", LINUX_TIMEOUT);
+    while !first.contains("tick ") {
+        let mut buf = [0u8; 256];
+        let n = std::io::Read::read(restored.stdout.as_mut().unwrap(), &mut buf).unwrap();
+        assert!(n > 0, "the restored guest ended without a tick: {first}");
+        first.push_str(&String::from_utf8_lossy(&buf[..n]));
+    }
     // The restored vsock device reset the guest's connections; its agent still listens, and a
     // new connection through the new ember reaches it.
     exec_until_answered(&vsock, &["touch", "/tmp/stop"]);
@@ -165,6 +173,12 @@ fn a_linux_guest_resumes_from_its_snapshot() {
     assert!(!r.stdout.contains("tick 1\n"), "{r:?}");
     assert!(!r.stdout.contains("EMBER-INIT"), "it booted again: {r:?}");
     // Its tmpfs, and the disk (read from the device again, caches dropped), as they were.
+    // The clone got the host's entropy and time before anything else ran in it.
+    assert!(
+        r.stderr
+            .contains("restore: the guest agent took the host's entropy and time"),
+        "{r:?}"
+    );
     r.assert_line("note=kept");
     r.assert_line("disk=before-snapshot");
     std::fs::remove_dir_all(&dir).ok();

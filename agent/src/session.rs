@@ -61,6 +61,10 @@ pub fn serve(id: u64, mut sock: Stream, in_guest: bool) {
             let _ = wire::write_message(&mut sock, &Message::Failed { kind, message });
             return;
         }
+        Ok(Request::RefreshOnly) => {
+            log!("[{id}] took the host's entropy and time");
+            return;
+        }
         Err(Refusal::Gone(why)) => {
             log!("[{id}] connection closed during handshake: {why}");
             return;
@@ -117,6 +121,8 @@ enum Refusal {
 enum Request {
     Exec(ExecRequest),
     Shutdown,
+    /// Only the refresh, done in the handshake.
+    RefreshOnly,
 }
 
 /// Syncs the file systems and ends the machine: a power-off where the kernel can do one (ACPI),
@@ -144,8 +150,9 @@ fn power_off() -> ! {
     }
 }
 
-/// Hello both ways, then Refresh if the host sends one, then the one Exec or Shutdown. Blocking:
-/// nothing else happens on the connection yet.
+/// Hello both ways, then Refresh if the host sends one, then the one Exec or Shutdown (or the
+/// end of the connection, after a Refresh). Blocking: nothing else happens on the connection
+/// yet.
 fn handshake(sock: &mut Stream, id: u64, apply_refresh: bool) -> Result<Request, Refusal> {
     wire::write_message(sock, &Message::Hello { version: VERSION })
         .map_err(|e| Refusal::Gone(e.to_string()))?;
@@ -182,7 +189,12 @@ fn handshake(sock: &mut Stream, id: u64, apply_refresh: bool) -> Result<Request,
                 Err(e) => log!("[{id}] cannot take the host's entropy and time: {e}"),
             }
         }
-        next = read_or_refuse(sock)?;
+        // A host that only refreshes (a guest just restored with nothing to run yet) closes
+        // the connection here.
+        next = match read_or_refuse(sock) {
+            Err(Refusal::Gone(_)) => return Ok(Request::RefreshOnly),
+            other => other?,
+        };
     }
     match next {
         Message::Exec(request) => Ok(Request::Exec(request)),

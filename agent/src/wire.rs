@@ -34,7 +34,8 @@
 //! `Refresh` (version 3) carries the host's entropy and wall-clock time: a guest restored from a
 //! snapshot shares its RNG state with every other clone of that snapshot and wakes with the clock
 //! of the moment it was taken, so the agent reseeds the kernel's RNG and sets the clock from it
-//! before it runs anything.
+//! before it runs anything. A host may also send only `Refresh` and close the connection (done
+//! right after a restore).
 //!
 //! `Shutdown` (version 3) in place of `Exec` asks the guest to end cleanly: the agent syncs the
 //! file systems and powers the machine off (or restarts it, without ACPI), which ends the VM; it

@@ -276,6 +276,13 @@ fn a_refresh_before_exec_is_taken_and_the_command_runs() {
     let out = conn.collect();
     assert_eq!(out.last, Some(Message::Exited { code: 0 }));
     assert_eq!(out.stdout, b"refreshed\n");
+    // A refresh alone, then the end of the connection (what a restore sends): nothing to run.
+    let mut conn = agent.connect();
+    conn.send(&Message::Refresh {
+        realtime_ns: 0,
+        entropy: vec![2; 32],
+    });
+    drop(conn);
     // A Refresh where Exec belongs (a second one) is a protocol error.
     let mut conn = agent.connect();
     conn.send(&Message::Refresh {

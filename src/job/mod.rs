@@ -14,6 +14,7 @@ pub mod session;
 
 use std::fmt;
 use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::Duration;
 
@@ -174,14 +175,14 @@ pub fn exec(socket: &Path, spec: &JobSpec) -> JobOutcome {
         .unwrap_or_else(|_| JobOutcome::Failed("the job thread panicked".into()))
 }
 
-/// Asks the guest agent behind the vsock socket `socket` to sync and power the guest off
-/// (`PUT /vm/shutdown`). Returns once the request is sent; the VM ends when the guest is off.
-pub fn ask_guest_to_power_off(socket: &Path) -> Result<(), String> {
+/// A connection to the guest agent behind the vsock socket `socket`, past the Hello exchange;
+/// the agent must say Hello within `hello_within`.
+fn greeted_agent(socket: &Path, hello_within: Duration) -> Result<UnixStream, String> {
     use ember_agent::wire::{self, Message};
     let mut stream = hybrid::connect(socket, wire::AGENT_PORT)
         .map_err(|e| format!("cannot reach the guest agent: {e}"))?;
     stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
+        .set_read_timeout(Some(hello_within))
         .map_err(|e| e.to_string())?;
     match wire::read_message(&mut stream) {
         Ok(Some(Message::Hello { version })) if version == wire::VERSION => {}
@@ -191,9 +192,28 @@ pub fn ask_guest_to_power_off(socket: &Path) -> Result<(), String> {
     let hello = Message::Hello {
         version: wire::VERSION,
     };
-    wire::write_message(&mut stream, &hello)
-        .and_then(|()| wire::write_message(&mut stream, &Message::Shutdown))
+    wire::write_message(&mut stream, &hello).map_err(|e| format!("the guest agent: {e}"))?;
+    Ok(stream)
+}
+
+/// Asks the guest agent behind the vsock socket `socket` to sync and power the guest off
+/// (`PUT /vm/shutdown`). Returns once the request is sent; the VM ends when the guest is off.
+pub fn ask_guest_to_power_off(socket: &Path) -> Result<(), String> {
+    let mut stream = greeted_agent(socket, Duration::from_secs(30))?;
+    ember_agent::wire::write_message(&mut stream, &ember_agent::wire::Message::Shutdown)
         .map_err(|e| format!("cannot ask the guest agent: {e}"))
+}
+
+/// Sends the guest agent behind `socket` the host's entropy and time and nothing else: what a
+/// guest resumed from a snapshot needs before anything in it draws randomness or reads the clock.
+///
+/// Right after a restore, a connection can be made before the guest takes the vsock device's
+/// transport reset, which then drops it on the guest's side without a word to the host: the
+/// Hello is waited for briefly, and the caller tries again.
+pub fn refresh_guest(socket: &Path) -> Result<(), String> {
+    let mut stream = greeted_agent(socket, Duration::from_secs(2))?;
+    ember_agent::wire::write_message(&mut stream, &session::refresh_message())
+        .map_err(|e| format!("cannot refresh the guest: {e}"))
 }
 
 /// Parses `-e KEY=VALUE`.

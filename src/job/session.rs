@@ -409,7 +409,7 @@ pub fn terminal_size() -> WinSize {
 
 /// The host's time and 64 bytes from its RNG, for the guest. Without entropy (getrandom failing
 /// is not expected) the refresh still sets the clock.
-fn refresh_message() -> Message {
+pub(super) fn refresh_message() -> Message {
     let mut entropy = vec![0u8; 64];
     // SAFETY: the buffer is valid for writes of its length.
     let got = unsafe { libc::getrandom(entropy.as_mut_ptr().cast(), entropy.len(), 0) };
