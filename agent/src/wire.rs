@@ -991,4 +991,80 @@ mod tests {
             }
         }
     }
+
+    /// Hostile frames: every sample message encoded, then bytes flipped, cut or added, lengths
+    /// rewritten, or nothing but noise; fed whole to `read_message` and in random chunks to the
+    /// `Decoder`. Nothing panics, and whatever decodes encodes back to itself. Runs
+    /// `EMBER_FUZZ_CASES` cases (2000 by default; resources/fuzz.sh runs a million).
+    #[test]
+    fn fuzz_wire_frames() {
+        // xorshift64*: enough to pick bytes and positions.
+        struct Noise(u64);
+        impl Noise {
+            fn next(&mut self) -> u64 {
+                self.0 ^= self.0 >> 12;
+                self.0 ^= self.0 << 25;
+                self.0 ^= self.0 >> 27;
+                self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+            }
+            fn below(&mut self, n: usize) -> usize {
+                (self.next() % n.max(1) as u64) as usize
+            }
+        }
+        let cases: u64 = std::env::var("EMBER_FUZZ_CASES")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(2000);
+        let seed: u64 = std::env::var("EMBER_FUZZ_SEED")
+            .ok()
+            .and_then(|v| u64::from_str_radix(v.trim_start_matches("0x"), 16).ok())
+            .unwrap_or(0x5749_5245_5f46_5a5a);
+        let samples: Vec<Vec<u8>> = samples().iter().map(encode).collect();
+        let mut noise = Noise(seed | 1);
+        let started = std::time::Instant::now();
+        for _ in 0..cases {
+            let mut frame = samples[noise.below(samples.len())].clone();
+            match noise.below(5) {
+                0 => {
+                    for _ in 0..1 + noise.below(4) {
+                        let at = noise.below(frame.len());
+                        frame[at] = noise.next() as u8;
+                    }
+                }
+                1 => frame.truncate(noise.below(frame.len())),
+                2 => frame.extend((0..noise.below(16)).map(|_| noise.next() as u8)),
+                3 => {
+                    // A length that lies, with the type byte and payload kept.
+                    let len =
+                        [0, 1, frame.len() as u32, u32::MAX, noise.next() as u32][noise.below(5)];
+                    frame[..4].copy_from_slice(&len.to_le_bytes());
+                }
+                _ => frame = (0..noise.below(64)).map(|_| noise.next() as u8).collect(),
+            }
+            let mut reader = &frame[..];
+            if let Ok(Some(message)) = read_message(&mut reader) {
+                let again = encode(&message);
+                assert_eq!(read_message(&mut &again[..]).unwrap(), Some(message));
+            }
+            let mut decoder = Decoder::new();
+            let mut rest = &frame[..];
+            'feed: while !rest.is_empty() {
+                let (chunk, tail) = rest.split_at(1 + noise.below(rest.len()));
+                rest = tail;
+                decoder.push(chunk);
+                loop {
+                    match decoder.next() {
+                        Ok(Some(_)) => {}
+                        Ok(None) => break,
+                        Err(_) => break 'feed,
+                    }
+                }
+            }
+        }
+        let elapsed = started.elapsed().as_secs_f64();
+        println!(
+            "fuzz wire_frames: {cases} cases in {elapsed:.1} s, {:.0} cases/s, seed {seed:#x}",
+            cases as f64 / elapsed.max(1e-9)
+        );
+    }
 }

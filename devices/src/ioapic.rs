@@ -607,4 +607,34 @@ mod tests {
         let restored = Ioapic::from_state(&back, Box::new(Recorder::default())).unwrap();
         assert_eq!(restored.save(), state);
     }
+
+    #[test]
+    fn fuzz_ioapic_registers() {
+        crate::fuzz::run("ioapic_registers", |rng| {
+            let (mut ioapic, _) = ioapic();
+            let writes = 1 + rng.below(64) as usize;
+            for _ in 0..writes {
+                // Register selects within and past the 0x3f the entries end at.
+                if rng.one_in(3) {
+                    let reg = rng.below(0x60) as u32;
+                    ioapic.write(IOREGSEL, &reg.to_le_bytes());
+                }
+                crate::fuzz::poke_registers(
+                    rng,
+                    &mut ioapic,
+                    MMIO_LEN,
+                    &[IOREGSEL, IOWIN, 0x40],
+                    1,
+                );
+                if rng.one_in(4) {
+                    // Pins the guest's devices raise, and some that do not exist.
+                    let _ = ioapic.raise(rng.below(PINS as u64 + 4) as usize);
+                }
+            }
+            // Whatever the guest wrote, the state a snapshot keeps comes back as it was.
+            let state = ioapic.save();
+            let back = Ioapic::from_state(&state, Box::new(Recorder::default())).unwrap();
+            assert_eq!(back.save(), state);
+        });
+    }
 }

@@ -21,6 +21,8 @@ pub mod acpi_sleep;
 pub mod boot_timer;
 pub mod bus;
 pub mod debug_exit;
+#[cfg(test)]
+mod fuzz;
 pub mod i8042;
 pub mod interrupt;
 pub mod ioapic;

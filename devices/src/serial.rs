@@ -511,4 +511,25 @@ mod tests {
         assert_eq!(back, state);
         assert_eq!(restored(&back).unwrap().0.save(), state);
     }
+
+    #[test]
+    fn fuzz_serial_registers() {
+        crate::fuzz::run("serial_registers", |rng| {
+            let (mut dev, _irq, _drained, out) = console();
+            let steps = 1 + rng.below(64) as usize;
+            for _ in 0..steps {
+                crate::fuzz::poke_registers(rng, &mut dev, 8, &[], 1);
+                if rng.one_in(8) {
+                    let len = rng.below(80) as usize;
+                    let input = rng.bytes(len);
+                    dev.push_input(&input);
+                }
+            }
+            // Output is bounded by what was written to the data register.
+            assert!(out.0.lock().unwrap().len() <= steps * 8);
+            let state = dev.save();
+            let (back, ..) = restored(&state).unwrap();
+            assert_eq!(back.save(), state);
+        });
+    }
 }

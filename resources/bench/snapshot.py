@@ -10,6 +10,11 @@ Console mode (a shell on the serial console, snapshot through the control socket
   pause_ms      how long the snapshot paused the VM (ember's answer to PUT /vm/snapshot)
   written_mib   guest RAM written to the memory file (sparse: touched pages only)
 
+QEMU (microvm, same kernel, initramfs and command line), where it can do the same: the shell
+booted (qemu_cold_s), migrated to a file with the monitor's `migrate "exec:cat > FILE"`
+(qemu_pause_ms: the migration's total time; qemu_state_mib: the file), and resumed in a new
+QEMU with `-incoming "exec:cat FILE"` (qemu_warm_s: spawn -> the answer to a line sent at once).
+
 Job mode (`ember run -- true`, the warm-start cache in a private XDG_CACHE_HOME):
 
   job_cold_s    spawn -> exit of `ember run --cold -- true` (boot, agent, command)
@@ -37,13 +42,15 @@ import json
 import os
 import re
 import shutil
+import socket as unix_socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from benchlib import (BASE_CMDLINE, CACHE, EMBER, ROOT, BenchError, fmt, log, median_min_max)
+from benchlib import (BASE_CMDLINE, CACHE, EMBER, IS_PVM, PVM_CMDLINE, QEMU_CPU, QEMU_CPU_PVM,
+                      QEMU_MACHINE, ROOT, BenchError, find_qemu, fmt, log, median_min_max)
 
 SCRIPT = "echo READY; read line; echo GOT $line"
 LOG_RE = re.compile(r"^\[(\S+Z) +INFO +\S+\] (.*)$")
@@ -71,11 +78,76 @@ def wait_for(proc, needle, timeout):
 
 
 def answer(proc, start):
-    """Sends a line; returns spawn -> the echoed answer, in seconds."""
+    """Sends a line; returns spawn -> the echoed answer, in seconds. (A QEMU resumed from a
+    migration file loses the first byte sent before its guest runs: the answer is `GOT ello`.)"""
     proc.stdin.write(b"hello\n")
     proc.stdin.flush()
-    wait_for(proc, b"GOT hello", 600)
+    wait_for(proc, b"GOT ", 600)
     return time.monotonic() - start
+
+
+def qemu_argv(qemu, kernel, initrd, monitor, extra=()):
+    cmdline = f'{BASE_CMDLINE} {PVM_CMDLINE if IS_PVM else ""} ember.cmd="{SCRIPT}"'
+    return [qemu, "-M", QEMU_MACHINE, "-enable-kvm", "-cpu", QEMU_CPU_PVM if IS_PVM else QEMU_CPU,
+            "-smp", "1", "-m", "128M", "-nodefaults", "-no-user-config", "-display", "none",
+            "-serial", "stdio", "-monitor", f"unix:{monitor},server=on,wait=off", "-no-reboot",
+            "-device", "i8042", "-device", "isa-debug-exit,iobase=0xf4,iosize=1",
+            "-kernel", str(kernel.resolve()), "-initrd", str(initrd.resolve()),
+            "-append", cmdline, *extra]
+
+
+def hmp(monitor, command, settle=0.2):
+    """One human-monitor command on a connected socket; returns what came back meanwhile."""
+    monitor.sendall(command.encode() + b"\n")
+    time.sleep(settle)
+    monitor.settimeout(5)
+    try:
+        return monitor.recv(1 << 16).decode(errors="replace")
+    except TimeoutError:
+        return ""
+
+
+def qemu_round(qemu, kernel, initrd, tmp, samples):
+    """QEMU: boot the shell, migrate it to a file, resume the file in a new QEMU."""
+    monitor_path, state = tmp / "qemu.mon", tmp / "qemu.state"
+    start = time.monotonic()
+    cold = subprocess.Popen(qemu_argv(qemu, kernel, initrd, monitor_path), stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    try:
+        samples["qemu_cold_s"].append(wait_for(cold, b"READY", 600))
+        time.sleep(1)
+        monitor = unix_socket.socket(unix_socket.AF_UNIX)
+        monitor.connect(str(monitor_path))
+        hmp(monitor, "")
+        hmp(monitor, f'migrate "exec:cat > {state}"')
+        deadline = time.monotonic() + 300
+        while True:
+            status = hmp(monitor, "info migrate", settle=0.5)
+            if "Migration status: completed" in status:
+                break
+            if "failed" in status or time.monotonic() > deadline:
+                raise BenchError(f"QEMU's migration did not complete: {status[-500:]}")
+        took = [line for line in status.splitlines() if line.startswith("total time:")]
+        samples["qemu_pause_ms"].append(float(took[0].split()[2]))
+        samples["qemu_state_mib"].append(state.stat().st_size / (1 << 20))
+        hmp(monitor, "quit")
+        monitor.close()
+        cold.wait(60)
+    finally:
+        if cold.poll() is None:
+            cold.kill()
+    start = time.monotonic()
+    warm = subprocess.Popen(qemu_argv(qemu, kernel, initrd, monitor_path,
+                                      ("-incoming", f"exec:cat {state}")),
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL)
+    try:
+        samples["qemu_warm_s"].append(answer(warm, start))
+        warm.wait(60)
+    finally:
+        if warm.poll() is None:
+            warm.kill()
+    state.unlink()
 
 
 class Jobs:
@@ -188,6 +260,10 @@ def main():
     p.add_argument("--runs", type=int, default=5, help="console-mode cold/restore pairs (5)")
     p.add_argument("--job-runs", type=int, default=5, help="job-mode cold/warm pairs (5)")
     p.add_argument("--concurrent", type=int, default=10, help="warm VMs at once (10)")
+    p.add_argument("--qemu", default="qemu-system-x86_64")
+    p.add_argument("--no-qemu", action="store_true", help="leave QEMU out")
+    p.add_argument("--no-install", action="store_true",
+                   help="do not install QEMU when it is missing")
     p.add_argument("--ember", default=str(EMBER))
     p.add_argument("--markdown", default=str(ROOT / "target/bench/snapshot.md"))
     p.add_argument("--json", default=str(ROOT / "target/bench/snapshot.json"))
@@ -199,9 +275,11 @@ def main():
     if not kernel.exists():
         raise BenchError("the default guest is not built: run resources/build-guest.sh")
     tmp = Path(tempfile.mkdtemp(prefix="ember-bench-snapshot-"))
+    qemu = None if args.no_qemu else find_qemu(args.qemu, args.no_install)
     samples = {k: [] for k in ("cold_s", "warm_s", "pause_ms", "written_mib", "job_cold_s",
                                "job_warm_s", "save_pause_ms", "save_mib", "concurrent_s",
-                               "pss_mib", "rss_mib", "warm_teardown_ms")}
+                               "pss_mib", "rss_mib", "warm_teardown_ms", "qemu_cold_s",
+                               "qemu_warm_s", "qemu_pause_ms", "qemu_state_mib")}
     for key, _ in WARM_PHASES:
         samples[key] = []
     try:
@@ -234,12 +312,20 @@ def main():
             samples["warm_s"].append(answer(warm, start))
             warm.wait(60)
             shutil.rmtree(snap)
+            if qemu:
+                log(f"run {i + 1}/{args.runs}: QEMU boot, migration to a file, resume")
+                qemu_round(qemu, kernel, initrd, tmp, samples)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     rows = [("console: spawn → the shell ready, booted", "cold_s", "s"),
             ("console: spawn → the shell's answer, restored", "warm_s", "s"),
             ("console: snapshot pause", "pause_ms", "ms"),
             ("console: RAM written", "written_mib", "MiB"),
+            ("QEMU: spawn → the shell ready, booted", "qemu_cold_s", "s"),
+            ("QEMU: spawn → the shell's answer, resumed from a migration file",
+             "qemu_warm_s", "s"),
+            ("QEMU: migration to the file (total time)", "qemu_pause_ms", "ms"),
+            ("QEMU: the migration file", "qemu_state_mib", "MiB"),
             ("job: `ember run --cold -- true`, spawn → exit", "job_cold_s", "s"),
             ("job: `ember run -- true` warm, spawn → exit", "job_warm_s", "s"),
             ("… ember's start → resuming", "warm_start_ms", "ms"),
@@ -254,6 +340,8 @@ def main():
             (f"job: RSS of each of {args.concurrent} warm VMs", "rss_mib", "MiB")]
     lines = ["| metric | median (min–max) |", "|---|---|"]
     for name, key, unit in rows:
+        if not samples[key]:
+            continue
         m = median_min_max(samples[key])
         lines.append(f"| {name} | {fmt(m[0])} {unit} ({fmt(m[1])}–{fmt(m[2])}) |")
     for name, cold_key, warm_key in (("console: booted / restored", "cold_s", "warm_s"),
@@ -261,6 +349,10 @@ def main():
         cold = median_min_max(samples[cold_key])[0]
         warm = median_min_max(samples[warm_key])[0]
         lines.append(f"| {name} | {fmt(cold / warm)}× |")
+    if samples["qemu_warm_s"]:
+        ember_warm = median_min_max(samples["warm_s"])[0]
+        qemu_warm = median_min_max(samples["qemu_warm_s"])[0]
+        lines.append(f"| console: resumed, Ember / QEMU | {fmt(ember_warm / qemu_warm)} |")
     lines.append("")
     lines.append(f"{args.runs} console and {args.job_runs} job runs, default guest (1 vCPU, "
                  "128 MiB).")
