@@ -779,4 +779,105 @@ mod tests {
         assert!(driver.vsock.process_queue(3).is_err());
         assert!(driver.vsock.process_host_event(1).is_ok());
     }
+
+    /// A hostile guest driver: packets with any addresses, ports, operations, lengths (lying
+    /// or not), flags and credit, in chains of any shape (short or device-writable headers,
+    /// payloads past guest memory), against a host that sometimes listens; a host program
+    /// that sometimes connects and writes. The device answers or breaks, never panics.
+    #[test]
+    fn fuzz_vsock_packets() {
+        use std::os::unix::net::UnixListener;
+
+        use super::packet::{VsockHeader, HOST_CID, TYPE_STREAM};
+        const HEADERS: u64 = 0x30_0000;
+        const PAYLOAD: u64 = 0x31_0000;
+        crate::fuzz::run("vsock_packets", |rng| {
+            let mem = memory();
+            let mut driver = Driver::new(&mem);
+            let port_path = |port: u32| {
+                let mut path = driver.socket_path().into_os_string();
+                path.push(format!("_{port}"));
+                path
+            };
+            let _listener = rng
+                .one_in(2)
+                .then(|| UnixListener::bind(port_path(5000)).unwrap());
+            let mut host = None;
+            if rng.one_in(3) {
+                let mut stream = UnixStream::connect(driver.socket_path()).unwrap();
+                let line = rng.pick(&["CONNECT 1024\n", "CONNECT 99999999999\n", "BOGUS\n"]);
+                let _ = stream.write_all(line.as_bytes());
+                host = Some(stream);
+            }
+            driver.post_rx(rng.below(8) as usize);
+            for packet in 0..1 + rng.below(12) {
+                let len = if rng.one_in(4) {
+                    rng.edgy_u64() as u32
+                } else {
+                    rng.below(128) as u32
+                };
+                let any_op = rng.next_u64() as u16;
+                let header = VsockHeader {
+                    src_cid: if rng.one_in(8) {
+                        rng.edgy_u64()
+                    } else {
+                        GUEST_CID
+                    },
+                    dst_cid: if rng.one_in(8) {
+                        rng.edgy_u64()
+                    } else {
+                        HOST_CID
+                    },
+                    src_port: rng.pick(&[1024, 1025, u32::MAX]),
+                    dst_port: rng.pick(&[5000, 5001, 0]),
+                    len,
+                    kind: if rng.one_in(8) {
+                        rng.next_u64() as u16
+                    } else {
+                        TYPE_STREAM
+                    },
+                    op: rng.pick(&[1, 2, 3, 4, 5, 6, 7, 0, any_op]),
+                    flags: rng.below(4) as u32,
+                    buf_alloc: rng.edgy_u64() as u32,
+                    fwd_cnt: rng.edgy_u64() as u32,
+                };
+                let slot = HEADERS + (packet % 64) * 64;
+                mem.write_slice(&header.to_bytes(), GuestAddress(slot))
+                    .unwrap();
+                let payload_len = rng.below(128) as usize;
+                let payload = rng.bytes(payload_len);
+                mem.write_slice(&payload, GuestAddress(PAYLOAD)).unwrap();
+                let header_len = if rng.one_in(6) {
+                    rng.below(HDR_LEN as u64 * 2) as u32
+                } else {
+                    HDR_LEN as u32
+                };
+                let mut chain = vec![(slot, header_len, rng.one_in(10))];
+                if rng.one_in(2) {
+                    let addr = if rng.one_in(6) {
+                        rng.edgy_u64()
+                    } else {
+                        PAYLOAD
+                    };
+                    chain.push((addr, payload.len() as u32, rng.one_in(10)));
+                }
+                driver.push(TX_QUEUE, &chain);
+                if driver.vsock.process_queue(TX_QUEUE).is_err()
+                    || driver.vsock.process_queue(RX_QUEUE).is_err()
+                {
+                    break;
+                }
+                if let Some(stream) = &mut host {
+                    if rng.one_in(3) {
+                        let _ = stream.write_all(&rng.bytes(32));
+                    }
+                }
+                for index in 0..driver.vsock.host_event_fds().len() {
+                    if driver.vsock.process_host_event(index).is_err() {
+                        break;
+                    }
+                }
+            }
+        });
+    }
 }
