@@ -247,10 +247,11 @@ fn tty_session(socket: &Path) {
     // Inside a pty made by script(1): the size is set, then changed while the command runs (the
     // kernel sends ember SIGWINCH), and the settings are compared before and after. The
     // background stty reads /dev/tty itself: a non-interactive shell gives background jobs
-    // /dev/null for stdin.
+    // /dev/null for stdin. The resize comes 8 s in: on a loaded host the command's first
+    // `stty size` has been seen more than 3 s after the exec started.
     let inner = format!(
-        "stty rows 30 cols 100; stty -g; (sleep 3; stty rows 40 cols 120 </dev/tty) & \
-         {} exec --vsock {} -t -- sh -c 'tty; stty size; sleep 15; stty size'; \
+        "stty rows 30 cols 100; stty -g; (sleep 8; stty rows 40 cols 120 </dev/tty) & \
+         {} exec --vsock {} -t -- sh -c 'tty; stty size; sleep 20; stty size'; \
          echo \"ember-exit=$?\"; wait; stty -g",
         ember().display(),
         socket.display()
