@@ -58,13 +58,13 @@ fn a_linux_guest_resumes_from_its_snapshot() {
         "--vsock".into(),
         format!("cid=3,socket={}", vsock.display()),
     ]);
-    let mut vm = common::spawn(&strs(&args), Stdio::null());
-    let reader = common::OutputCollector::start(vm.stdout.take().unwrap());
+    let mut vm = common::Reaper(Some(common::spawn(&strs(&args), Stdio::null())));
+    let reader = common::OutputCollector::start(vm.child().stdout.take().unwrap());
     let output = reader.output.clone();
     let deadline = Instant::now() + LINUX_TIMEOUT;
     while !output.lock().unwrap().contains("tick 2") {
         assert!(
-            Instant::now() < deadline && vm.try_wait().unwrap().is_none(),
+            Instant::now() < deadline && vm.child().try_wait().unwrap().is_none(),
             "no tick 2: {}",
             output.lock().unwrap()
         );
@@ -111,7 +111,7 @@ fn a_linux_guest_resumes_from_its_snapshot() {
         shutdown.stdout.contains(r#""graceful":true"#),
         "{shutdown:?}"
     );
-    assert_eq!(vm.wait().unwrap().code(), Some(0));
+    assert_eq!(vm.take().wait().unwrap().code(), Some(0));
     assert!(asked.elapsed() < Duration::from_secs(120));
     reader.join();
     let before = output.lock().unwrap().clone();
@@ -146,18 +146,19 @@ fn a_linux_guest_resumes_from_its_snapshot() {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     // The clone gets the host's entropy and time before anything else is asked of it.
-    let (mut restored, mut first) =
+    let (restored, mut first) =
         common::spawn_command_until(command, "took the host's entropy and time", LINUX_TIMEOUT);
+    let mut restored = common::Reaper(Some(restored));
     while !first.contains("tick ") {
         let mut buf = [0u8; 256];
-        let n = std::io::Read::read(restored.stdout.as_mut().unwrap(), &mut buf).unwrap();
+        let n = std::io::Read::read(restored.child().stdout.as_mut().unwrap(), &mut buf).unwrap();
         assert!(n > 0, "the restored guest ended without a tick: {first}");
         first.push_str(&String::from_utf8_lossy(&buf[..n]));
     }
     // The restored vsock device reset the guest's connections; its agent still listens, and a
     // new connection through the new ember reaches it.
     exec_until_answered(&vsock, &["touch", "/tmp/stop"]);
-    let mut r = common::finish(restored, LINUX_TIMEOUT);
+    let mut r = common::finish(restored.take(), LINUX_TIMEOUT);
     r.stdout.insert_str(0, &first);
     assert_eq!(r.code(), 0, "{r:?}");
     // It goes on from where the snapshot was: later ticks, not the first; no boot again.

@@ -142,6 +142,30 @@ impl Run {
     }
 }
 
+/// A running ember that is killed and reaped when dropped, unless taken: a test that fails
+/// half-way must not leave a VM running (and loading the host) after it.
+pub struct Reaper(pub Option<Child>);
+
+impl Reaper {
+    pub fn child(&mut self) -> &mut Child {
+        self.0.as_mut().expect("the child was taken")
+    }
+
+    /// The child, no longer killed on drop.
+    pub fn take(&mut self) -> Child {
+        self.0.take().expect("the child was taken")
+    }
+}
+
+impl Drop for Reaper {
+    fn drop(&mut self) {
+        if let Some(child) = &mut self.0 {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
 /// Starts `ember` with `args`, stdout/stderr piped.
 pub fn spawn(args: &[&str], stdin: Stdio) -> Child {
     Command::new(ember())
