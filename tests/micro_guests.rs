@@ -355,3 +355,92 @@ fn guest_ram_is_reserved_lazily() {
         "RSS {rss} KiB for a 4 GiB guest that touched almost nothing"
     );
 }
+
+/// Runs the hostile micro-guest for `rounds` rounds with a disk and a vsock device; returns how it
+/// ended, its output, and ember's peak RSS in KiB (from wait4).
+fn hostile_run(rounds: u32, dir: &std::path::Path) -> (i32, String, i64) {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let disk = dir.join(format!("disk-{rounds}.img"));
+    std::fs::File::create(&disk)
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+    let kernel = micro_guest("hostile");
+    let mut child = common::spawn(
+        &[
+            "run",
+            "--kernel",
+            kernel.to_str().unwrap(),
+            "--cmdline",
+            &format!("iterations={rounds} seed=7"),
+            "--disk",
+            &format!("path={}", disk.display()),
+            "--vsock",
+            &format!(
+                "cid=3,socket={}",
+                dir.join(format!("v{rounds}.sock")).display()
+            ),
+        ],
+        std::process::Stdio::null(),
+    );
+    let collector = common::OutputCollector::start(child.stdout.take().unwrap());
+    let output = collector.output.clone();
+    let pid = child.id() as i32;
+    // A guest that hangs Ember must not hang the test.
+    let done = std::sync::Arc::new(AtomicBool::new(false));
+    let watchdog = {
+        let done = done.clone();
+        std::thread::spawn(move || {
+            let deadline = std::time::Instant::now() + TIMEOUT;
+            while !done.load(Ordering::SeqCst) {
+                if std::time::Instant::now() > deadline {
+                    // SAFETY: kill(2) on our child, not yet reaped (done is still false).
+                    unsafe { libc::kill(pid, libc::SIGKILL) };
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        })
+    };
+    let mut status = 0;
+    // SAFETY: an all-zero rusage is a valid value for wait4 to overwrite.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: wait4 on our own child, with valid pointers to locals.
+    let waited = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+    done.store(true, Ordering::SeqCst);
+    watchdog.join().unwrap();
+    assert_eq!(waited, pid);
+    // Reaped by wait4 already (for its rusage): std's wait finds nothing left, which is fine.
+    let _ = child.wait();
+    collector.join();
+    let code = if libc::WIFEXITED(status) {
+        libc::WEXITSTATUS(status)
+    } else {
+        -libc::WTERMSIG(status)
+    };
+    let text = output.lock().unwrap().clone();
+    (code, text, usage.ru_maxrss)
+}
+
+/// A guest that writes seeded random values to every port and MMIO register Ember emulates
+/// (and to ones nothing answers), with a disk and a vsock device attached: Ember survives it,
+/// ends with the guest's own status, and its memory does not grow with the number of rounds.
+#[test]
+fn a_hostile_guest_cannot_crash_ember_or_grow_it() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = common::scratch_dir("hostile");
+    let (code, out, small) = hostile_run(2_000, &dir);
+    assert_eq!(code, 42, "{out}");
+    assert!(out.contains("hostile: done"), "{out}");
+    let (code, out, large) = hostile_run(20_000, &dir);
+    assert_eq!(code, 42, "{out}");
+    assert!(out.contains("hostile: done"), "{out}");
+    // Ten times the rounds, not more memory: 1 MiB of slack for allocator and page-cache noise.
+    assert!(
+        large - small < 1024,
+        "peak RSS {small} KiB after 2000 rounds, {large} KiB after 20000"
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}
