@@ -9,7 +9,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use common::{ember, kvm_available, linux_guest, scratch_dir, Run, LINUX_TIMEOUT, TEST_CMDLINE};
+use common::{ember, kvm_available, linux_args, scratch_dir, Run, LINUX_TIMEOUT};
 
 /// The same deterministic output each time, then what must differ (the kernel's randomness)
 /// and what must be the host's (the time), then a status of its own.
@@ -19,14 +19,10 @@ const SCRIPT: &str = "echo out; echo err >&2; echo uuid=$(cat /proc/sys/kernel/r
 
 /// `ember -v run … [extra] -- sh -c SCRIPT` with its snapshot cache under `cache`.
 fn job(cache: &Path, extra: &[&str]) -> Run {
-    let (kernel, initrd) = linux_guest();
     let child = Command::new(ember())
         .env("XDG_CACHE_HOME", cache)
-        .args(["-v", "run", "--kernel"])
-        .arg(kernel)
-        .arg("--initrd")
-        .arg(initrd)
-        .args(["--cmdline", TEST_CMDLINE])
+        .arg("-v")
+        .args(linux_args(""))
         .args(extra)
         .args(["--", "sh", "-c", SCRIPT])
         .stdin(Stdio::null())

@@ -25,6 +25,7 @@ use std::time::{Duration, SystemTime};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
+use super::file::DiskIdentity;
 use crate::config::{SoftwareKvmMode, VmConfig};
 
 /// Entries kept; each is a guest's touched RAM (tens of MiB for the default guest).
@@ -78,13 +79,12 @@ fn plan_in(cache: &Path, config: &VmConfig) -> Plan {
     }
 }
 
-/// A file as the key sees it.
+/// A file as the key sees it: which file it is (as a snapshot records a disk) and when it last
+/// changed.
 #[derive(Serialize)]
 struct FileIdentity {
-    path: PathBuf,
-    dev: u64,
-    ino: u64,
-    size: u64,
+    #[serde(flatten)]
+    file: DiskIdentity,
     mtime_ns: i128,
     ctime_ns: i128,
 }
@@ -95,10 +95,7 @@ impl FileIdentity {
         let path = path.canonicalize().map_err(cannot)?;
         let meta = std::fs::metadata(&path).map_err(cannot)?;
         Ok(Self {
-            path,
-            dev: meta.dev(),
-            ino: meta.ino(),
-            size: meta.size(),
+            file: DiskIdentity::from_metadata(&path, &meta),
             mtime_ns: i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec()),
             ctime_ns: i128::from(meta.ctime()) * 1_000_000_000 + i128::from(meta.ctime_nsec()),
         })

@@ -122,14 +122,18 @@ pub struct DiskIdentity {
 impl DiskIdentity {
     /// The file at `path` now.
     pub fn of(path: &Path) -> std::io::Result<Self> {
+        Ok(Self::from_metadata(path, &std::fs::metadata(path)?))
+    }
+
+    /// The file at `path`, whose metadata the caller has already read.
+    pub fn from_metadata(path: &Path, meta: &std::fs::Metadata) -> Self {
         use std::os::unix::fs::MetadataExt;
-        let meta = std::fs::metadata(path)?;
-        Ok(Self {
+        Self {
             path: path.to_owned(),
             dev: meta.dev(),
             ino: meta.ino(),
             size: meta.size(),
-        })
+        }
     }
 
     /// Why the file at this path now is not the disk the snapshot saw, if it is not.
