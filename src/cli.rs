@@ -10,6 +10,7 @@ use crate::config::{
     VolumeConfig, VsockConfig, MAX_CPUS,
 };
 use crate::job::{parse_env, JobSpec};
+use crate::sandbox::seccomp::SeccompMode;
 
 /// Command line used when `--cmdline` is not given: console on COM1, reboot through the i8042
 /// (which ends the VM), reboot on panic, and a quiet boot (every console byte is a VM exit).
@@ -199,6 +200,10 @@ pub struct RunArgs {
     /// Workarounds for software KVM (kvm_pvm): auto applies them when it is detected
     #[arg(long, value_name = "MODE", value_enum, default_value_t = SoftwareKvmMode::Auto)]
     pub software_kvm: SoftwareKvmMode,
+    /// System-call filters, one per kind of thread: on (a forbidden call ends ember with 159 and
+    /// a line naming it), log (the kernel logs it, see dmesg), off
+    #[arg(long, value_name = "MODE", value_enum, default_value_t = SeccompMode::On, env = "EMBER_SECCOMP")]
+    pub seccomp: SeccompMode,
     #[command(flatten)]
     pub job: JobArgs,
     /// Run this command in the guest (job mode) and exit with its status

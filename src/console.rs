@@ -128,6 +128,9 @@ pub fn spawn_input_thread(
     std::thread::Builder::new()
         .name("console-in".into())
         .spawn(move || {
+            crate::sandbox::seccomp::confine_or_exit(
+                crate::sandbox::seccomp::ThreadKind::ConsoleIn,
+            );
             let mut stdin = io::stdin();
             if let Err(e) = forward_input(&mut stdin, &serial, &fifo_drained, &control, escapes) {
                 log::warn!("console: {e}");

@@ -183,6 +183,9 @@ impl ConsoleOutput {
             std::thread::Builder::new()
                 .name("console-out".into())
                 .spawn(move || {
+                    crate::sandbox::seccomp::confine_or_exit(
+                        crate::sandbox::seccomp::ThreadKind::ConsoleOut,
+                    );
                     drain(&drain_shared, out);
                     let _ = done_sender.send(());
                 })

@@ -15,6 +15,7 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::device_manager::{DeviceManager, DeviceSlot, VirtioError};
+use crate::sandbox::seccomp::ThreadKind;
 
 /// What a device thread's wake-up is about.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -118,10 +119,14 @@ fn spawn_one(slot: &DeviceSlot, worker: DeviceWorker) -> Result<DeviceThread, Vi
         .map_err(failed)?;
     }
     let thread_stop = stop.try_clone().map_err(failed)?;
+    let kind = slot.kind;
     let handle = std::thread::Builder::new()
         // Linux keeps 15 bytes of a thread name: "virtio-block0" fits.
         .name(format!("virtio-{}", slot.id))
-        .spawn(move || run(&epoll, &thread_stop, &worker))
+        .spawn(move || {
+            crate::sandbox::seccomp::confine_or_exit(ThreadKind::of_device(kind));
+            run(&epoll, &thread_stop, &worker)
+        })
         .map_err(failed)?;
     Ok(DeviceThread {
         id: slot.id.clone(),

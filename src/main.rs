@@ -10,6 +10,7 @@ use ember::cli::{Cli, Command};
 use ember::config::ConsoleConfig;
 use ember::outcome::{error_line, EXIT_SETUP_FAILED, EXIT_USAGE};
 use ember::rootfs::Rootfs;
+use ember::sandbox::seccomp::{self, VmShape};
 use ember::vmm;
 
 fn main() -> ExitCode {
@@ -60,6 +61,9 @@ fn main() -> ExitCode {
         let mut config = restore.state.config.clone();
         config.console = args.console.clone().unwrap_or(ConsoleConfig::Stdio);
         config.api_socket = args.api_socket.clone();
+        if let Err(e) = seccomp::configure(args.seccomp, VmShape::of(&config)) {
+            return fail(&e);
+        }
         return finish(vmm::restore(&config, &restore, started));
     }
     let job = match args.job_spec() {
@@ -67,6 +71,7 @@ fn main() -> ExitCode {
         Err(e) => return fail(&e),
     };
     let (image, scratch, cold) = (args.image.clone(), args.scratch, args.cold);
+    let seccomp_mode = args.seccomp;
     let mut config = match args.into_config() {
         Ok(config) => config,
         Err(e) => return fail(&e),
@@ -76,6 +81,10 @@ fn main() -> ExitCode {
         Ok(rootfs) => rootfs,
         Err(e) => return fail(&e),
     };
+    // Before any thread starts: each confines itself as it starts.
+    if let Err(e) = seccomp::configure(seccomp_mode, VmShape::of(&config)) {
+        return fail(&e);
+    }
     let result = match job {
         Some(job) => vmm::run_job(&config, rootfs.apply(job), started, cold),
         None => vmm::run(&config, started),

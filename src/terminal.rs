@@ -4,9 +4,14 @@
 //! can both restore them; restoring twice is harmless.
 
 use std::io;
+use std::sync::atomic::{AtomicPtr, Ordering};
 use std::sync::Mutex;
 
 static SAVED: Mutex<Option<libc::termios>> = Mutex::new(None);
+
+/// The same settings for a signal handler, which may not lock: set with them, taken (null) when
+/// restored. The box is leaked on purpose: a handler may still be reading it.
+static SAVED_FOR_SIGNALS: AtomicPtr<libc::termios> = AtomicPtr::new(std::ptr::null_mut());
 
 /// Whether `fd` is a terminal.
 pub fn is_tty(fd: libc::c_int) -> bool {
@@ -28,6 +33,7 @@ pub fn enter_raw_mode() -> io::Result<()> {
     // SAFETY: cfmakeraw only edits the struct it is given.
     unsafe { libc::cfmakeraw(&mut raw) };
     *ember_devices::bus::lock(&SAVED) = Some(original);
+    SAVED_FOR_SIGNALS.store(Box::into_raw(Box::new(original)), Ordering::SeqCst);
     // SAFETY: `raw` is a fully initialised termios.
     if unsafe { libc::tcsetattr(fd, libc::TCSANOW, &raw) } != 0 {
         return Err(io::Error::last_os_error());
@@ -38,6 +44,7 @@ pub fn enter_raw_mode() -> io::Result<()> {
 
 /// Puts the terminal back as it was; a no-op when raw mode was never entered.
 pub fn restore() {
+    SAVED_FOR_SIGNALS.store(std::ptr::null_mut(), Ordering::SeqCst);
     let saved = match SAVED.try_lock() {
         Ok(mut slot) => slot.take(),
         // Called from a panic while the lock is held: nothing sensible left to do.
@@ -46,6 +53,16 @@ pub fn restore() {
     if let Some(original) = saved {
         // SAFETY: `original` came from tcgetattr on the same descriptor.
         unsafe { libc::tcsetattr(libc::STDIN_FILENO, libc::TCSANOW, &original) };
+    }
+}
+
+/// [`restore`] for a signal handler that ends the process: no lock, one ioctl (TCSETS).
+pub fn restore_from_signal_handler() {
+    let saved = SAVED_FOR_SIGNALS.swap(std::ptr::null_mut(), Ordering::SeqCst);
+    if !saved.is_null() {
+        // SAFETY: a non-null pointer came from Box::into_raw in enter_raw_mode and is never
+        // freed; the termios it points at came from tcgetattr on stdin.
+        unsafe { libc::tcsetattr(libc::STDIN_FILENO, libc::TCSANOW, saved) };
     }
 }
 

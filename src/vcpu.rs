@@ -324,6 +324,7 @@ impl VcpuHandle {
         let thread = std::thread::Builder::new()
             .name(format!("vcpu{index}"))
             .spawn(move || {
+                crate::sandbox::seccomp::confine_or_exit(crate::sandbox::seccomp::ThreadKind::Vcpu);
                 let mut vcpu = Vcpu {
                     index,
                     fd: vcpu,

@@ -102,6 +102,11 @@ impl AgentMode {
 pub enum VmmError {
     #[error(transparent)]
     Kvm(#[from] KvmError),
+    #[error(
+        "the warm-start snapshot {0} could not be resumed ({1}); removed it: run again to boot \
+         cold (this run cannot, its threads are confined by seccomp already)"
+    )]
+    WarmStartFailed(PathBuf, String),
     #[error(transparent)]
     Api(#[from] ApiError),
     #[error("--cpus must be at least 1")]
@@ -448,6 +453,9 @@ impl Vm {
         if !running.devices.is_empty() {
             settle_grace_periods(&vm_fd);
         }
+        // Last: every thread that builds or starts something has done it; from here on this
+        // thread answers the guest's devices, the control socket and the job.
+        crate::sandbox::seccomp::confine_or_exit(crate::sandbox::seccomp::ThreadKind::Main);
         while !control.is_stopping() {
             let wakeups = match main_loop.wait() {
                 Ok(wakeups) => wakeups,
@@ -648,6 +656,9 @@ fn shut_down_gracefully(vsock_socket: &Path, grace: Duration, control: Arc<VmCon
     let spawned = std::thread::Builder::new()
         .name("shutdown".into())
         .spawn(move || {
+            crate::sandbox::seccomp::confine_or_exit(
+                crate::sandbox::seccomp::ThreadKind::AgentClient,
+            );
             let deadline = Instant::now() + grace;
             match crate::job::ask_guest_to_power_off(&socket) {
                 Ok(()) => log::info!("API: asked the guest to power off; waiting {grace:?}"),
@@ -1127,6 +1138,9 @@ pub fn restore(
         let spawned = std::thread::Builder::new()
             .name("refresh".into())
             .spawn(move || {
+                crate::sandbox::seccomp::confine_or_exit(
+                    crate::sandbox::seccomp::ThreadKind::AgentClient,
+                );
                 // A connection made before the guest has taken the vsock device's transport
                 // reset is reset with the others: try again a few times.
                 let mut outcome = Err(String::new());
@@ -1189,6 +1203,12 @@ pub fn run_job(
             Ok(outcome) => {
                 entry.touch();
                 Ok(outcome)
+            }
+            // The main thread is confined once the VM runs: building another is not in its
+            // list, so the cold boot is left to the next run.
+            Err(why) if crate::sandbox::seccomp::is_confined() => {
+                entry.discard();
+                Err(VmmError::WarmStartFailed(entry.dir.clone(), why))
             }
             Err(why) => {
                 eprintln!(

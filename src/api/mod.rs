@@ -239,7 +239,10 @@ impl ApiServer {
         let listener_fd = listener.as_raw_fd();
         let thread = std::thread::Builder::new()
             .name("ember-api".into())
-            .spawn(move || serve(listener, sender, thread_wake))
+            .spawn(move || {
+                crate::sandbox::seccomp::confine_or_exit(crate::sandbox::seccomp::ThreadKind::Api);
+                serve(listener, sender, thread_wake)
+            })
             .map_err(ApiError::Start)?;
         log::info!("API socket at {}", path.display());
         Ok(Self {

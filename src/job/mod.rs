@@ -137,6 +137,7 @@ pub fn exec(socket: &Path, spec: &JobSpec) -> JobOutcome {
     let runner = std::thread::Builder::new()
         .name("job".into())
         .spawn(move || {
+            crate::sandbox::seccomp::confine_or_exit(crate::sandbox::seccomp::ThreadKind::Job);
             let outcome = session.run();
             let _ = finished.write(1);
             outcome

@@ -159,6 +159,7 @@ impl JobRunner {
         let thread = std::thread::Builder::new()
             .name("job".into())
             .spawn(move || {
+                crate::sandbox::seccomp::confine_or_exit(crate::sandbox::seccomp::ThreadKind::Job);
                 if let Some(outcome) = self.run(&stopped, &slot) {
                     control.request_stop(VmOutcome::Job(outcome));
                 }
@@ -291,6 +292,9 @@ fn watch_agent(mut ready: UnixStream, handle: JobHandle) {
     let spawned = std::thread::Builder::new()
         .name("job-agent".into())
         .spawn(move || {
+            crate::sandbox::seccomp::confine_or_exit(
+                crate::sandbox::seccomp::ThreadKind::JobStream,
+            );
             let mut buf = [0u8; 64];
             loop {
                 match io::Read::read(&mut ready, &mut buf) {

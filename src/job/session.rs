@@ -261,7 +261,12 @@ impl Session {
         };
         let spawned = std::thread::Builder::new()
             .name("job-writer".into())
-            .spawn(move || write_outbox(&shared, writer));
+            .spawn(move || {
+                crate::sandbox::seccomp::confine_or_exit(
+                    crate::sandbox::seccomp::ThreadKind::JobStream,
+                );
+                write_outbox(&shared, writer)
+            });
         if let Err(e) = spawned {
             return JobOutcome::Failed(format!("cannot start the writer thread: {e}"));
         }
@@ -277,7 +282,12 @@ impl Session {
             let handle = self.handle.clone();
             let spawned = std::thread::Builder::new()
                 .name("job-stdin".into())
-                .spawn(move || forward_stdin(&handle));
+                .spawn(move || {
+                    crate::sandbox::seccomp::confine_or_exit(
+                        crate::sandbox::seccomp::ThreadKind::JobStream,
+                    );
+                    forward_stdin(&handle)
+                });
             if let Err(e) = spawned {
                 return JobOutcome::Failed(format!("cannot start the stdin thread: {e}"));
             }
@@ -288,6 +298,9 @@ impl Session {
             let spawned = std::thread::Builder::new()
                 .name("job-timeout".into())
                 .spawn(move || {
+                    crate::sandbox::seccomp::confine_or_exit(
+                        crate::sandbox::seccomp::ThreadKind::JobStream,
+                    );
                     if watchdog.recv_timeout(timeout) == Err(RecvTimeoutError::Timeout) {
                         handle.time_out(&watchdog);
                     }

@@ -413,3 +413,24 @@ impl OutputCollector {
         self.thread.join().unwrap();
     }
 }
+
+/// Each thread of process `pid`: its name and its `Seccomp:` mode (0 none, 2 filter), sorted.
+pub fn thread_seccomp_modes(pid: u32) -> Vec<(String, String)> {
+    let mut threads = Vec::new();
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return threads;
+    };
+    for task in tasks.flatten() {
+        let status = std::fs::read_to_string(task.path().join("status")).unwrap_or_default();
+        let field = |key: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(key))
+                .map(|v| v.trim().to_string())
+                .unwrap_or_default()
+        };
+        threads.push((field("Name:"), field("Seccomp:")));
+    }
+    threads.sort();
+    threads
+}

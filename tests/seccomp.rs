@@ -1,0 +1,173 @@
+//! seccomp filters on micro-guests: every thread of a running ember is filtered, a forbidden call
+//! ends ember with 159 and a line naming the thread and the call, `log` lets it through.
+//!
+//! The forbidden call comes from the test-only trigger `EMBER_TEST_SECCOMP_VIOLATION=THREAD`,
+//! compiled in with the `test-hooks` feature (resources/test.sh builds with it).
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{kvm_available, micro_guest, scratch_dir};
+
+fn ember_with_trigger(thread: &str, args: &[&str]) -> common::Run {
+    let child = Command::new(common::ember())
+        .args(args)
+        .env("EMBER_TEST_SECCOMP_VIOLATION", thread)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start ember");
+    common::finish(child, Duration::from_secs(60))
+}
+
+#[test]
+fn every_thread_of_a_running_ember_is_filtered() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = scratch_dir("seccomp-threads");
+    let socket = dir.join("api.sock");
+    let kernel = micro_guest("echo");
+    let mut vm = common::Reaper(Some(common::spawn(
+        &[
+            "run",
+            "--kernel",
+            kernel.to_str().unwrap(),
+            "--api-socket",
+            socket.to_str().unwrap(),
+        ],
+        Stdio::piped(),
+    )));
+    let pid = vm.child().id();
+    // The main thread confines itself last, once every other thread runs.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut threads = common::thread_seccomp_modes(pid);
+    while Instant::now() < deadline
+        && (threads.len() < 4 || threads.iter().any(|(_, mode)| mode != "2"))
+    {
+        std::thread::sleep(Duration::from_millis(50));
+        threads = common::thread_seccomp_modes(pid);
+    }
+    let names: Vec<&str> = threads.iter().map(|(name, _)| name.as_str()).collect();
+    for expected in ["ember", "vcpu0", "console-in", "ember-api"] {
+        assert!(
+            names.contains(&expected),
+            "no thread {expected}: {threads:?}"
+        );
+    }
+    assert!(
+        threads.iter().all(|(_, mode)| mode == "2"),
+        "a thread without a filter: {threads:?}"
+    );
+    // Still serving under its filters: a pause and a resume through the control socket.
+    for action in ["pause", "resume"] {
+        let r = common::run(
+            &["ctl", socket.to_str().unwrap(), action],
+            Duration::from_secs(60),
+        );
+        assert_eq!(r.code(), 0, "{action}: {r:?}");
+    }
+    common::send_signal(vm.child(), libc::SIGTERM);
+    let r = common::finish(vm.take(), Duration::from_secs(60));
+    assert_eq!(r.code(), 143, "{r:?}");
+    std::fs::remove_dir_all(dir).ok();
+}
+
+#[test]
+fn with_seccomp_off_no_thread_is_filtered() {
+    if !kvm_available() {
+        return;
+    }
+    let kernel = micro_guest("exit-hang");
+    let mut vm = common::Reaper(Some(common::spawn(
+        &[
+            "run",
+            "--kernel",
+            kernel.to_str().unwrap(),
+            "--seccomp",
+            "off",
+        ],
+        Stdio::null(),
+    )));
+    let pid = vm.child().id();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut threads = common::thread_seccomp_modes(pid);
+    while Instant::now() < deadline && !threads.iter().any(|(name, _)| name == "vcpu0") {
+        std::thread::sleep(Duration::from_millis(50));
+        threads = common::thread_seccomp_modes(pid);
+    }
+    // Settled: the main thread would have confined itself by now.
+    std::thread::sleep(Duration::from_millis(300));
+    let threads = common::thread_seccomp_modes(pid);
+    assert!(threads.iter().all(|(_, mode)| mode == "0"), "{threads:?}");
+    common::send_signal(vm.child(), libc::SIGTERM);
+    let r = common::finish(vm.take(), Duration::from_secs(60));
+    assert_eq!(r.code(), 143, "{r:?}");
+}
+
+#[test]
+fn a_forbidden_call_ends_ember_with_159_and_one_line() {
+    if !kvm_available() {
+        return;
+    }
+    let kernel = micro_guest("exit-hang");
+    let kernel = kernel.to_str().unwrap();
+    // A vCPU (confined as it starts) and the main thread (confined last).
+    for thread in ["vcpu0", "main"] {
+        let r = ember_with_trigger(thread, &["run", "--kernel", kernel]);
+        assert_eq!(r.code(), 159, "{thread}: {r:?}");
+        let lines: Vec<&str> = r.stderr.lines().collect();
+        assert_eq!(lines.len(), 1, "{thread}: {r:?}");
+        assert!(
+            lines[0].starts_with(&format!(
+                "ember: seccomp: thread '{thread}' made system call {},",
+                libc::SYS_personality
+            )),
+            "{r:?}"
+        );
+    }
+}
+
+#[test]
+fn log_mode_lets_a_forbidden_call_through() {
+    if !kvm_available() {
+        return;
+    }
+    let kernel = micro_guest("exit-status");
+    for mode in ["log", "off"] {
+        let r = ember_with_trigger(
+            "vcpu0",
+            &[
+                "run",
+                "--kernel",
+                kernel.to_str().unwrap(),
+                "--cmdline",
+                "status=7",
+                "--seccomp",
+                mode,
+            ],
+        );
+        assert_eq!(r.code(), 7, "{mode}: {r:?}");
+        assert!(!r.stderr.contains("seccomp"), "{mode}: {r:?}");
+    }
+}
+
+#[test]
+fn a_bad_mode_is_a_usage_error() {
+    let r = common::run(
+        &[
+            "run",
+            "--kernel",
+            Path::new("/nonexistent").to_str().unwrap(),
+            "--seccomp",
+            "maybe",
+        ],
+        Duration::from_secs(30),
+    );
+    assert_eq!(r.code(), 2, "{r:?}");
+    assert!(r.stderr.contains("--seccomp"), "{r:?}");
+}
