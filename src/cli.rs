@@ -10,6 +10,7 @@ use crate::config::{
     VolumeConfig, VsockConfig, MAX_CPUS,
 };
 use crate::job::{parse_env, JobSpec};
+use crate::sandbox::jail::JailConfig;
 use crate::sandbox::seccomp::SeccompMode;
 
 /// Command line used when `--cmdline` is not given: console on COM1, reboot through the i8042
@@ -204,6 +205,23 @@ pub struct RunArgs {
     /// a line naming it), log (the kernel logs it, see dmesg), off
     #[arg(long, value_name = "MODE", value_enum, default_value_t = SeccompMode::On, env = "EMBER_SECCOMP")]
     pub seccomp: SeccompMode,
+    /// Run the monitor jailed: its own namespaces, an empty root, --uid/--gid, no capabilities
+    /// (needs root; see the README's Sandbox section for what it cannot be combined with)
+    #[arg(long)]
+    pub jail: bool,
+    /// The jailed monitor's user
+    #[arg(long, value_name = "UID", default_value_t = 65534, requires = "jail")]
+    pub uid: u32,
+    /// The jailed monitor's group
+    #[arg(long, value_name = "GID", default_value_t = 65534, requires = "jail")]
+    pub gid: u32,
+    /// The jailed monitor's CPU limit, in percent of one CPU (cgroup cpu quota)
+    #[arg(long, value_name = "PCT", requires = "jail",
+          value_parser = clap::value_parser!(u32).range(1..=100 * MAX_CPUS as i64))]
+    pub cpu_quota: Option<u32>,
+    /// The jailed monitor's memory limit, guest RAM included (cgroup memory limit)
+    #[arg(long, value_name = "SIZE", requires = "jail", value_parser = parse_memory_size)]
+    pub memory_limit: Option<u64>,
     #[command(flatten)]
     pub job: JobArgs,
     /// Run this command in the guest (job mode) and exit with its status
@@ -216,6 +234,8 @@ pub struct RunArgs {
 pub enum CliError {
     #[error("no --kernel given and the default guest is not built (looked for {0}); build it with resources/build-guest.sh")]
     NoDefaultGuest(PathBuf),
+    #[error("--jail cannot be combined with {0}")]
+    JailIncompatible(&'static str),
     #[error("--timeout {0} is not a positive number of seconds")]
     Timeout(f64),
     #[error("-i, -t, -e, -w, -u and --timeout are for a command: add -- CMD")]
@@ -245,6 +265,31 @@ impl RunArgs {
     }
 
     /// The VM to boot; without `--kernel`, the default guest and its initramfs.
+    /// `--jail`'s settings, or why this run cannot be jailed.
+    pub fn jail_config(&self) -> Result<Option<JailConfig>, CliError> {
+        if !self.jail {
+            return Ok(None);
+        }
+        let incompatible = if !self.command.is_empty() {
+            Some("a job (-- CMD): the job reaches the guest agent through the vsock socket's path, which the jail hides")
+        } else if !self.volumes.is_empty() {
+            Some("--volume: virtiofsd would run outside the jail")
+        } else if self.scratch.is_some() {
+            Some("--scratch: its file is removed at exit, from a root the jail hides")
+        } else {
+            None
+        };
+        if let Some(why) = incompatible {
+            return Err(CliError::JailIncompatible(why));
+        }
+        Ok(Some(JailConfig {
+            uid: self.uid,
+            gid: self.gid,
+            cpu_quota_percent: self.cpu_quota,
+            memory_limit: self.memory_limit,
+        }))
+    }
+
     pub fn into_config(self) -> Result<VmConfig, CliError> {
         let job_mode = !self.command.is_empty();
         let (kernel, initrd) = match self.kernel {

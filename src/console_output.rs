@@ -135,8 +135,33 @@ pub struct ConsoleOutput {
 impl ConsoleOutput {
     /// Opens where `config` sends the console and starts draining into it.
     pub fn start(config: &ConsoleConfig) -> io::Result<ConsoleSink> {
-        let out: Box<dyn Write + Send> = match config {
-            ConsoleConfig::Off => {
+        Self::open(config)?.start()
+    }
+
+    /// Opens where `config` sends the console, without starting to drain into it: a jail closes
+    /// between the two.
+    pub fn open(config: &ConsoleConfig) -> io::Result<ConsoleTarget> {
+        Ok(match config {
+            ConsoleConfig::Off => ConsoleTarget::Off,
+            ConsoleConfig::Memory => ConsoleTarget::Memory,
+            ConsoleConfig::Stdio => ConsoleTarget::Drained(Box::new(io::stdout())),
+            ConsoleConfig::File(path) => ConsoleTarget::Drained(Box::new(File::create(path)?)),
+        })
+    }
+}
+
+/// Where the console goes, opened ([`ConsoleOutput::open`]).
+pub enum ConsoleTarget {
+    Off,
+    Memory,
+    Drained(Box<dyn Write + Send>),
+}
+
+impl ConsoleTarget {
+    /// Starts draining into the target (a thread, unless it never blocks).
+    pub fn start(self) -> io::Result<ConsoleSink> {
+        let out: Box<dyn Write + Send> = match self {
+            ConsoleTarget::Off => {
                 return Ok(ConsoleSink {
                     writer: Box::new(io::sink()),
                     output: None,
@@ -144,7 +169,7 @@ impl ConsoleOutput {
                 })
             }
             // Memory never blocks: no thread needed.
-            ConsoleConfig::Memory => {
+            ConsoleTarget::Memory => {
                 let ring = ConsoleRing::default();
                 return Ok(ConsoleSink {
                     writer: Box::new(ring.clone()),
@@ -152,17 +177,18 @@ impl ConsoleOutput {
                     ring: Some(ring),
                 });
             }
-            ConsoleConfig::Stdio => Box::new(io::stdout()),
-            ConsoleConfig::File(path) => Box::new(File::create(path)?),
+            ConsoleTarget::Drained(out) => out,
         };
-        let (output, writer) = Self::spawn(out)?;
+        let (output, writer) = ConsoleOutput::spawn(out)?;
         Ok(ConsoleSink {
             writer: Box::new(writer),
             output: Some(output),
             ring: None,
         })
     }
+}
 
+impl ConsoleOutput {
     /// Starts draining into `out`; returns the writer that feeds it.
     pub fn spawn(out: Box<dyn Write + Send>) -> io::Result<(Self, BufferedWriter)> {
         let shared = Arc::new(Shared {

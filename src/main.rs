@@ -10,6 +10,7 @@ use ember::cli::{Cli, Command};
 use ember::config::ConsoleConfig;
 use ember::outcome::{error_line, EXIT_SETUP_FAILED, EXIT_USAGE};
 use ember::rootfs::Rootfs;
+use ember::sandbox::jail::{self, Entered};
 use ember::sandbox::seccomp::{self, VmShape};
 use ember::vmm;
 
@@ -53,6 +54,16 @@ fn main() -> ExitCode {
             };
         }
     };
+    match args.jail_config() {
+        Ok(None) => {}
+        Ok(Some(jail)) => match jail::enter(&jail) {
+            // The parent: the jailed monitor has ended.
+            Ok(Entered::Done(code)) => return ExitCode::from(code),
+            Ok(Entered::Monitor(jail)) => jail.arm(),
+            Err(e) => return fail(&e),
+        },
+        Err(e) => return fail(&e),
+    }
     if let Some(dir) = &args.restore {
         let restore = match vmm::Restore::open(dir) {
             Ok(restore) => restore,
@@ -116,8 +127,14 @@ fn usage_error(e: clap::Error) -> ExitCode {
         return ExitCode::SUCCESS;
     }
     let rendered = e.render().to_string();
-    let first = rendered.lines().next().unwrap_or("invalid arguments");
-    let first = first.strip_prefix("error: ").unwrap_or(first);
+    let mut lines = rendered.lines();
+    let first = lines.next().unwrap_or("invalid arguments");
+    let mut first = first.strip_prefix("error: ").unwrap_or(first).to_string();
+    // "...were not provided:" lists the arguments on the indented lines after it.
+    for more in lines.take_while(|l| l.starts_with(' ')) {
+        first.push(' ');
+        first.push_str(more.trim());
+    }
     eprintln!("ember: error: {first} (see 'ember run --help')");
     ExitCode::from(EXIT_USAGE)
 }

@@ -30,7 +30,7 @@ use vm_memory::{
 };
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::api::{ApiError, ApiReply, ApiRequest, ApiServer, PROMETHEUS_TEXT};
+use crate::api::{ApiError, ApiListener, ApiReply, ApiRequest, ApiServer, PROMETHEUS_TEXT};
 use crate::arch::x86_64::boot::{self, BootError};
 use crate::arch::x86_64::cpuid::{self, CpuidTopology};
 use crate::arch::x86_64::layout::{
@@ -107,6 +107,8 @@ pub enum VmmError {
          cold (this run cannot, its threads are confined by seccomp already)"
     )]
     WarmStartFailed(PathBuf, String),
+    #[error(transparent)]
+    Jail(#[from] crate::sandbox::jail::JailError),
     #[error(transparent)]
     Api(#[from] ApiError),
     #[error("--cpus must be at least 1")]
@@ -208,6 +210,8 @@ pub struct Vm {
     vm_fd: Arc<VmFd>,
     /// Must outlive the vCPUs: KVM maps guest RAM from these host mappings.
     guest_memory: GuestMemoryMmap,
+    /// The control socket, bound; served once the VM runs.
+    api: Option<ApiListener>,
     vcpus: Vec<VcpuFd>,
     /// What the extended-state switch carries, when the guest is offered one (software KVM).
     xstate: Option<XstateLayout>,
@@ -354,7 +358,18 @@ impl Vm {
             None => None,
         };
 
-        let console = ConsoleOutput::start(&config.console).map_err(VmmError::ConsoleOutput)?;
+        // Opened before a jail closes (see sandbox::jail): the console's file, the control
+        // socket. Every other thing the VM needs is open by now, and no thread runs yet.
+        let console_target =
+            ConsoleOutput::open(&config.console).map_err(VmmError::ConsoleOutput)?;
+        // A bad path is one line and nothing started.
+        let api = config
+            .api_socket
+            .as_deref()
+            .map(ApiServer::bind)
+            .transpose()?;
+        crate::sandbox::jail::lock_down_if_armed(!config.nets.is_empty(), largest_disk(config))?;
+        let console = console_target.start().map_err(VmmError::ConsoleOutput)?;
         let (pio, serial, serial_fifo_drained) = legacy_devices(
             &ioapic,
             console.writer,
@@ -377,6 +392,7 @@ impl Vm {
         Ok(Vm {
             vm_fd,
             guest_memory,
+            api,
             vcpus,
             xstate,
             buses,
@@ -396,7 +412,7 @@ impl Vm {
     /// Runs the VM until the guest stops it, a vCPU fails, a signal arrives or, with `job`, the
     /// job's command ends. Every vCPU thread has been joined and the terminal restored when this
     /// returns.
-    pub fn run(self, mut job: Option<JobRunner>) -> Result<VmOutcome, VmmError> {
+    pub fn run(mut self, mut job: Option<JobRunner>) -> Result<VmOutcome, VmmError> {
         let control = Arc::new(VmControl::new().map_err(VmmError::EventLoop)?);
         // Before any thread starts: see MainLoop::new.
         let mut main_loop =
@@ -416,9 +432,8 @@ impl Vm {
                 .watch(fd.as_raw_fd(), Wakeup::BackendExited)
                 .map_err(VmmError::EventLoop)?;
         }
-        // Before the vCPUs: a bad path is one line and nothing started.
-        let api = match &self.config.api_socket {
-            Some(path) => Some(ApiServer::start(path)?),
+        let api = match self.api.take() {
+            Some(bound) => Some(ApiServer::serve(bound)?),
             None => None,
         };
         if let Some(api) = &api {
@@ -1284,6 +1299,17 @@ fn run_warm_job(
     } else {
         Err(outcome.to_string())
     }
+}
+
+/// The largest disk image, in bytes: the biggest file a jailed ember may write to.
+fn largest_disk(config: &VmConfig) -> u64 {
+    config
+        .disks
+        .iter()
+        .filter_map(|disk| std::fs::metadata(&disk.path).ok())
+        .map(|meta| meta.len())
+        .max()
+        .unwrap_or(0)
 }
 
 /// Job mode's vsock socket.

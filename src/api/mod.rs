@@ -211,6 +211,12 @@ impl ApiServer {
     /// Creates the socket at `path` (mode 0600; a stale socket file there is replaced, anything
     /// else is an error) and starts the thread.
     pub fn start(path: &Path) -> Result<Self, ApiError> {
+        Self::serve(Self::bind(path)?)
+    }
+
+    /// Creates the socket at `path` (see [`ApiServer::start`]) without serving it yet: what a
+    /// jail must open before it closes.
+    pub fn bind(path: &Path) -> Result<ApiListener, ApiError> {
         let bind_error = |source| ApiError::Bind {
             path: path.to_owned(),
             source,
@@ -233,6 +239,20 @@ impl ApiServer {
             std::fs::remove_file(path).map_err(bind_error)?;
         }
         let listener = bind_private(path).map_err(bind_error)?;
+        Ok(ApiListener {
+            path: path.to_owned(),
+            listener: Some(listener),
+        })
+    }
+
+    /// Starts the thread that serves `bound`.
+    pub fn serve(mut bound: ApiListener) -> Result<Self, ApiError> {
+        let path = std::mem::take(&mut bound.path);
+        let Some(listener) = bound.listener.take() else {
+            return Err(ApiError::Start(io::Error::other(
+                "the socket was served already",
+            )));
+        };
         let wake = EventFd::new(EFD_NONBLOCK).map_err(ApiError::Start)?;
         let thread_wake = wake.try_clone().map_err(ApiError::Start)?;
         let (sender, calls) = mpsc::channel();
@@ -252,6 +272,20 @@ impl ApiServer {
             wake,
             calls,
         })
+    }
+}
+
+/// A bound control socket not served yet; dropped unserved, its file goes.
+pub struct ApiListener {
+    path: PathBuf,
+    listener: Option<UnixListener>,
+}
+
+impl Drop for ApiListener {
+    fn drop(&mut self) {
+        if self.listener.is_some() {
+            let _ = std::fs::remove_file(&self.path);
+        }
     }
 }
 

@@ -434,3 +434,28 @@ pub fn thread_seccomp_modes(pid: u32) -> Vec<(String, String)> {
     threads.sort();
     threads
 }
+
+/// Asserts that `threads` ([`thread_seccomp_modes`]) has every one of `names` and that every
+/// thread has a seccomp filter.
+pub fn assert_threads_filtered(threads: &[(String, String)], names: &[&str]) {
+    for expected in names {
+        assert!(
+            threads.iter().any(|(name, _)| name == expected),
+            "no thread {expected}: {threads:?}"
+        );
+    }
+    assert!(
+        threads.iter().all(|(_, mode)| mode == "2"),
+        "a thread without a filter: {threads:?}"
+    );
+}
+
+/// The first child process of `pid`, if it has one.
+pub fn first_child(pid: u32) -> Option<u32> {
+    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}

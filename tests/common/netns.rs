@@ -38,6 +38,15 @@ impl Namespace {
         cmd
     }
 
+    /// `args` run in the namespace's network only: unlike `ip netns exec`, which mounts a /sys
+    /// of its own (hiding the cgroup hierarchies), the mounts stay the host's.
+    pub fn command_network_only(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net=/run/netns/{}", self.name))
+            .args(args);
+        cmd
+    }
+
     fn exec_ok(&self, args: &[&str]) {
         let status = self.command(args).status().expect("ip netns exec");
         assert!(status.success(), "{args:?} in {}", self.name);

@@ -1,5 +1,6 @@
-//! seccomp filters on micro-guests: every thread of a running ember is filtered, a forbidden call
-//! ends ember with 159 and a line naming the thread and the call, `log` lets it through.
+//! The sandbox on micro-guests. seccomp: every thread of a running ember is filtered, a forbidden
+//! call ends ember with 159 and a line naming the thread and the call, `log` lets it through.
+//! `--jail`: the guest's exit status comes through the jail's parent; without root, one line.
 //!
 //! The forbidden call comes from the test-only trigger `EMBER_TEST_SECCOMP_VIOLATION=THREAD`,
 //! compiled in with the `test-hooks` feature (resources/test.sh builds with it).
@@ -52,17 +53,7 @@ fn every_thread_of_a_running_ember_is_filtered() {
         std::thread::sleep(Duration::from_millis(50));
         threads = common::thread_seccomp_modes(pid);
     }
-    let names: Vec<&str> = threads.iter().map(|(name, _)| name.as_str()).collect();
-    for expected in ["ember", "vcpu0", "console-in", "ember-api"] {
-        assert!(
-            names.contains(&expected),
-            "no thread {expected}: {threads:?}"
-        );
-    }
-    assert!(
-        threads.iter().all(|(_, mode)| mode == "2"),
-        "a thread without a filter: {threads:?}"
-    );
+    common::assert_threads_filtered(&threads, &["ember", "vcpu0", "console-in", "ember-api"]);
     // Still serving under its filters: a pause and a resume through the control socket.
     for action in ["pause", "resume"] {
         let r = common::run(
@@ -170,4 +161,67 @@ fn a_bad_mode_is_a_usage_error() {
     );
     assert_eq!(r.code(), 2, "{r:?}");
     assert!(r.stderr.contains("--seccomp"), "{r:?}");
+}
+
+#[test]
+fn a_jailed_guest_s_status_comes_back_through_the_jail() {
+    if !kvm_available() {
+        return;
+    }
+    let kernel = micro_guest("exit-status");
+    let r = common::run(
+        &[
+            "run",
+            "--kernel",
+            kernel.to_str().unwrap(),
+            "--cmdline",
+            "status=7",
+            "--jail",
+        ],
+        Duration::from_secs(60),
+    );
+    assert_eq!(r.code(), 7, "{r:?}");
+    assert!(r.stderr.is_empty(), "{r:?}");
+}
+
+#[test]
+fn a_jail_without_root_is_one_line() {
+    use std::os::unix::process::CommandExt;
+    if !kvm_available() {
+        return;
+    }
+    let kernel = micro_guest("exit-status");
+    let child = Command::new(common::ember())
+        .args(["run", "--kernel", kernel.to_str().unwrap(), "--jail"])
+        .uid(65534)
+        .gid(65534)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start ember as nobody");
+    let r = common::finish(child, Duration::from_secs(60));
+    assert_eq!(r.code(), 125, "{r:?}");
+    assert_eq!(r.stderr.lines().count(), 1, "{r:?}");
+    assert!(r.stderr.contains("--jail needs root"), "{r:?}");
+}
+
+#[test]
+fn what_a_jail_cannot_hold_is_refused() {
+    let kernel = micro_guest("exit-status");
+    let kernel = kernel.to_str().unwrap();
+    let cases: [&[&str]; 3] = [
+        &["run", "--kernel", kernel, "--jail", "--", "true"],
+        &["run", "--kernel", kernel, "--jail", "--volume", "/tmp:/mnt"],
+        &["run", "--kernel", kernel, "--uid", "1000"],
+    ];
+    for args in cases {
+        let r = common::run(args, Duration::from_secs(30));
+        assert!(r.code() == 125 || r.code() == 2, "{args:?}: {r:?}");
+        assert_eq!(r.stderr.lines().count(), 1, "{args:?}: {r:?}");
+        assert!(
+            r.stderr.contains("--jail") || r.stderr.contains("jail"),
+            "{args:?}: {r:?}"
+        );
+    }
 }
