@@ -191,7 +191,16 @@ fn a_jail_without_root_is_one_line() {
         return;
     }
     let kernel = micro_guest("exit-status");
-    let child = Command::new(common::ember())
+    // A copy nobody can run wherever the checkout is (a home directory may be closed to them).
+    let dir = std::env::temp_dir().join(format!("ember-nobody-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let ember = dir.join("ember");
+    std::fs::copy(common::ember(), &ember).unwrap();
+    for path in [&dir, &ember] {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let child = Command::new(&ember)
         .args(["run", "--kernel", kernel.to_str().unwrap(), "--jail"])
         .uid(65534)
         .gid(65534)
@@ -204,6 +213,7 @@ fn a_jail_without_root_is_one_line() {
     assert_eq!(r.code(), 125, "{r:?}");
     assert_eq!(r.stderr.lines().count(), 1, "{r:?}");
     assert!(r.stderr.contains("--jail needs root"), "{r:?}");
+    std::fs::remove_dir_all(dir).ok();
 }
 
 #[test]
