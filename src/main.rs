@@ -56,7 +56,7 @@ fn main() -> ExitCode {
     };
     match args.jail_config() {
         Ok(None) => {}
-        Ok(Some(jail)) => match jail::enter(&jail) {
+        Ok(Some(jail)) => match jail::enter(&jail, args.seccomp) {
             // The parent: the jailed monitor has ended.
             Ok(Entered::Done(code)) => return ExitCode::from(code),
             Ok(Entered::Monitor(jail)) => jail.arm(),

@@ -174,6 +174,8 @@ fn a_jailed_vm_with_a_disk_and_the_network() {
     // nsenter execs ember: the child is ember, the jail's parent; the monitor is its child.
     let parent = vm.child().id();
     let monitor = jailed_monitor(parent);
+    // The parent, outside the jail, has a filter of its own too.
+    let parent_threads = common::thread_seccomp_modes(parent);
     let root: Vec<_> = std::fs::read_dir(format!("/proc/{monitor}/root"))
         .unwrap()
         .collect();
@@ -228,6 +230,7 @@ fn a_jailed_vm_with_a_disk_and_the_network() {
     assert_eq!(field("CapBnd:"), "0000000000000000", "{status}");
     assert_eq!(field("NoNewPrivs:"), "1", "{status}");
     assert_eq!(field("Seccomp:"), "2", "{status}");
+    common::assert_threads_filtered(&parent_threads, &["ember"]);
     // PID 1 of a namespace of its own.
     assert_eq!(field("NSpid:"), format!("{monitor} 1"), "{status}");
     let expected_cpu = ["150000".to_string(), "150000 100000".to_string()];

@@ -23,6 +23,8 @@ use std::io::{self, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
+use crate::sandbox::seccomp::{self, SeccompMode, ThreadKind};
+
 /// What `--jail` and its options ask for.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct JailConfig {
@@ -82,7 +84,7 @@ pub struct Jail {
 }
 
 /// Step 1: see the module's documentation.
-pub fn enter(config: &JailConfig) -> Result<Entered, JailError> {
+pub fn enter(config: &JailConfig, seccomp: SeccompMode) -> Result<Entered, JailError> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         return Err(JailError::NotRoot);
@@ -136,12 +138,17 @@ pub fn enter(config: &JailConfig) -> Result<Entered, JailError> {
             unsafe { libc::write(go[1], b"g".as_ptr().cast(), 1) };
             // SAFETY: closing our write end.
             unsafe { libc::close(go[1]) };
-            Ok(wait_forwarding_signals(pid))
+            forward_signals_to(pid);
+            // From here the parent only waits, forwards signals and removes directories.
+            if let Err(e) = seccomp::confine_alone(ThreadKind::JailParent, seccomp) {
+                log::warn!("jail: the parent runs without its seccomp filter: {e}");
+            }
+            Ok(wait_for(pid))
         }
         Err(e) => {
             // SAFETY: closing the write end without a byte tells the child to end.
             unsafe { libc::close(go[1]) };
-            wait_forwarding_signals(pid);
+            wait_for(pid);
             Err(e)
         }
     };
@@ -194,9 +201,8 @@ extern "C" fn forward_signal(signal: libc::c_int) {
     }
 }
 
-/// Waits for the monitor, handing it the signals meant for ember; its exit status, 128+N for
-/// a signal, as a shell would show it.
-fn wait_forwarding_signals(pid: libc::pid_t) -> u8 {
+/// From now on the signals meant for ember go to the monitor.
+fn forward_signals_to(pid: libc::pid_t) {
     CHILD.store(pid, std::sync::atomic::Ordering::SeqCst);
     for signal in [
         libc::SIGINT,
@@ -212,6 +218,10 @@ fn wait_forwarding_signals(pid: libc::pid_t) -> u8 {
         // SAFETY: installing a handler for a catchable signal.
         unsafe { libc::sigaction(signal, &action, std::ptr::null_mut()) };
     }
+}
+
+/// Waits for the monitor; its exit status, 128+N for a signal, as a shell would show it.
+fn wait_for(pid: libc::pid_t) -> u8 {
     let mut status = 0;
     loop {
         // SAFETY: waiting for our own child into a local.

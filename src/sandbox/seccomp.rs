@@ -80,6 +80,9 @@ pub enum ThreadKind {
     /// A short-lived thread that asks the guest agent something (the fresh entropy and time after
     /// a restore, a graceful power-off).
     AgentClient,
+    /// `--jail`'s parent process, outside the jail: waits for the monitor, forwards signals,
+    /// removes the cgroups and the jail directory.
+    JailParent,
 }
 
 /// What the VM has, where it changes what a thread needs.
@@ -174,6 +177,28 @@ pub fn confine(kind: ThreadKind) -> Result<(), SeccompError> {
     Ok(())
 }
 
+/// Installs `kind`'s filter for `mode` on the calling thread, without [`configure`]: for a
+/// process that will never start a VM (the jail's parent).
+pub fn confine_alone(kind: ThreadKind, mode: SeccompMode) -> Result<(), SeccompError> {
+    let mismatch = match mode {
+        SeccompMode::Off => return Ok(()),
+        SeccompMode::Log => SeccompAction::Log,
+        SeccompMode::On => {
+            install_sigsys_handler()?;
+            SeccompAction::Trap
+        }
+    };
+    let program =
+        compile(kind, VmShape::default(), mismatch).map_err(|e| SeccompError::Build(kind, e))?;
+    let name = "jail-parent";
+    let mut stored = [0u8; 16];
+    stored[..name.len()].copy_from_slice(name.as_bytes());
+    THREAD_NAME.with(|slot| slot.set(stored));
+    seccompiler::apply_filter(&program).map_err(|e| SeccompError::Install(name.into(), e))?;
+    CONFINED.with(|confined| confined.set(true));
+    Ok(())
+}
+
 /// [`confine`], or end ember with one line: a thread that cannot be confined must not go on
 /// (the filter is the only thing between it and the guest's input).
 pub fn confine_or_exit(kind: ThreadKind) {
@@ -191,7 +216,7 @@ pub fn is_confined() -> bool {
 }
 
 impl ThreadKind {
-    const ALL: [ThreadKind; 12] = [
+    const ALL: [ThreadKind; 13] = [
         ThreadKind::Main,
         ThreadKind::Vcpu,
         ThreadKind::Block,
@@ -204,6 +229,7 @@ impl ThreadKind {
         ThreadKind::Job,
         ThreadKind::JobStream,
         ThreadKind::AgentClient,
+        ThreadKind::JailParent,
     ];
 
     /// The kind of a virtio device's thread.
@@ -613,6 +639,13 @@ fn allow_list(kind: ThreadKind, shape: VmShape) -> Result<AllowList, seccompiler
         }
         ThreadKind::AgentClient => {
             agent_client(&mut list)?;
+        }
+        ThreadKind::JailParent => {
+            // The monitor: waited for, handed signals; then its cgroups and the jail's
+            // directory removed.
+            list.any(libc::SYS_wait4)
+                .any(libc::SYS_kill)
+                .any(libc::SYS_rmdir);
         }
     }
     Ok(list)
