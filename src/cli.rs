@@ -287,6 +287,12 @@ impl RunArgs {
             gid: self.gid,
             cpu_quota_percent: self.cpu_quota,
             memory_limit: self.memory_limit,
+            sockets: self
+                .api_socket
+                .iter()
+                .chain(self.vsock.iter().map(|vsock| &vsock.socket))
+                .cloned()
+                .collect(),
         }))
     }
 

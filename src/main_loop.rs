@@ -103,6 +103,15 @@ impl MainLoop {
 /// its first instruction. For threads started before [`MainLoop::new`] blocks them for good: the
 /// main thread reads them from a signalfd, and one the kernel hands to a thread that does not
 /// block them ends the process on the spot.
+/// Blocks the main loop's signals on the calling thread, for good: until the main loop's
+/// signalfd exists they stay pending instead of taking their default action (or, for PID 1 of a
+/// namespace, being dropped).
+pub fn block_termination_signals() {
+    let set = main_loop_sigset();
+    // SAFETY: `set` is a valid sigset_t; no old mask is asked for.
+    unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+}
+
 pub fn with_termination_signals_blocked<T>(spawn: impl FnOnce() -> T) -> T {
     let set = main_loop_sigset();
     // SAFETY: an all-zero sigset_t is valid for pthread_sigmask to overwrite.

@@ -368,7 +368,12 @@ impl Vm {
             .as_deref()
             .map(ApiServer::bind)
             .transpose()?;
-        crate::sandbox::jail::lock_down_if_armed(!config.nets.is_empty(), largest_disk(config))?;
+        // A console file grows without bound: no file-size limit then.
+        let largest_file = match config.console {
+            ConsoleConfig::File(_) => None,
+            _ => Some(largest_disk(config)),
+        };
+        crate::sandbox::jail::lock_down_if_armed(!config.nets.is_empty(), largest_file)?;
         let console = console_target.start().map_err(VmmError::ConsoleOutput)?;
         let (pio, serial, serial_fifo_drained) = legacy_devices(
             &ioapic,
@@ -1195,7 +1200,9 @@ const WARM_READY_WITHIN: Duration = Duration::from_secs(30);
 /// resumed from the warm-start cache's snapshot of it; without one it boots, and is saved there
 /// the moment its agent is ready. A cached snapshot that cannot be resumed (corrupt, truncated,
 /// from another host, or a guest whose agent does not come back) is removed, with a warning,
-/// and the guest boots cold.
+/// and the guest boots cold — unless the failure came after the VM ran (the agent never came
+/// back): by then the main thread is confined by its seccomp filter and cannot build another
+/// VM, so the snapshot is removed and the error says to run again.
 pub fn run_job(
     config: &VmConfig,
     job: JobSpec,

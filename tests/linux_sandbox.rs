@@ -52,6 +52,18 @@ fn every_thread_of_a_job_vm_with_every_device_is_filtered() {
         &["ctl", socket.to_str().unwrap(), "metrics"],
         Duration::from_secs(60),
     );
+    // A snapshot pauses and wakes every device from the main thread (the TAP's offloads are set
+    // again): under the main thread's filter too.
+    let snapshot_dir = dir.join("snapshot");
+    let snapshot = common::run(
+        &[
+            "ctl",
+            socket.to_str().unwrap(),
+            "snapshot",
+            snapshot_dir.to_str().unwrap(),
+        ],
+        Duration::from_secs(120),
+    );
     common::send_signal(vm.child(), libc::SIGTERM);
     let mut r = common::finish(vm.take(), Duration::from_secs(120));
     r.stdout.insert_str(0, &before);
@@ -83,6 +95,7 @@ fn every_thread_of_a_job_vm_with_every_device_is_filtered() {
         .and_then(|v| v.parse().ok())
         .unwrap_or_default();
     assert!(written >= 256 << 10, "{metrics:?}");
+    assert_eq!(snapshot.code(), 0, "{snapshot:?}");
     // SIGTERM goes to the command: sh ends with 143, and ember with it.
     assert_eq!(r.code(), 143, "{r:?}");
     assert!(!r.stderr.contains("seccomp"), "{r:?}");

@@ -235,3 +235,39 @@ fn what_a_jail_cannot_hold_is_refused() {
         );
     }
 }
+
+#[test]
+fn on_a_terminal_the_line_comes_and_the_jail_passes_the_status() {
+    if !kvm_available() {
+        return;
+    }
+    let ember = common::ember();
+    let hang = micro_guest("exit-hang");
+    let status = micro_guest("exit-status");
+    // The SIGSYS handler restores the raw-mode terminal (TCSETS, then glibc's TCGETS) from a
+    // vCPU thread, and the jail's parent restores it after the monitor, under their filters.
+    let cases = [
+        (
+            format!(
+                "EMBER_TEST_SECCOMP_VIOLATION=vcpu0 {} run --kernel {}",
+                ember.display(),
+                hang.display()
+            ),
+            159,
+        ),
+        (
+            format!(
+                "{} run --jail --kernel {} --cmdline status=7",
+                ember.display(),
+                status.display()
+            ),
+            7,
+        ),
+    ];
+    for (command, code) in cases {
+        let child = common::in_pty(&command);
+        let r = common::finish(child, Duration::from_secs(60));
+        assert_eq!(r.code(), code, "{command}: {r:?}");
+        assert!(!r.stdout.contains("Bad system call"), "{command}: {r:?}");
+    }
+}

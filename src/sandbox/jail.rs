@@ -34,6 +34,9 @@ pub struct JailConfig {
     pub cpu_quota_percent: Option<u32>,
     /// `--memory-limit`, bytes.
     pub memory_limit: Option<u64>,
+    /// The Unix sockets the monitor makes (control, vsock): it cannot remove them from inside
+    /// the jail, so the parent removes them afterwards (when nothing answers on them).
+    pub sockets: Vec<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -54,6 +57,11 @@ pub enum JailError {
          drop --cpu-quota/--memory-limit or mount it"
     )]
     NoController(&'static str),
+    #[error(
+        "--jail: cannot enable the {1} controller for cgroups under {0} (cgroup v2); run ember \
+         in a cgroup delegated to it (e.g. systemd-run --scope -p Delegate=yes) or drop the limit"
+    )]
+    Delegation(PathBuf, &'static str),
 }
 
 fn step(what: &'static str) -> impl FnOnce(io::Error) -> JailError {
@@ -94,19 +102,20 @@ pub fn enter(config: &JailConfig, seccomp: SeccompMode) -> Result<Entered, JailE
         _ => CgroupPlan::find(config)?,
     };
     let root = empty_directory().map_err(step("make the jail's root directory"))?;
-    // SAFETY: unshare with a namespace flag; it affects the processes forked from here on.
-    check(unsafe { libc::unshare(libc::CLONE_NEWPID) }).map_err(step("make a PID namespace"))?;
-    // The monitor waits until its parent has placed it in its cgroups.
-    let mut go = [0; 2];
-    // SAFETY: `go` has room for the two descriptors pipe2 returns.
-    check(unsafe { libc::pipe2(go.as_mut_ptr(), libc::O_CLOEXEC) }).map_err(step("make a pipe"))?;
-    // SAFETY: ember is one thread here (nothing has started any), so the child may go on
-    // running Rust code after fork.
-    let pid = unsafe { libc::fork() };
-    if pid < 0 {
-        return Err(step("fork")(io::Error::last_os_error()));
-    }
+    let forked = fork_into_pid_namespace();
+    let (pid, go) = match forked {
+        Ok(forked) => forked,
+        Err(e) => {
+            let _ = fs::remove_dir(&root);
+            return Err(e);
+        }
+    };
     if pid == 0 {
+        // The monitor is PID 1 of its namespace, where a signal with the default action is
+        // dropped: the main loop's signals wait, blocked, for its signalfd.
+        crate::main_loop::block_termination_signals();
+        // The monitor ends with its parent (which holds its cgroups and status).
+        die_with_parent();
         // SAFETY: our copy of the write end.
         unsafe { libc::close(go[1]) };
         let mut byte = [0u8; 1];
@@ -160,7 +169,52 @@ pub fn enter(config: &JailConfig, seccomp: SeccompMode) -> Result<Entered, JailE
         cgroup.remove();
     }
     let _ = fs::remove_dir(&root);
+    for socket in &config.sockets {
+        remove_dead_socket(socket);
+    }
     status.map(Entered::Done)
+}
+
+/// unshare(CLONE_NEWPID), then fork: the child is PID 1 of the new namespace. Also returns the
+/// pipe the parent says "go" through.
+fn fork_into_pid_namespace() -> Result<(libc::pid_t, [libc::c_int; 2]), JailError> {
+    // SAFETY: unshare with a namespace flag; it affects the processes forked from here on.
+    check(unsafe { libc::unshare(libc::CLONE_NEWPID) }).map_err(step("make a PID namespace"))?;
+    // The monitor waits until its parent has placed it in its cgroups.
+    let mut go = [0; 2];
+    // SAFETY: `go` has room for the two descriptors pipe2 returns.
+    check(unsafe { libc::pipe2(go.as_mut_ptr(), libc::O_CLOEXEC) }).map_err(step("make a pipe"))?;
+    // SAFETY: ember is one thread here (nothing has started any), so the child may go on
+    // running Rust code after fork.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        let e = io::Error::last_os_error();
+        // SAFETY: both ends are ours.
+        unsafe {
+            libc::close(go[0]);
+            libc::close(go[1]);
+        }
+        return Err(step("fork")(e));
+    }
+    Ok((pid, go))
+}
+
+/// SIGKILL when the parent dies. Armed right after the fork (a parent that died before that
+/// never says "go": the monitor sees the pipe's end and exits) and again after the user changes,
+/// which clears it (getppid cannot tell from inside the namespace whether the parent went in
+/// the microseconds between; the guest then runs unwatched until it ends).
+fn die_with_parent() {
+    // SAFETY: a prctl without pointers.
+    unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) };
+}
+
+/// Removes `path` if it is a Unix socket nobody answers on (a live one belongs to another ember).
+fn remove_dead_socket(path: &Path) {
+    use std::os::unix::fs::FileTypeExt;
+    let is_socket = fs::symlink_metadata(path).is_ok_and(|meta| meta.file_type().is_socket());
+    if is_socket && std::os::unix::net::UnixStream::connect(path).is_err() {
+        let _ = fs::remove_file(path);
+    }
 }
 
 /// Stdin's terminal settings, when it is a terminal.
@@ -204,13 +258,7 @@ extern "C" fn forward_signal(signal: libc::c_int) {
 /// From now on the signals meant for ember go to the monitor.
 fn forward_signals_to(pid: libc::pid_t) {
     CHILD.store(pid, std::sync::atomic::Ordering::SeqCst);
-    for signal in [
-        libc::SIGINT,
-        libc::SIGTERM,
-        libc::SIGHUP,
-        libc::SIGQUIT,
-        libc::SIGWINCH,
-    ] {
+    for signal in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGWINCH] {
         // SAFETY: an all-zero sigaction is valid; the handler only calls kill.
         let mut action: libc::sigaction = unsafe { std::mem::zeroed() };
         action.sa_sigaction = forward_signal as *const () as usize;
@@ -252,7 +300,11 @@ impl Jail {
     /// Step 2: see the module's documentation. `keep_network`: a TAP is in use (it belongs to
     /// the current network namespace). `largest_file`: the largest size a file ember writes may
     /// reach (its disks).
-    pub fn lock_down(&self, keep_network: bool, largest_file: u64) -> Result<(), JailError> {
+    pub fn lock_down(
+        &self,
+        keep_network: bool,
+        largest_file: Option<u64>,
+    ) -> Result<(), JailError> {
         let mut flags = libc::CLONE_NEWNS | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS;
         if !keep_network {
             flags |= libc::CLONE_NEWNET;
@@ -266,6 +318,8 @@ impl Jail {
         self.pivot_to_empty_root()?;
         set_rlimits(largest_file)?;
         drop_privileges(self.config.uid, self.config.gid)?;
+        // Changing the user cleared it.
+        die_with_parent();
         Ok(())
     }
 
@@ -316,7 +370,7 @@ impl Jail {
 }
 
 /// [`Jail::lock_down`] of the armed jail, if any (once).
-pub fn lock_down_if_armed(keep_network: bool, largest_file: u64) -> Result<(), JailError> {
+pub fn lock_down_if_armed(keep_network: bool, largest_file: Option<u64>) -> Result<(), JailError> {
     let jail = crate::sandbox::lock(&ARMED).take();
     match jail {
         Some(jail) => {
@@ -363,12 +417,13 @@ fn mount(
     })
 }
 
-/// Open files (ember's own and the vsock connections'), file sizes (the disks), no core dumps
-/// (guest memory would be in them).
-fn set_rlimits(largest_file: u64) -> Result<(), JailError> {
+/// Open files (ember's own and the vsock connections'), file sizes (the disks; none when a file
+/// grows without bound, the console's), no core dumps (guest memory would be in them).
+fn set_rlimits(largest_file: Option<u64>) -> Result<(), JailError> {
+    let file_size = largest_file.map_or(libc::RLIM_INFINITY, |size| size.max(1 << 20));
     let limits = [
         (libc::RLIMIT_NOFILE, 1024),
-        (libc::RLIMIT_FSIZE, largest_file.max(1 << 20)),
+        (libc::RLIMIT_FSIZE, file_size),
         (libc::RLIMIT_CORE, 0),
     ];
     for (resource, value) in limits {
@@ -475,6 +530,8 @@ impl CgroupPlan {
                 .iter()
                 .all(|w| controllers.split_whitespace().any(|c| c == *w))
             {
+                let parent = mount.join(&path);
+                enable_controllers(&parent, &wanted)?;
                 let mut limits = Vec::new();
                 if let Some((period, quota)) = cpu {
                     limits.push(("cpu.max", format!("{quota} {period}")));
@@ -483,7 +540,7 @@ impl CgroupPlan {
                     limits.push(("memory.max", bytes.to_string()));
                     limits.push(("memory.swap.max", "0".into()));
                 }
-                return Ok(vec![CgroupPlan::new(mount.join(path), limits)]);
+                return Ok(vec![CgroupPlan::new(parent, limits)]);
             }
         }
         let mut plans = Vec::new();
@@ -548,6 +605,23 @@ impl CgroupPlan {
         }
         log::warn!("cannot remove the cgroup {}: still busy", dir.display());
     }
+}
+
+/// cgroup v2 gives a child cgroup only the controllers its parent's `cgroup.subtree_control`
+/// names: enables the missing ones, or says how.
+fn enable_controllers(parent: &Path, wanted: &[&'static str]) -> Result<(), JailError> {
+    let control = parent.join("cgroup.subtree_control");
+    let enabled = fs::read_to_string(&control).unwrap_or_default();
+    for controller in wanted {
+        if enabled.split_whitespace().any(|c| c == *controller) {
+            continue;
+        }
+        // Refused when ember's own cgroup has processes in it (the no-internal-process rule):
+        // the fix is a cgroup delegated to ember's caller, e.g. a systemd scope.
+        write_file(&control, &format!("+{controller}"))
+            .map_err(|_| JailError::Delegation(parent.to_owned(), controller))?;
+    }
+    Ok(())
 }
 
 fn write_file(path: &Path, value: &str) -> io::Result<()> {

@@ -13,7 +13,8 @@
 //! naming the thread and the call's number, puts the terminal back and ends ember with 159
 //! (128 + SIGSYS). Chosen over `SECCOMP_RET_KILL_PROCESS` because killing leaves the user a bare
 //! "Bad system call" and the terminal in raw mode, and the kernel's audit record is not readable
-//! everywhere; the handler makes only calls every list allows (write, ioctl TCSETS, exit_group).
+//! everywhere; the handler makes only calls every list allows (write, ioctl TCSETS and TCGETS,
+//! exit_group).
 //! With `--seccomp log` the call goes through and the kernel logs it (`dmesg`: `audit:
 //! type=1326 … comm="vcpu0" … syscall=N`): how a missing entry is found without breaking a run.
 //!
@@ -389,8 +390,9 @@ fn every_thread(list: &mut AllowList) -> Result<(), seccompiler::BackendError> {
         // A thread ends; the process ends (also from the SIGSYS handler).
         .any(libc::SYS_exit)
         .any(libc::SYS_exit_group);
-    // The terminal is put back on every way out, the SIGSYS handler's from any thread included.
-    list.ioctls(&[libc::TCSETS])?;
+    // The terminal is put back on every way out, the SIGSYS handler's and a panic's from any
+    // thread included (glibc's tcsetattr reads the settings back: TCGETS).
+    list.ioctls(&[libc::TCSETS, libc::TCGETS])?;
     Ok(())
 }
 
@@ -489,6 +491,10 @@ fn allow_list(kind: ThreadKind, shape: VmShape) -> Result<AllowList, seccompiler
             // The graceful-shutdown thread: started from the loop, it talks to the agent.
             starts_threads(&mut list)?;
             agent_client(&mut list)?;
+            if shape.nets {
+                // A virtio-net device woken after a snapshot sets the TAP's offloads again.
+                list.ioctls(&[libc::TUNSETOFFLOAD])?;
+            }
             list.ioctls(&interrupts)?.ioctls(&[
                 // The VM clock and which MSRs to save, for a snapshot.
                 KVM_GET_CLOCK(),
@@ -645,7 +651,13 @@ fn allow_list(kind: ThreadKind, shape: VmShape) -> Result<AllowList, seccompiler
             // directory removed.
             list.any(libc::SYS_wait4)
                 .any(libc::SYS_kill)
-                .any(libc::SYS_rmdir);
+                .any(libc::SYS_rmdir)
+                // The sockets the monitor could not remove: one that nobody answers on goes.
+                .any(libc::SYS_newfstatat)
+                .any(libc::SYS_statx)
+                .when_arg_in(libc::SYS_socket, 0, &[libc::AF_UNIX as u64])?
+                .any(libc::SYS_connect)
+                .any(libc::SYS_unlink);
         }
     }
     Ok(list)
