@@ -26,6 +26,10 @@ pub enum RootfsError {
     Scratch(#[source] io::Error),
     #[error("mke2fs failed on the scratch disk: {0}")]
     ScratchFormat(String),
+    #[error("--image and a volume at / both make the guest's root: use one of them")]
+    TwoRoots,
+    #[error("more than one volume at /: the guest has one root")]
+    TwoRootVolumes,
 }
 
 /// What was prepared, kept until the VM is gone (the scratch disk is deleted with it).
@@ -43,6 +47,14 @@ impl Rootfs {
         image: Option<&Path>,
         scratch_bytes: Option<u64>,
     ) -> Result<Self, RootfsError> {
+        // A volume at / is the root for commands (a host directory, shared live).
+        let root_volumes = config.volumes.iter().filter(|v| v.guest == "/").count();
+        if root_volumes > 1 {
+            return Err(RootfsError::TwoRootVolumes);
+        }
+        if root_volumes == 1 && image.is_some() {
+            return Err(RootfsError::TwoRoots);
+        }
         let Some(image) = image else {
             return Ok(Self {
                 image: None,

@@ -6,6 +6,7 @@ mod common;
 
 use std::fs;
 use std::path::Path;
+use std::time::Duration;
 
 use common::{kvm_available, linux_args, scratch_dir, LINUX_TIMEOUT};
 
@@ -94,6 +95,58 @@ fn an_image_root_with_volumes() {
         fs::read_to_string(image.join("etc/os-release")).unwrap(),
         "ID=ember-test\nVERSION_CODENAME=tiny\n"
     );
+    fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn a_host_directory_as_the_root() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = scratch_dir("root-volume");
+    let root = dir.join("rootfs");
+    busybox_root(&root);
+    let shared = dir.join("shared");
+    fs::create_dir_all(&shared).unwrap();
+    fs::write(shared.join("in"), "from the host\n").unwrap();
+    // Listed after the volume that goes inside it: the root is mounted first all the same.
+    let mut args = linux_args("");
+    args.extend([
+        "--volume".to_string(),
+        format!("{}:/src", shared.display()),
+        "--volume".into(),
+        format!("{}:/", root.display()),
+        "--".into(),
+        "sh".into(),
+        "-c".into(),
+        ". /etc/os-release; echo \"os=$ID\"; cat /src/in; echo made > /made; \
+         test -e /lib/ember/init.sh || echo initramfs=hidden"
+            .into(),
+    ]);
+    let r = common::run(&strs(&args), LINUX_TIMEOUT);
+    assert_eq!(r.code(), 0, "{r:?}");
+    for line in ["os=ember-test", "from the host", "initramfs=hidden"] {
+        assert!(r.stdout.lines().any(|l| l == line), "{line:?} in {r:?}");
+    }
+    // The guest's write is in the host directory at once: it is the guest's root.
+    assert_eq!(fs::read_to_string(root.join("made")).unwrap(), "made\n");
+
+    // An image and a root volume cannot both be the root: one line, no boot.
+    let r = common::run(
+        &[
+            "run",
+            "--image",
+            root.to_str().unwrap(),
+            "--volume",
+            &format!("{}:/", root.display()),
+            "--",
+            "true",
+        ],
+        Duration::from_secs(60),
+    );
+    assert_eq!(r.code(), 125, "{r:?}");
+    assert_eq!(r.stderr.lines().count(), 1, "{r:?}");
+    assert!(r.stderr.contains("volume at /"), "{r:?}");
     fs::remove_dir_all(&dir).ok();
 }
 

@@ -11,7 +11,8 @@
 #   ember.image=DEV   the root for commands is an overlay: DEV (a read-only ext4 image) below a
 #                     writable layer (tmpfs, or ember.scratch=DEV, an ext4 disk); commands, the
 #                     shell and the agent's commands run chrooted into it (the initramfs stays /)
-#   ember.volumes=TAG=PATH[:ro],…   virtio-fs shares mounted at PATH (inside the image if any)
+#   ember.volumes=TAG=PATH[:ro],…   virtio-fs shares mounted at PATH (inside the image if any);
+#                     one at / is the root for commands, as an image would be (at /mnt/root)
 # The VM ends through Ember's debug-exit port (0xf4, via /bin/ember-exit): Ember exits with the
 # status itself. Should that fail, `reboot -f` resets the VM (reboot=k: Ember exits 0).
 # Markers on the console, for tests: "EMBER-INIT", "EMBER-EXIT status=N".
@@ -50,20 +51,39 @@ mount_image() {
         mount -o rbind /dev /mnt/root/dev
 }
 
-# mount_volumes LIST: TAG=PATH[:ro],… as virtio-fs mounts under $root.
+# mount_volumes LIST: TAG=PATH[:ro],… as virtio-fs mounts under $root; the one at / (first,
+# wherever it is listed) becomes $root itself.
 mount_volumes() {
-    _list=$1,
-    while [ -n "$_list" ]; do
-        _item=${_list%%,*}
-        _list=${_list#*,}
-        [ -n "$_item" ] || continue
-        _tag=${_item%%=*}
-        _path=${_item#*=}
-        _opts=rw
-        case $_path in *:ro) _opts=ro _path=${_path%:ro} ;; esac
-        mkdir -p "$root$_path" && mount -t virtiofs -o "$_opts" "$_tag" "$root$_path" ||
-            return 1
+    for _pass in root others; do
+        _list=$1,
+        while [ -n "$_list" ]; do
+            _item=${_list%%,*}
+            _list=${_list#*,}
+            [ -n "$_item" ] || continue
+            _tag=${_item%%=*}
+            _path=${_item#*=}
+            _opts=rw
+            case $_path in *:ro) _opts=ro _path=${_path%:ro} ;; esac
+            case $_pass/$_path in
+                root//) mount_root_volume "$_tag" "$_opts" || return 1 ;;
+                root/* | others//) ;;
+                *) mkdir -p "$root$_path" && mount -t virtiofs -o "$_opts" "$_tag" "$root$_path" ||
+                    return 1 ;;
+            esac
+        done
     done
+}
+
+# mount_root_volume TAG OPTS: the share TAG as the root for commands, at /mnt/root, with /proc,
+# /sys and /dev inside it (a read-only root must have those directories already).
+mount_root_volume() {
+    mkdir -p /mnt/root && mount -t virtiofs -o "$2" "$1" /mnt/root || return 1
+    for _dir in proc sys dev; do
+        [ -d "/mnt/root/$_dir" ] || mkdir "/mnt/root/$_dir" || return 1
+    done
+    mount -t proc proc /mnt/root/proc && mount -t sysfs sys /mnt/root/sys &&
+        mount -o rbind /dev /mnt/root/dev || return 1
+    root=/mnt/root
 }
 
 # in_root CMD...: runs CMD in the image's root when there is one.
