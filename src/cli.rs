@@ -222,6 +222,13 @@ pub struct RunArgs {
     /// The jailed monitor's memory limit, guest RAM included (cgroup memory limit)
     #[arg(long, value_name = "SIZE", requires = "jail", value_parser = parse_memory_size)]
     pub memory_limit: Option<u64>,
+    /// Hold the command until `start` arrives on this Unix socket (made here; used by
+    /// ember-runtime, the OCI runtime)
+    #[arg(long, value_name = "PATH", requires = "command", hide = true)]
+    pub start_gate: Option<PathBuf>,
+    /// With --start-gate: write "created" on this descriptor once the guest agent is ready
+    #[arg(long, value_name = "FD", requires = "start_gate", hide = true)]
+    pub ready_fd: Option<i32>,
     #[command(flatten)]
     pub job: JobArgs,
     /// Run this command in the guest (job mode) and exit with its status

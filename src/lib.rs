@@ -22,6 +22,7 @@ pub mod kvm;
 pub mod main_loop;
 pub mod outcome;
 pub mod rootfs;
+pub mod runtime;
 pub mod sandbox;
 pub mod snapshot;
 pub mod terminal;

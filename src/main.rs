@@ -8,6 +8,7 @@ use std::time::Instant;
 use clap::Parser;
 use ember::cli::{Cli, Command};
 use ember::config::ConsoleConfig;
+use ember::job::gate::StartGate;
 use ember::outcome::{error_line, EXIT_SETUP_FAILED, EXIT_USAGE};
 use ember::rootfs::Rootfs;
 use ember::sandbox::jail::{self, Entered};
@@ -82,6 +83,14 @@ fn main() -> ExitCode {
         Err(e) => return fail(&e),
     };
     let (image, scratch, cold) = (args.image.clone(), args.scratch, args.cold);
+    // Bound before anything else, so that the runtime's `start` finds it as soon as it can.
+    let gate = match &args.start_gate {
+        Some(path) => match StartGate::bind(path, args.ready_fd) {
+            Ok(gate) => Some(gate),
+            Err(e) => return fail(&e),
+        },
+        None => None,
+    };
     let seccomp_mode = args.seccomp;
     let mut config = match args.into_config() {
         Ok(config) => config,
@@ -97,7 +106,7 @@ fn main() -> ExitCode {
         return fail(&e);
     }
     let result = match job {
-        Some(job) => vmm::run_job(&config, rootfs.apply(job), started, cold),
+        Some(job) => vmm::run_job(&config, rootfs.apply(job), started, cold, gate),
         None => vmm::run(&config, started),
     };
     drop(rootfs);

@@ -49,6 +49,7 @@ use crate::console_output::{ConsoleOutput, ConsoleRing};
 use crate::device_manager::{DeviceKind, DeviceManager, VirtioError, VmWiring};
 use crate::device_threads::DeviceThreads;
 use crate::irqchip::{self, IrqfdRouter, KvmMsi};
+use crate::job::gate::StartGate;
 use crate::job::ready::ReadyError;
 use crate::job::{JobOutcome, JobRunner, JobSpec, JobThread, PrivateDir};
 use crate::kvm::{self, KvmError};
@@ -1208,6 +1209,7 @@ pub fn run_job(
     job: JobSpec,
     started: Instant,
     cold: bool,
+    gate: Option<StartGate>,
 ) -> Result<VmOutcome, VmmError> {
     // Nothing else on the host can reach the agent through a socket in a directory of its own.
     let mut private_dir = None;
@@ -1220,7 +1222,13 @@ pub fn run_job(
         });
         private_dir = Some(dir);
     }
-    let outcome = match snapshot::cache::plan(&config, cold) {
+    // A held job (an OCI runtime's container) boots cold: its VM is its own.
+    let plan = match gate {
+        Some(_) => Plan::Cold("the command waits for a start gate".into()),
+        None => snapshot::cache::plan(&config, cold),
+    };
+    let mut gate = gate;
+    let outcome = match plan {
         Plan::Hit(entry) => match run_warm_job(&config, &job, started, &entry) {
             Ok(outcome) => {
                 entry.touch();
@@ -1243,7 +1251,7 @@ pub fn run_job(
                 if let (Some(dir), Some(vsock)) = (&private_dir, config.vsock.as_mut()) {
                     vsock.socket = dir.path().join("vsock-cold.sock");
                 }
-                run_cold_job(&config, job, started, Some(entry))
+                run_cold_job(&config, job, started, Some(entry), None)
             }
         },
         Plan::Miss(entry) => {
@@ -1252,11 +1260,11 @@ pub fn run_job(
                  its agent is ready",
                 entry.dir.display()
             );
-            run_cold_job(&config, job, started, Some(entry))
+            run_cold_job(&config, job, started, Some(entry), None)
         }
         Plan::Cold(why) => {
             log::info!("warm start: not used ({why}): booting cold");
-            run_cold_job(&config, job, started, None)
+            run_cold_job(&config, job, started, None, gate.take())
         }
     };
     terminal::restore();
@@ -1270,8 +1278,12 @@ fn run_cold_job(
     job: JobSpec,
     started: Instant,
     save: Option<CacheEntry>,
+    gate: Option<StartGate>,
 ) -> Result<VmOutcome, VmmError> {
     let mut runner = JobRunner::prepare(job, &job_socket(config)).map_err(VmmError::Job)?;
+    if let Some(gate) = gate {
+        runner.hold_until_started(gate);
+    }
     if let Some(entry) = save {
         if let Err(e) = runner.save_at_ready(entry) {
             log::warn!("warm start: cannot arrange the snapshot: {e}");

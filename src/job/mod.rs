@@ -7,6 +7,7 @@
 //! construction). `ember run -- CMD` uses them on a VM of its own; `ember exec` on a VM that is
 //! already running.
 
+pub mod gate;
 pub mod hybrid;
 pub mod ready;
 pub mod runner;

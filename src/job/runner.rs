@@ -18,6 +18,7 @@ use vmm_sys_util::eventfd::EventFd;
 use super::ready::{ReadyError, ReadyListener};
 use super::session::{terminal_size, JobHandle, Session};
 use super::{hybrid, JobOutcome, JobSpec};
+use crate::job::gate::StartGate;
 use crate::outcome::{error_line, VmOutcome};
 use crate::snapshot::cache::CacheEntry;
 use crate::vcpu::VmControl;
@@ -101,6 +102,8 @@ pub struct JobRunner {
     snapshot_requests: Option<SnapshotRequests>,
     /// Set once the agent said it was ready.
     agent_was_ready: Arc<AtomicBool>,
+    /// Hold the command until told to start (an OCI runtime's `create` then `start`).
+    gate: Option<StartGate>,
 }
 
 impl JobRunner {
@@ -113,7 +116,13 @@ impl JobRunner {
             warm: None,
             snapshot_requests: None,
             agent_was_ready: Arc::default(),
+            gate: None,
         })
+    }
+
+    /// Once the agent is ready, announce it and run the command only when `gate` is told to.
+    pub fn hold_until_started(&mut self, gate: StartGate) {
+        self.gate = Some(gate);
     }
 
     /// Once the agent is ready, and before the command runs, have the VM saved into `entry`
@@ -188,6 +197,14 @@ impl JobRunner {
         {
             warm_up_the_agent(&self.socket);
             save_for_warm_starts(entry, wake, requests);
+        }
+        if let Some(gate) = self.gate {
+            log::info!("job: waiting for the start gate");
+            match gate.wait(stopped) {
+                Ok(true) => log::info!("job: started"),
+                Ok(false) => return None,
+                Err(e) => return Some(JobOutcome::Failed(error_line(&e))),
+            }
         }
         let stream = match hybrid::connect(&self.socket, wire::AGENT_PORT) {
             Ok(stream) => stream,
