@@ -15,6 +15,7 @@ packages=(
     iproute2          # network namespaces for network tests
     libseccomp-dev libcap-ng-dev  # building virtiofsd (--volume)
     mmdebstrap        # a real Debian root for the image tests (resources/debian-image.sh)
+    podman conmon runc  # the OCI runtime's tests: podman runs ember-runtime (runc as the baseline)
 )
 
 . "$(dirname "$0")/lib/install-missing.sh"
