@@ -117,15 +117,9 @@ fn later_runs_resume_the_snapshot_the_first_one_saved() {
             assert_ne!(urandom[i], urandom[j], "runs {i} and {j} share randomness");
         }
     }
-    // Much faster than booting, even on a busy machine (the benchmark has the figures).
-    for run in &warm {
-        assert!(
-            run.elapsed < first.elapsed,
-            "a warm run ({:?}) took longer than the cold one ({:?})",
-            run.elapsed,
-            first.elapsed
-        );
-    }
+    // How much faster a warm run is lives in the benchmark (resources/bench/snapshot.py), not
+    // here: on a loaded host, two clones running their command beside a cold boot were once
+    // slower than the first run (CI, 2026-12-03), and a timed assertion is a flaky test.
 
     // A damaged snapshot: detected, removed with a warning, replaced by a cold boot's.
     let state = entry.join("state");
