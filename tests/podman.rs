@@ -1,8 +1,8 @@
 //! podman runs containers with ember-runtime (`podman --runtime`), each a microVM: an image the
 //! test imports from a busybox root (there is no registry), a command's output, its exit status,
 //! `-e`, `-w`, `-u` and a `-v` volume whose write reaches the host, with `--network none`; runc
-//! (Debian's) runs the same container as the baseline; nothing of the container outlives
-//! `--rm`. podman 4.3 on this kind of host needs a private configuration: cgroupfs (crun
+//! (Debian's) runs the same container as the baseline; a detached container `exec`'d into,
+//! `stop`ped (143) and removed; nothing of the containers is left. podman 4.3 on this kind of host needs a private configuration: cgroupfs (crun
 //! refuses the hybrid cgroup layout; runc is used), ulimits within the sandbox's hard limits,
 //! vfs storage and file events in directories of the test's own.
 
@@ -117,6 +117,41 @@ fn podman_runs_a_container_as_a_microvm() {
         );
     }
     assert_eq!(fs::read_to_string(shared.join("out")).unwrap(), "written\n");
+
+    // A detached container: running, a second process in it, stopped by SIGTERM, removed.
+    let runtime = runtime();
+    let started = podman(
+        &dir,
+        &[
+            "run",
+            "-d",
+            "--runtime",
+            runtime.to_str().unwrap(),
+            "--network",
+            "none",
+            "localhost/ember-test:1",
+            "sleep",
+            "300",
+        ],
+    );
+    assert_eq!(started.code(), 0, "{started:?}");
+    let id = started.stdout.trim().to_string();
+    let inspect = |what: &str| {
+        podman(&dir, &["inspect", "--format", what, &id])
+            .stdout
+            .clone()
+    };
+    assert_eq!(inspect("{{.State.Status}}").trim(), "running");
+    let exec = podman(&dir, &["exec", &id, "sh", "-c", "echo from exec; exit 4"]);
+    assert_eq!(exec.code(), 4, "{exec:?}");
+    assert!(exec.stdout.contains("from exec"), "{exec:?}");
+    let stopped = podman(&dir, &["stop", "-t", "10", &id]);
+    assert_eq!(stopped.code(), 0, "{stopped:?}");
+    assert_eq!(
+        inspect("{{.State.Status}} {{.State.ExitCode}}").trim(),
+        "exited 143"
+    );
+    assert_eq!(podman(&dir, &["rm", &id]).code(), 0);
     // Nothing of the container is left: no container, no monitor, no virtiofsd.
     let left = podman(&dir, &["ps", "-a", "--format", "{{.ID}}"]);
     assert_eq!(left.stdout.trim(), "", "{left:?}");

@@ -181,6 +181,35 @@ fn a_container_created_started_killed_and_deleted() {
         .unwrap();
     assert_eq!(rt(&root, &["start", "c2"]).code(), 0);
     assert_eq!(state(&root, "c2")["status"], "running");
+    // Another process in it, through its guest agent: its output and status are exec's.
+    let exec = rt(
+        &root,
+        &[
+            "exec",
+            "--env",
+            "X=y",
+            "--cwd",
+            "/bin",
+            "c2",
+            "sh",
+            "-c",
+            "echo exec $X $(pwd); exit 3",
+        ],
+    );
+    assert_eq!(exec.code(), 3, "{exec:?}");
+    assert!(exec.stdout.contains("exec y /bin"), "{exec:?}");
+    let process = dir.join("process.json");
+    fs::write(
+        &process,
+        r#"{"args":["sh","-c","echo as $(id -u)"],"env":["PATH=/bin"],"cwd":"/","user":{"uid":1000,"gid":1000},"capabilities":{}}"#,
+    )
+    .unwrap();
+    let exec = rt(
+        &root,
+        &["exec", "--process", process.to_str().unwrap(), "c2"],
+    );
+    assert_eq!(exec.code(), 0, "{exec:?}");
+    assert!(exec.stdout.contains("as 1000"), "{exec:?}");
     let killed = rt(&root, &["kill", "c2", "TERM"]);
     assert_eq!(killed.code(), 0, "{killed:?}");
     assert_eq!(wait_for(pid), 143);
@@ -240,6 +269,8 @@ fn what_the_runtime_refuses_and_reports() {
         logged["msg"].as_str().unwrap().contains("--bogus"),
         "{logged}"
     );
-    assert!(rt(&root, &["exec", "x"]).stderr.contains("not supported"));
+    assert!(rt(&root, &["exec", "x", "true"])
+        .stderr
+        .contains("does not exist"));
     fs::remove_dir_all(dir).ok();
 }

@@ -134,8 +134,33 @@ pub struct PsArgs {
 
 #[derive(Debug, Args)]
 pub struct ExecArgs {
+    /// The process to run, as config.json's `process` (args, env, cwd, user)
+    #[arg(long, short, value_name = "FILE")]
+    pub process: Option<PathBuf>,
+    /// Where a terminal's master would be sent (terminals are not supported yet)
+    #[arg(long, value_name = "PATH")]
+    pub console_socket: Option<PathBuf>,
+    /// Return at once; the process's PID (its `ember exec`) goes to --pid-file
+    #[arg(long, short)]
+    pub detach: bool,
+    #[arg(long, value_name = "FILE")]
+    pub pid_file: Option<PathBuf>,
+    /// Without --process: a terminal (not supported yet)
+    #[arg(long, short)]
+    pub tty: bool,
+    /// Without --process: the working directory
+    #[arg(long, value_name = "DIR")]
+    pub cwd: Option<String>,
+    /// Without --process: KEY=VALUE (repeatable)
+    #[arg(long, short, value_name = "KEY=VALUE")]
+    pub env: Vec<String>,
+    /// Without --process: UID[:GID]
+    #[arg(long, short, value_name = "UID[:GID]")]
+    pub user: Option<String>,
+    pub id: String,
+    /// Without --process: the command and its arguments
     #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
-    pub rest: Vec<String>,
+    pub command: Vec<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -170,8 +195,14 @@ pub enum RuntimeError {
     Kill(String, #[source] io::Error),
     #[error("container {0} is {1}: stop it first, or delete --force")]
     StillRunning(String, Status),
-    #[error("exec is not supported yet by ember-runtime")]
-    ExecUnsupported,
+    #[error("a terminal for exec (--tty, process.terminal) is not supported yet by ember-runtime")]
+    ExecTerminal,
+    #[error("exec: no command (give --process FILE or the command after the ID)")]
+    ExecNoCommand,
+    #[error("exec: cannot read {0}: {1}")]
+    ExecProcess(PathBuf, String),
+    #[error("cannot run ember exec: {0}")]
+    ExecSpawn(#[source] io::Error),
 }
 
 /// Runs the command line; errors are one line on stderr and in `--log`.
@@ -241,7 +272,7 @@ fn run(cli: &Cli) -> Result<(), RuntimeError> {
             }
             Ok(())
         }
-        RuntimeCommand::Exec(_) => Err(RuntimeError::ExecUnsupported),
+        RuntimeCommand::Exec(args) => exec(&cli.root, args),
     }
 }
 
@@ -272,7 +303,11 @@ fn create(cli: &Cli, args: &CreateArgs) -> Result<(), RuntimeError> {
             annotations: spec.annotations.clone(),
         },
     )?;
-    match start_monitor(&ember, &plan.args, &container.gate()) {
+    // A vsock socket in the container's directory: `exec` reaches the agent through it.
+    let vsock = format!("cid=3,socket={}", container.vsock().display());
+    let mut monitor_args = plan.args.clone();
+    monitor_args.splice(1..1, ["--vsock".to_string(), vsock]);
+    match start_monitor(&ember, &monitor_args, &container.gate()) {
         Ok(pid) => {
             container.stored.pid = Some(pid);
             container.stored.start_time = process_start(pid).map(|(_, start)| start);
@@ -368,6 +403,76 @@ fn wait_for_line(file: &fs::File, timeout: Duration) -> io::Result<String> {
     let mut line = String::new();
     BufReader::new(file).read_line(&mut line)?;
     Ok(line)
+}
+
+/// `exec`: another process in a running container, through its guest agent (`ember exec` on the
+/// monitor's vsock socket). Without --detach this process becomes `ember exec` and ends with
+/// the process's status; with it, `ember exec` runs on (the caller's subreaper inherits it) and
+/// its PID goes to --pid-file.
+fn exec(root: &Path, args: &ExecArgs) -> Result<(), RuntimeError> {
+    let container = Container::open(root, &args.id)?;
+    if container.status() != Status::Running {
+        return Err(RuntimeError::NotRunning(args.id.clone()));
+    }
+    let process = match &args.process {
+        Some(path) => {
+            let text = fs::read(path)
+                .map_err(|e| RuntimeError::ExecProcess(path.clone(), e.to_string()))?;
+            serde_json::from_slice::<spec::Process>(&text)
+                .map_err(|e| RuntimeError::ExecProcess(path.clone(), e.to_string()))?
+        }
+        None => {
+            let (uid, gid) = match args
+                .user
+                .as_deref()
+                .map(|u| u.split_once(':').unwrap_or((u, "0")))
+            {
+                Some((uid, gid)) => (uid.parse().unwrap_or(0), gid.parse().unwrap_or(0)),
+                None => (0, 0),
+            };
+            spec::Process {
+                terminal: args.tty,
+                user: spec::User { uid, gid },
+                args: args.command.clone(),
+                env: args.env.clone(),
+                cwd: args.cwd.clone().unwrap_or_default(),
+            }
+        }
+    };
+    if process.terminal {
+        return Err(RuntimeError::ExecTerminal);
+    }
+    if process.args.is_empty() {
+        return Err(RuntimeError::ExecNoCommand);
+    }
+    let mut command = Command::new(ember_binary()?);
+    command
+        .arg("exec")
+        .arg("--vsock")
+        .arg(container.vsock())
+        .arg("-i");
+    for variable in &process.env {
+        command.arg("-e").arg(variable);
+    }
+    if !process.cwd.is_empty() {
+        command.arg("-w").arg(&process.cwd);
+    }
+    command
+        .arg("-u")
+        .arg(format!("{}:{}", process.user.uid, process.user.gid))
+        .arg("--")
+        .args(&process.args);
+    if args.detach {
+        let child = command.spawn().map_err(RuntimeError::ExecSpawn)?;
+        if let Some(path) = &args.pid_file {
+            write_atomically(path, child.id().to_string().as_bytes())
+                .map_err(|e| RuntimeError::PidFile(path.clone(), e))?;
+        }
+        return Ok(());
+    }
+    use std::os::unix::process::CommandExt;
+    // Only returns on failure.
+    Err(RuntimeError::ExecSpawn(command.exec()))
 }
 
 fn start(root: &Path, id: &str) -> Result<(), RuntimeError> {

@@ -152,6 +152,11 @@ impl Container {
         self.dir.join("start.sock")
     }
 
+    /// The monitor's vsock socket (`exec` reaches the guest agent through it).
+    pub fn vsock(&self) -> PathBuf {
+        self.dir.join("vsock.sock")
+    }
+
     /// Worked out from the monitor's process.
     pub fn status(&self) -> Status {
         match (self.stored.pid, self.monitor_alive()) {
