@@ -369,8 +369,9 @@ impl Vm {
             .as_deref()
             .map(ApiServer::bind)
             .transpose()?;
-        // A console file grows without bound: no file-size limit then.
-        let largest_file = match config.console {
+        // A console file grows without bound: no file-size limit then. Worked out (a stat per
+        // disk) only when there is a jail to close.
+        let largest_file = || match config.console {
             ConsoleConfig::File(_) => None,
             _ => Some(largest_disk(config)),
         };

@@ -9,12 +9,14 @@
 
 use std::fs::File;
 use std::io::{self, BufRead, BufReader, Write};
-use std::os::fd::{AsRawFd, FromRawFd, RawFd};
+use std::os::fd::{FromRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use vmm_sys_util::eventfd::EventFd;
+
+use crate::job::ready::{wait_readable, ReadyError};
 
 /// What the starter writes.
 pub const START: &str = "start";
@@ -73,32 +75,11 @@ impl StartGate {
             let _ = writeln!(ready, "{CREATED}");
         }
         loop {
-            let mut fds = [
-                libc::pollfd {
-                    fd: self.listener.as_raw_fd(),
-                    events: libc::POLLIN,
-                    revents: 0,
-                },
-                libc::pollfd {
-                    fd: stopped.as_raw_fd(),
-                    events: libc::POLLIN,
-                    revents: 0,
-                },
-            ];
-            // SAFETY: `fds` is an array of two initialised pollfd structs.
-            let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
-            if n < 0 {
-                let e = io::Error::last_os_error();
-                if e.kind() == io::ErrorKind::Interrupted {
-                    continue;
-                }
-                return Err(GateError::Wait(e));
-            }
-            if fds[1].revents != 0 {
-                return Ok(false);
-            }
-            if fds[0].revents == 0 {
-                continue;
+            match wait_readable(&self.listener, stopped, None) {
+                Ok(()) => {}
+                Err(ReadyError::Stopped) => return Ok(false),
+                Err(ReadyError::Wait(e)) => return Err(GateError::Wait(e)),
+                Err(e) => return Err(GateError::Wait(io::Error::other(e.to_string()))),
             }
             let (stream, _) = match self.listener.accept() {
                 Ok(accepted) => accepted,

@@ -80,7 +80,8 @@ impl ReadyListener {
 }
 
 /// Waits until `fd` is readable, or `stopped` is (then `Err(Stopped)`), or `deadline` passes.
-fn wait_readable(
+/// Also the start gate's wait (`gate.rs`).
+pub(crate) fn wait_readable(
     fd: &impl AsRawFd,
     stopped: &impl AsRawFd,
     deadline: Option<Instant>,

@@ -370,11 +370,14 @@ impl Jail {
 }
 
 /// [`Jail::lock_down`] of the armed jail, if any (once).
-pub fn lock_down_if_armed(keep_network: bool, largest_file: Option<u64>) -> Result<(), JailError> {
+pub fn lock_down_if_armed(
+    keep_network: bool,
+    largest_file: impl FnOnce() -> Option<u64>,
+) -> Result<(), JailError> {
     let jail = crate::sandbox::lock(&ARMED).take();
     match jail {
         Some(jail) => {
-            jail.lock_down(keep_network, largest_file)?;
+            jail.lock_down(keep_network, largest_file())?;
             log::info!(
                 "jail: in an empty root as {}:{}, no capabilities",
                 jail.config.uid,
