@@ -6,8 +6,8 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 
 use crate::config::{
-    parse_memory_size, ConsoleConfig, DiskConfig, NetConfig, SoftwareKvmMode, VmConfig,
-    VolumeConfig, VsockConfig, MAX_CPUS,
+    parse_hostname, parse_memory_size, ConsoleConfig, DiskConfig, NetConfig, SoftwareKvmMode,
+    VmConfig, VolumeConfig, VsockConfig, MAX_CPUS,
 };
 use crate::job::{parse_env, JobSpec};
 use crate::sandbox::jail::JailConfig;
@@ -163,7 +163,8 @@ pub struct RunArgs {
     /// A virtio block device (repeatable): path=FILE[,readonly=on][,id=NAME]; the first is /dev/vda
     #[arg(long = "disk", value_name = "SPEC")]
     pub disks: Vec<DiskConfig>,
-    /// A virtio network device on a host TAP (repeatable): tap=NAME[,mac=MAC]
+    /// A virtio network device on a host TAP (repeatable): tap=NAME[,mac=MAC]; with
+    /// ip=ADDR/PREFIX, gw=ADDR, mtu=N the default guest's agent configures it (job mode, --agent)
     #[arg(long = "net", value_name = "SPEC")]
     pub nets: Vec<NetConfig>,
     /// Root filesystem image: the first disk, with root=/dev/vda rw on the command line
@@ -187,11 +188,14 @@ pub struct RunArgs {
     /// PUT /vm/pause, /vm/resume, /vm/shutdown, GET /metrics; `ember ctl PATH` is its client
     #[arg(long, value_name = "PATH")]
     pub api_socket: Option<PathBuf>,
+    /// The guest's host name, set by the default guest's agent (job mode, --agent)
+    #[arg(long, value_name = "NAME", value_parser = parse_hostname)]
+    pub hostname: Option<String>,
     /// Resume the snapshot in DIR (made with `ember ctl PATH snapshot DIR`) instead of booting:
     /// the VM is the snapshot's; --console and --api-socket are this run's
     #[arg(long, value_name = "DIR", conflicts_with_all = [
         "kernel", "initrd", "cmdline", "cpus", "memory", "disks", "nets", "rootfs", "image",
-        "scratch", "volumes", "vsock", "command", "cold",
+        "scratch", "volumes", "vsock", "command", "cold", "hostname",
     ])]
     pub restore: Option<PathBuf>,
     /// With -- CMD: boot the guest even if the warm-start cache has a snapshot of it, and do
@@ -341,6 +345,7 @@ impl RunArgs {
             vsock: self.vsock,
             volumes: self.volumes,
             api_socket: self.api_socket,
+            hostname: self.hostname,
             cpus: self.cpus,
             memory_bytes: self.memory,
             // In job mode the console is not mixed into the command's output.

@@ -7,6 +7,7 @@
 //! with `From`, so that nothing user-facing lives in `ember-devices`.
 
 use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::str::FromStr;
 
@@ -233,6 +234,9 @@ pub struct VmConfig {
     /// The control socket (HTTP/1.1 + JSON), when asked for.
     #[serde(default)]
     pub api_socket: Option<PathBuf>,
+    /// The guest's host name, set by the default guest's agent (`ember.hostname=`).
+    #[serde(default)]
+    pub hostname: Option<String>,
 }
 
 /// A host directory shared live with the guest: `HOST_DIR:GUEST_DIR[:ro]`.
@@ -280,6 +284,27 @@ impl FromStr for VolumeConfig {
 }
 
 const MIB: u64 = 1 << 20;
+
+/// Checks a guest host name (RFC 1123 labels): it travels on the kernel command line.
+pub fn parse_hostname(text: &str) -> Result<String, String> {
+    let label_ok = |label: &str| {
+        !label.is_empty()
+            && label.len() <= 63
+            && !label.starts_with('-')
+            && !label.ends_with('-')
+            && label
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+    };
+    if text.len() <= 64 && text.split('.').all(label_ok) {
+        Ok(text.to_string())
+    } else {
+        Err(format!(
+            "'{text}' is not a host name: letters, digits and '-', in labels joined by '.', \
+             at most 64 characters"
+        ))
+    }
+}
 
 /// Parses `128M`, `2G`, `512K`… or a plain number of MiB into bytes.
 pub fn parse_memory_size(text: &str) -> Result<u64, String> {
@@ -350,37 +375,70 @@ impl From<&DiskConfig> for BlockConfig {
     }
 }
 
-/// A virtio network device on a host TAP: `tap=NAME[,mac=MAC]`.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// A virtio network device on a host TAP: `tap=NAME[,mac=MAC][,ip=ADDR/PREFIX][,gw=ADDR][,mtu=N]`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NetConfig {
     /// The host TAP interface, normally made beforehand with `ip tuntap add NAME mode tap`.
     pub tap: String,
     /// The guest's MAC address; when absent, a locally administered one derived from `tap`.
     #[serde(default)]
     pub mac: Option<[u8; 6]>,
+    /// The guest interface's IPv4 address and prefix length, its default route and MTU: the
+    /// default guest's agent sets them before it is ready (`ember.net=` on the command line).
+    #[serde(default)]
+    pub address: Option<(Ipv4Addr, u8)>,
+    #[serde(default)]
+    pub gateway: Option<Ipv4Addr>,
+    #[serde(default)]
+    pub mtu: Option<u32>,
+}
+
+impl NetConfig {
+    /// Whether the guest is told how to configure this interface.
+    pub fn configures_guest(&self) -> bool {
+        self.address.is_some() || self.gateway.is_some() || self.mtu.is_some()
+    }
 }
 
 impl FromStr for NetConfig {
     type Err = ConfigError;
 
     fn from_str(text: &str) -> Result<Self, Self::Err> {
-        const USAGE: &str = "tap=NAME[,mac=MAC]";
-        let options = OptionParser::new("a network", USAGE, &["tap", "mac"]).parse(text)?;
+        const USAGE: &str = "tap=NAME[,mac=MAC][,ip=ADDR/PREFIX][,gw=ADDR][,mtu=N]";
+        let options = OptionParser::new("a network", USAGE, &["tap", "mac", "ip", "gw", "mtu"])
+            .parse(text)?;
+        let invalid = |key: &str, value: &str, reason: &str| ConfigError::InvalidValue {
+            key: key.into(),
+            value: value.into(),
+            reason: reason.into(),
+        };
         let mac = options
             .get("mac")
             .map(|value| {
-                ember_devices::virtio::net::parse_mac(value).map_err(|e| {
-                    ConfigError::InvalidValue {
-                        key: "mac".into(),
-                        value: value.into(),
-                        reason: e.to_string(),
-                    }
-                })
+                ember_devices::virtio::net::parse_mac(value)
+                    .map_err(|e| invalid("mac", value, &e.to_string()))
+            })
+            .transpose()?;
+        let address = options
+            .get("ip")
+            .map(|value| {
+                ember_agent::interface::parse_cidr(value)
+                    .ok_or_else(|| invalid("ip", value, "not an IPv4 address/prefix"))
+            })
+            .transpose()?;
+        let mtu = options
+            .convert::<u32>("mtu")?
+            .map(|mtu| match mtu {
+                68..=65535 => Ok(mtu),
+                _ => Err(invalid("mtu", &mtu.to_string(), "outside 68-65535")),
             })
             .transpose()?;
         Ok(NetConfig {
             tap: options.required("tap")?.to_string(),
             mac,
+            address,
+            gateway: options.convert("gw")?,
+            mtu,
         })
     }
 }
@@ -540,19 +598,40 @@ mod tests {
     }
 
     #[test]
+    fn host_names() {
+        for good in ["c1", "a-b.example", "0123456789abcdef"] {
+            assert_eq!(parse_hostname(good).as_deref(), Ok(good));
+        }
+        for bad in ["", "-a", "a b", "a..b", "a,b", "x\"", &"a".repeat(65)] {
+            assert!(parse_hostname(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
     fn net_options() {
         assert_eq!(
             "tap=tap0".parse(),
             Ok(NetConfig {
                 tap: "tap0".into(),
-                mac: None
+                ..NetConfig::default()
             })
         );
         assert_eq!(
             "tap=tap0,mac=02:00:00:00:00:01".parse(),
             Ok(NetConfig {
                 tap: "tap0".into(),
-                mac: Some([2, 0, 0, 0, 0, 1])
+                mac: Some([2, 0, 0, 0, 0, 1]),
+                ..NetConfig::default()
+            })
+        );
+        assert_eq!(
+            "tap=tap0,ip=10.88.0.5/16,gw=10.88.0.1,mtu=1400".parse(),
+            Ok(NetConfig {
+                tap: "tap0".into(),
+                address: Some((Ipv4Addr::new(10, 88, 0, 5), 16)),
+                gateway: Some(Ipv4Addr::new(10, 88, 0, 1)),
+                mtu: Some(1400),
+                ..NetConfig::default()
             })
         );
         for bad in [
@@ -560,6 +639,10 @@ mod tests {
             "tap=tap0,mac=zz",
             "tap=tap0,mac=",
             "tap=tap0,queues=2",
+            "tap=tap0,ip=10.0.0.1",
+            "tap=tap0,ip=fd00::1/64",
+            "tap=tap0,gw=gateway",
+            "tap=tap0,mtu=10",
         ] {
             assert!(bad.parse::<NetConfig>().is_err(), "{bad}");
         }
@@ -624,6 +707,7 @@ mod tests {
             vsock: Some("cid=3,socket=/tmp/v.sock".parse().unwrap()),
             volumes: vec!["/src:/src:ro".parse().unwrap()],
             api_socket: Some("/tmp/api.sock".into()),
+            hostname: Some("c1".into()),
         };
         let json = serde_json::to_string(&config).unwrap();
         assert_eq!(serde_json::from_str::<VmConfig>(&json).unwrap(), config);

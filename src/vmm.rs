@@ -42,7 +42,7 @@ use crate::arch::x86_64::regs::{self, EntryMode};
 use crate::arch::x86_64::xstate::{XstateLayout, XstateSwitch};
 use crate::arch::x86_64::{acpi, mptable};
 use crate::config::{
-    ConsoleConfig, SoftwareKvmMode, VmConfig, VsockConfig, MAX_CPUS, MIN_GUEST_CID,
+    ConsoleConfig, NetConfig, SoftwareKvmMode, VmConfig, VsockConfig, MAX_CPUS, MIN_GUEST_CID,
 };
 use crate::console;
 use crate::console_output::{ConsoleOutput, ConsoleRing};
@@ -77,6 +77,26 @@ pub const SOFTWARE_KVM_CMDLINE: &str = "noxsave clearcpuid=151,59,308,298,534,29
 /// with `noxsave` it cannot switch the AVX/AVX-512 registers its user space uses, so Ember does.
 fn xstate_cmdline() -> String {
     format!("ember.xstate_port={XSTATE_SAVE_PORT:#x}")
+}
+
+/// `ember.net=eth0:ADDR/PREFIX:GATEWAY:MTU,…` for the network devices whose guest side Ember
+/// configures (eth0 is the first device, whether configured or not).
+fn guest_interfaces_cmdline(nets: &[NetConfig]) -> Option<String> {
+    let interfaces: Vec<String> = nets
+        .iter()
+        .enumerate()
+        .filter(|(_, net)| net.configures_guest())
+        .map(|(index, net)| {
+            ember_agent::interface::InterfaceConfig {
+                name: format!("eth{index}"),
+                address: net.address,
+                gateway: net.gateway,
+                mtu: net.mtu,
+            }
+            .to_string()
+        })
+        .collect();
+    (!interfaces.is_empty()).then(|| format!("ember.net={}", interfaces.join(",")))
 }
 
 /// How the default guest's init starts `ember-agent`, told by `ember.agent=` on the kernel command
@@ -324,6 +344,12 @@ impl Vm {
         }
         if let Some(volumes) = volumes.as_ref().and_then(Volumes::cmdline) {
             extra.push(volumes);
+        }
+        if let Some(interfaces) = guest_interfaces_cmdline(&config.nets) {
+            extra.push(interfaces);
+        }
+        if let Some(name) = &config.hostname {
+            extra.push(format!("ember.hostname={name}"));
         }
         let mut cmdline = boot::build_cmdline(&config.cmdline, &extra)?;
         let mut mmio = Bus::new();

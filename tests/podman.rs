@@ -2,9 +2,14 @@
 //! test imports from a busybox root (there is no registry), a command's output, its exit status,
 //! `-e`, `-w`, `-u` and a `-v` volume whose write reaches the host, with `--network none`; runc
 //! (Debian's) runs the same container as the baseline; a detached container `exec`'d into,
-//! `stop`ped (143) and removed; nothing of the containers is left. podman 4.3 on this kind of host needs a private configuration: cgroupfs (crun
-//! refuses the hybrid cgroup layout; runc is used), ulimits within the sandbox's hard limits,
-//! vfs storage and file events in directories of the test's own.
+//! `stop`ped (143) and removed; nothing of the containers is left. The detached container is on
+//! podman's default network (CNI's bridge, 10.88.0.0/16): from inside the VM it fetches a file
+//! from a server on the network's gateway address, as the same container under runc does, and
+//! has the container's address and host name. podman runs inside a network namespace of the
+//! test's own, so its bridge and firewall rules never touch the host's network. podman 4.3 on
+//! this kind of host needs a private configuration: cgroupfs (crun refuses the hybrid cgroup
+//! layout; runc is used), ulimits within the sandbox's hard limits, vfs storage and file events
+//! in directories of the test's own.
 
 mod common;
 
@@ -13,11 +18,16 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
+use common::netns::{KillOnDrop, Namespace};
 use common::{kvm_available, linux_guest, scratch_dir, LINUX_TIMEOUT};
 
-/// podman with storage, run state and configuration under `dir`.
-fn podman(dir: &Path, args: &[&str]) -> common::Run {
-    let child = Command::new("podman")
+/// The gateway of podman's default network (its bridge's address in the namespace).
+const GATEWAY: &str = "10.88.0.1";
+
+/// podman in `ns`, with storage, run state and configuration under `dir`.
+fn podman(ns: &Namespace, dir: &Path, args: &[&str]) -> common::Run {
+    let child = ns
+        .command_network_only(&["podman"])
         .env("CONTAINERS_CONF", dir.join("containers.conf"))
         .arg("--root")
         .arg(dir.join("storage"))
@@ -34,11 +44,13 @@ fn podman(dir: &Path, args: &[&str]) -> common::Run {
 }
 
 /// The image `localhost/ember-test:1`: busybox and its applets.
-fn import_image(dir: &Path) {
+fn import_image(ns: &Namespace, dir: &Path) {
     let root = dir.join("rootfs");
     fs::create_dir_all(root.join("bin")).unwrap();
     fs::copy("/bin/busybox", root.join("bin/busybox")).unwrap();
-    for applet in ["sh", "echo", "cat", "pwd", "id", "true", "sleep"] {
+    for applet in [
+        "sh", "echo", "cat", "pwd", "id", "true", "sleep", "wget", "hostname", "ip",
+    ] {
         std::os::unix::fs::symlink("busybox", root.join("bin").join(applet)).unwrap();
     }
     let tar = dir.join("rootfs.tar");
@@ -52,6 +64,7 @@ fn import_image(dir: &Path) {
         .unwrap();
     assert!(status.success());
     let r = podman(
+        ns,
         dir,
         &["import", tar.to_str().unwrap(), "localhost/ember-test:1"],
     );
@@ -69,13 +82,26 @@ fn podman_runs_a_container_as_a_microvm() {
     }
     linux_guest();
     let dir = scratch_dir("podman");
+    let ns = Namespace::new("podman");
+    // A server on every address of the namespace, the gateway's among them once podman's bridge
+    // is up.
+    let www = dir.join("www");
+    fs::create_dir_all(&www).unwrap();
+    fs::write(www.join("greeting"), "hello from the gateway\n").unwrap();
+    let _server = KillOnDrop(
+        ns.command_network_only(&["busybox", "httpd", "-f", "-p", "8080", "-h"])
+            .arg(&www)
+            .spawn()
+            .expect("busybox httpd"),
+    );
+    let podman = |dir: &Path, args: &[&str]| podman(&ns, dir, args);
     fs::write(
         dir.join("containers.conf"),
         "[containers]\ndefault_ulimits = [\"nofile=1024:1024\", \"nproc=1024:1024\"]\n\
          [engine]\ncgroup_manager = \"cgroupfs\"\nevents_logger = \"file\"\n",
     )
     .unwrap();
-    import_image(&dir);
+    import_image(&ns, &dir);
     let shared = dir.join("shared");
     fs::create_dir_all(&shared).unwrap();
     // The container's user (1000) writes into it.
@@ -118,7 +144,29 @@ fn podman_runs_a_container_as_a_microvm() {
     }
     assert_eq!(fs::read_to_string(shared.join("out")).unwrap(), "written\n");
 
-    // A detached container: running, a second process in it, stopped by SIGTERM, removed.
+    // The default network under runc: what the VM must reach too.
+    let url = format!("http://{GATEWAY}:8080/greeting");
+    let fetched = podman(
+        &dir,
+        &[
+            "run",
+            "--rm",
+            "--runtime",
+            "runc",
+            "localhost/ember-test:1",
+            "wget",
+            "-qO-",
+            &url,
+        ],
+    );
+    assert_eq!(fetched.code(), 0, "runc: {fetched:?}");
+    assert_eq!(
+        fetched.stdout, "hello from the gateway\n",
+        "runc: {fetched:?}"
+    );
+
+    // A detached container on the default network: running, a second process in it, stopped by
+    // SIGTERM, removed.
     let runtime = runtime();
     let started = podman(
         &dir,
@@ -127,8 +175,6 @@ fn podman_runs_a_container_as_a_microvm() {
             "-d",
             "--runtime",
             runtime.to_str().unwrap(),
-            "--network",
-            "none",
             "localhost/ember-test:1",
             "sleep",
             "300",
@@ -145,6 +191,21 @@ fn podman_runs_a_container_as_a_microvm() {
     let exec = podman(&dir, &["exec", &id, "sh", "-c", "echo from exec; exit 4"]);
     assert_eq!(exec.code(), 4, "{exec:?}");
     assert!(exec.stdout.contains("from exec"), "{exec:?}");
+    // The VM is on the container's network: its address, its host name, the gateway's server.
+    let address = inspect("{{.NetworkSettings.IPAddress}}");
+    let sandbox = inspect("{{.NetworkSettings.SandboxKey}}");
+    let script = format!("hostname; ip -4 -o addr show dev eth0; wget -qO- {url}");
+    let network = podman(&dir, &["exec", &id, "sh", "-c", &script]);
+    assert_eq!(network.code(), 0, "{network:?}");
+    let lines: Vec<&str> = network.stdout.lines().collect();
+    assert_eq!(lines.first(), Some(&&id[..12]), "{network:?}");
+    assert!(
+        lines
+            .get(1)
+            .is_some_and(|l| l.contains(&format!("inet {}/16", address.trim()))),
+        "{network:?} (the container's address is {address})"
+    );
+    assert_eq!(lines.get(2), Some(&"hello from the gateway"), "{network:?}");
     let stopped = podman(&dir, &["stop", "-t", "10", &id]);
     assert_eq!(stopped.code(), 0, "{stopped:?}");
     assert_eq!(
@@ -155,6 +216,20 @@ fn podman_runs_a_container_as_a_microvm() {
     // Nothing of the container is left: no container, no monitor, no virtiofsd.
     let left = podman(&dir, &["ps", "-a", "--format", "{{.ID}}"]);
     assert_eq!(left.stdout.trim(), "", "{left:?}");
+    // The TAP went with the container's network namespace.
+    let sandbox = sandbox.trim();
+    assert!(!sandbox.is_empty());
+    if Path::new(sandbox).exists() {
+        let links = Command::new("nsenter")
+            .arg(format!("--net={sandbox}"))
+            .args(["ip", "-o", "link"])
+            .output()
+            .unwrap();
+        assert!(
+            !String::from_utf8_lossy(&links.stdout).contains("ember-tap"),
+            "a TAP is left in {sandbox}"
+        );
+    }
     let monitors = Command::new("pgrep")
         .args(["-f", &format!("virtiofsd.*{}", shared.display())])
         .output()

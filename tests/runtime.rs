@@ -50,6 +50,8 @@ fn make_bundle(dir: &Path, script: &str, extra: &str) -> PathBuf {
         },
         "root": {"path": "rootfs", "readonly": false},
         "mounts": [{"destination": "/proc", "type": "proc", "source": "proc"}],
+        // A network namespace of its own, without a path: the VM has no network.
+        "linux": {"namespaces": [{"type": "pid"}, {"type": "network"}]},
         "annotations": {"org.example": extra}
     });
     fs::write(bundle.join("config.json"), config.to_string()).unwrap();
@@ -246,6 +248,20 @@ fn what_the_runtime_refuses_and_reports() {
     );
     assert_eq!(terminal.code(), 1, "{terminal:?}");
     assert!(terminal.stderr.contains("process.terminal"), "{terminal:?}");
+    assert!(!root.join("t1").exists());
+    // The host's network (no network namespace): a VM has its own.
+    config["process"]["terminal"] = false.into();
+    config["linux"]["namespaces"] = serde_json::json!([{"type": "pid"}]);
+    fs::write(bundle.join("config.json"), config.to_string()).unwrap();
+    let host_network = rt(
+        &root,
+        &["create", "--bundle", bundle.to_str().unwrap(), "t1"],
+    );
+    assert_eq!(host_network.code(), 1, "{host_network:?}");
+    assert!(
+        host_network.stderr.contains("host's network"),
+        "{host_network:?}"
+    );
     assert!(!root.join("t1").exists());
     // A bad option, reported in the log format asked for.
     let log = dir.join("log.json");

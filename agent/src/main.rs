@@ -2,10 +2,13 @@
 //!
 //! ```text
 //! ember-agent [--listen vsock:PORT|unix:PATH] [--ready vsock:CID:PORT|unix:PATH|none] [--root DIR]
+//!             [--net NAME:ADDRESS/PREFIX:GATEWAY:MTU,…] [--hostname NAME]
 //! ```
 //!
 //! With `--root DIR` every command runs chrooted into DIR (the guest's image, mounted by /init):
-//! the agent itself lives outside it, so any image works, even one without a shell.
+//! the agent itself lives outside it, so any image works, even one without a shell. `--net` and
+//! `--hostname` (from the kernel command line, through /init) configure the guest before it is
+//! ready: a container's network addresses and name.
 //!
 //! It listens (by default on vsock port [`AGENT_PORT`](wire::AGENT_PORT)), then tells the host it is ready by
 //! connecting to the ready address (by default the host's vsock port
@@ -33,6 +36,7 @@ macro_rules! log {
     }};
 }
 
+mod guest_net;
 mod net;
 mod refresh;
 mod session;
@@ -53,17 +57,21 @@ struct Args {
     listen: ListenAddr,
     ready: ReadyAddr,
     root: Option<std::path::PathBuf>,
+    interfaces: Vec<ember_agent::interface::InterfaceConfig>,
+    hostname: Option<String>,
 }
 
 const USAGE: &str =
     "usage: ember-agent [--listen vsock:PORT|unix:PATH] [--ready vsock:CID:PORT|unix:PATH|none] \
-     [--root DIR]";
+     [--root DIR] [--net NAME:ADDRESS/PREFIX:GATEWAY:MTU,…] [--hostname NAME]";
 
 fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Args, String> {
     let mut parsed = Args {
         listen: ListenAddr::default(),
         ready: ReadyAddr::default(),
         root: None,
+        interfaces: Vec::new(),
+        hostname: None,
     };
     while let Some(arg) = args.next() {
         let (flag, inline) = match arg.split_once('=') {
@@ -80,6 +88,10 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Args, String> {
             "--listen" => parsed.listen = value()?.parse()?,
             "--ready" => parsed.ready = value()?.parse()?,
             "--root" => parsed.root = Some(value()?.into()),
+            "--net" => parsed
+                .interfaces
+                .extend(ember_agent::interface::parse_list(&value()?)?),
+            "--hostname" => parsed.hostname = Some(value()?),
             "-h" | "--help" => return Err(String::new()),
             _ => return Err(format!("unknown argument {flag:?}")),
         }
@@ -105,6 +117,19 @@ fn main() -> ExitCode {
         }
         log!("commands run in {}", root.display());
         spawn::set_root(root);
+    }
+    // Before the host hears "ready": a container's first command may use the network at once.
+    // A failure is logged and the agent serves anyway (commands without the network still run).
+    for interface in &args.interfaces {
+        match guest_net::configure(interface) {
+            Ok(()) => log!("{interface} configured"),
+            Err(e) => log!("cannot configure {e}"),
+        }
+    }
+    if let Some(name) = &args.hostname {
+        if let Err(e) = guest_net::set_hostname(name) {
+            log!("cannot set the host name {name:?}: {e}");
+        }
     }
     // Children are reaped with waitpid: an inherited SIGCHLD=SIG_IGN would have the kernel
     // reap them first and lose their exit status.
@@ -271,6 +296,16 @@ mod tests {
         assert_eq!(args.ready, ReadyAddr::None);
         assert!(parse(&["--listen"]).is_err());
         assert!(parse(&["--bogus"]).is_err());
+        let args = parse(&[
+            "--net",
+            "eth0:10.0.0.2/24:10.0.0.1:1400,eth1:::",
+            "--hostname=c1",
+        ])
+        .unwrap();
+        assert_eq!(args.interfaces.len(), 2);
+        assert_eq!(args.interfaces[0].mtu, Some(1400));
+        assert_eq!(args.hostname.as_deref(), Some("c1"));
+        assert!(parse(&["--net", "eth0"]).is_err());
         assert!(parse(&["--ready", "vsock:x:1"]).is_err());
     }
 }

@@ -13,6 +13,8 @@
 #                     shell and the agent's commands run chrooted into it (the initramfs stays /)
 #   ember.volumes=TAG=PATH[:ro],…   virtio-fs shares mounted at PATH (inside the image if any);
 #                     one at / is the root for commands, as an image would be (at /mnt/root)
+#   ember.net=NAME:ADDRESS/PREFIX:GATEWAY:MTU,…   the agent configures these interfaces first
+#   ember.hostname=NAME                           and sets this host name
 # The VM ends through Ember's debug-exit port (0xf4, via /bin/ember-exit): Ember exits with the
 # status itself. Should that fail, `reboot -f` resets the VM (reboot=k: Ember exits 0).
 # Markers on the console, for tests: "EMBER-INIT", "EMBER-EXIT status=N".
@@ -108,17 +110,21 @@ if cmdline_get ember.volumes "$cmdline" >/dev/null; then
     fi
 fi
 if cmdline_get ember.agent "$cmdline" >/dev/null; then
-    agent_root=
-    [ "$root" = / ] || agent_root="--root $root"
-    case $_value in
+    agent_mode=$_value
+    agent_args=
+    [ "$root" = / ] || agent_args="--root $root"
+    # Checked by the agent; Ember writes them without spaces.
+    cmdline_get ember.net "$cmdline" >/dev/null && agent_args="$agent_args --net $_value"
+    cmdline_get ember.hostname "$cmdline" >/dev/null && agent_args="$agent_args --hostname $_value"
+    case $agent_mode in
         job)
-            # shellcheck disable=SC2086 # one option and its value, or nothing
-            /bin/ember-agent $agent_root
+            # shellcheck disable=SC2086 # options and their values, split on purpose
+            /bin/ember-agent $agent_args
             echo "EMBER-ERROR the guest agent ended"
             end_vm 125
             ;;
         # shellcheck disable=SC2086
-        *) /bin/ember-agent $agent_root & ;;
+        *) /bin/ember-agent $agent_args & ;;
     esac
 fi
 cmdline_mode "$cmdline"

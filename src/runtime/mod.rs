@@ -10,6 +10,7 @@
 //! gate: `create` starts it and returns once the guest agent is ready (its PID is the
 //! container's), `start` opens the gate, the monitor exits with the process's status.
 
+pub mod network;
 pub mod spec;
 pub mod state;
 
@@ -23,6 +24,7 @@ use std::time::{Duration, Instant};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::job::gate;
+use network::{Namespace, NetworkError};
 use spec::{monitor_plan, Spec, SpecError};
 use state::{process_start, Container, StateError, Status, Stored};
 
@@ -169,6 +171,8 @@ pub enum RuntimeError {
     State(#[from] StateError),
     #[error(transparent)]
     Spec(#[from] SpecError),
+    #[error(transparent)]
+    Network(#[from] NetworkError),
     #[error("the bundle {0}: {1}")]
     Bundle(PathBuf, #[source] io::Error),
     #[error("cannot find ember next to ember-runtime ({0}): install both in one directory")]
@@ -283,14 +287,8 @@ fn create(cli: &Cli, args: &CreateArgs) -> Result<(), RuntimeError> {
         fs::canonicalize(&args.bundle).map_err(|e| RuntimeError::Bundle(args.bundle.clone(), e))?;
     let spec = Spec::load(&bundle)?;
     let plan = monitor_plan(&spec, &bundle)?;
-    for skipped in &plan.skipped {
-        log_line(
-            cli.log.as_deref(),
-            cli.log_format,
-            "warning",
-            &format!("not shared into the VM: {skipped}"),
-        );
-    }
+    let namespace = spec.network_namespace()?;
+    let mut skipped = plan.skipped.clone();
     let ember = ember_binary()?;
     let mut container = Container::create(
         &cli.root,
@@ -301,17 +299,21 @@ fn create(cli: &Cli, args: &CreateArgs) -> Result<(), RuntimeError> {
             start_time: None,
             started: false,
             annotations: spec.annotations.clone(),
+            network_namespace: None,
+            taps: Vec::new(),
         },
     )?;
-    // A vsock socket in the container's directory: `exec` reaches the agent through it.
-    let vsock = format!("cid=3,socket={}", container.vsock().display());
-    let mut monitor_args = plan.args.clone();
-    monitor_args.splice(1..1, ["--vsock".to_string(), vsock]);
-    match start_monitor(&ember, &monitor_args, &container.gate()) {
+    let result = start_container(&mut container, &namespace, &plan.args, &ember, &mut skipped);
+    for what in &skipped {
+        log_line(
+            cli.log.as_deref(),
+            cli.log_format,
+            "warning",
+            &format!("not given to the VM: {what}"),
+        );
+    }
+    match result {
         Ok(pid) => {
-            container.stored.pid = Some(pid);
-            container.stored.start_time = process_start(pid).map(|(_, start)| start);
-            container.save()?;
             if let Some(path) = &args.pid_file {
                 write_atomically(path, pid.to_string().as_bytes())
                     .map_err(|e| RuntimeError::PidFile(path.clone(), e))?;
@@ -319,10 +321,42 @@ fn create(cli: &Cli, args: &CreateArgs) -> Result<(), RuntimeError> {
             Ok(())
         }
         Err(e) => {
+            if let Some(path) = &container.stored.network_namespace {
+                network::unplumb(path, &container.stored.taps);
+            }
             let _ = container.remove();
             Err(e)
         }
     }
+}
+
+/// Joins the container's network, gives its interfaces to the VM and starts the monitor; the
+/// state records what was made as it is made, for the caller to undo on failure.
+fn start_container(
+    container: &mut Container,
+    namespace: &Namespace,
+    plan_args: &[String],
+    ember: &Path,
+    skipped: &mut Vec<String>,
+) -> Result<i32, RuntimeError> {
+    network::enter(namespace)?;
+    // A vsock socket in the container's directory: `exec` reaches the agent through it.
+    let vsock = format!("cid=3,socket={}", container.vsock().display());
+    let mut monitor_args = plan_args.to_vec();
+    monitor_args.splice(1..1, ["--vsock".to_string(), vsock]);
+    if let Namespace::Join(path) = namespace {
+        container.stored.network_namespace = Some(path.clone());
+        let plumbed = network::plumb(skipped, &mut container.stored.taps)?;
+        container.save()?;
+        for net in plumbed.into_iter().rev() {
+            monitor_args.splice(1..1, ["--net".to_string(), net]);
+        }
+    }
+    let pid = start_monitor(ember, &monitor_args, &container.gate())?;
+    container.stored.pid = Some(pid);
+    container.stored.start_time = process_start(pid).map(|(_, start)| start);
+    container.save()?;
+    Ok(pid)
 }
 
 /// Starts `ember ARGS` with its start gate at `gate`, its stdio ours; returns its PID once it
@@ -518,6 +552,9 @@ fn delete(root: &Path, id: &str, force: bool) -> Result<(), RuntimeError> {
         while container.monitor_alive() && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+    if let Some(path) = &container.stored.network_namespace {
+        network::unplumb(path, &container.stored.taps);
     }
     container.remove()?;
     Ok(())

@@ -12,6 +12,8 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use super::network::Namespace;
+
 /// vCPUs and RAM when the spec sets no limits.
 pub const DEFAULT_CPUS: u32 = 1;
 pub const DEFAULT_MEMORY_MIB: u64 = 512;
@@ -96,6 +98,17 @@ pub struct Mount {
 pub struct Linux {
     #[serde(default)]
     pub resources: Option<Resources>,
+    #[serde(default)]
+    pub namespaces: Vec<NamespaceEntry>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NamespaceEntry {
+    #[serde(rename = "type")]
+    pub kind: String,
+    #[serde(default)]
+    pub path: Option<PathBuf>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -122,6 +135,27 @@ pub struct Memory {
 }
 
 impl Spec {
+    /// Where the container's network is: a namespace the engine prepared, or a new one. Without
+    /// a network namespace the container would share the host's network, which a VM cannot.
+    pub fn network_namespace(&self) -> Result<Namespace, SpecError> {
+        let entry = self
+            .linux
+            .iter()
+            .flat_map(|l| &l.namespaces)
+            .find(|n| n.kind == "network");
+        match entry {
+            Some(NamespaceEntry {
+                path: Some(path), ..
+            }) if !path.as_os_str().is_empty() => Ok(Namespace::Join(path.clone())),
+            Some(_) => Ok(Namespace::New),
+            None => Err(SpecError::Unsupported(
+                "the host's network (linux.namespaces has no network namespace; \
+                 a VM has a network of its own)"
+                    .into(),
+            )),
+        }
+    }
+
     /// Reads `BUNDLE/config.json`.
     pub fn load(bundle: &Path) -> Result<Self, SpecError> {
         let path = bundle.join("config.json");
@@ -221,6 +255,11 @@ pub fn monitor_plan(spec: &Spec, bundle: &Path) -> Result<MonitorPlan, SpecError
                 )))
             }
         }
+    }
+    if let Some(name) = spec.hostname.as_deref().filter(|name| !name.is_empty()) {
+        let name = crate::config::parse_hostname(name)
+            .map_err(|e| SpecError::Invalid(format!("hostname: {e}")))?;
+        args.extend(["--hostname".into(), name]);
     }
     let (cpus, memory_mib) = size(spec.linux.as_ref().and_then(|l| l.resources.as_ref()))?;
     args.extend([
@@ -328,6 +367,7 @@ mod tests {
             "process":{{"terminal":false,"user":{{"uid":1000,"gid":1000}},
               "args":["sh","-c","echo hi"],"env":["PATH=/bin","A=b"],"cwd":"/work"}},
             "root":{{"path":"rootfs","readonly":true}},
+            "hostname":"c1",
             "mounts":[{{"destination":"/proc","type":"proc","source":"proc"}},
               {{"destination":"/data","type":"bind","source":"{}","options":["rbind","ro"]}},
               {{"destination":"/etc/hosts","type":"bind","source":"{}","options":["bind"]}}],
@@ -344,6 +384,8 @@ mod tests {
             format!("{}:/:ro", dir.join("rootfs").display()),
             "--volume".into(),
             format!("{}:/data:ro", data.display()),
+            "--hostname".into(),
+            "c1".into(),
             "--cpus".into(),
             "2".into(),
             "--memory".into(),
@@ -397,6 +439,24 @@ mod tests {
             let e = monitor_plan(&spec(json), &dir).unwrap_err().to_string();
             assert!(e.contains(field), "{e}");
         }
+    }
+
+    #[test]
+    fn the_network_is_a_namespace_of_the_containers() {
+        let network = |json: &str| spec(json).network_namespace();
+        assert_eq!(
+            network(r#"{"linux":{"namespaces":[{"type":"pid"},{"type":"network","path":"/run/netns/a"}]}}"#)
+                .unwrap(),
+            Namespace::Join("/run/netns/a".into())
+        );
+        assert_eq!(
+            network(r#"{"linux":{"namespaces":[{"type":"network"}]}}"#).unwrap(),
+            Namespace::New
+        );
+        let e = network(r#"{"linux":{"namespaces":[{"type":"pid"}]}}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("host's network"), "{e}");
     }
 
     #[test]

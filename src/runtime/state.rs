@@ -43,6 +43,12 @@ pub struct Stored {
     pub started: bool,
     #[serde(default)]
     pub annotations: std::collections::BTreeMap<String, String>,
+    /// The container's network namespace, when the engine prepared one, and the TAPs made in it
+    /// (`delete` removes them if the namespace outlives the container).
+    #[serde(default)]
+    pub network_namespace: Option<PathBuf>,
+    #[serde(default)]
+    pub taps: Vec<String>,
 }
 
 /// The OCI state, as `ember-runtime state` prints it.
@@ -224,6 +230,8 @@ mod tests {
             start_time: None,
             started: false,
             annotations: Default::default(),
+            network_namespace: None,
+            taps: Vec::new(),
         }
     }
 

@@ -303,6 +303,7 @@ mod tests {
             }),
             volumes: vec![],
             api_socket: None,
+            hostname: None,
         }
     }
 
