@@ -177,7 +177,8 @@ pub struct RunArgs {
     /// With --image: the writable layer on a sparse disk of SIZE (deleted at exit) instead of RAM
     #[arg(long, value_name = "SIZE", value_parser = parse_memory_size, requires = "image")]
     pub scratch: Option<u64>,
-    /// Share a host directory with the guest over virtio-fs (repeatable): HOST_DIR:GUEST_DIR[:ro]
+    /// Share a host directory with the guest over virtio-fs (repeatable): HOST_DIR:GUEST_DIR[:ro];
+    /// a single file (HOST_FILE:GUEST_FILE) is bound over the guest's file
     #[arg(long = "volume", value_name = "HOST:GUEST[:ro]")]
     pub volumes: Vec<VolumeConfig>,
     /// A virtio-vsock device (cid=N,socket=PATH): host programs reach guest port P by connecting

@@ -239,7 +239,7 @@ pub struct VmConfig {
     pub hostname: Option<String>,
 }
 
-/// A host directory shared live with the guest: `HOST_DIR:GUEST_DIR[:ro]`.
+/// A host directory (or a single file) shared live with the guest: `HOST_DIR:GUEST_DIR[:ro]`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VolumeConfig {
     pub host: PathBuf,

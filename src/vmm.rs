@@ -1529,7 +1529,7 @@ fn attach_virtio_devices(
         .flatten();
     for volume in volumes {
         let volume_error = |source| VmmError::Volume {
-            dir: volume.config.host.clone(),
+            dir: volume.host.clone(),
             source,
         };
         let mut fs = Fs::new(FsDeviceConfig {

@@ -1,10 +1,15 @@
 //! `--volume HOST_DIR:GUEST_DIR[:ro]`: host directories shared live with the guest through
 //! virtio-fs, each served by its own `virtiofsd` (the Rust daemon from crates.io) over vhost-user.
 //!
-//! Ember starts one virtiofsd per volume on a socket in a private directory, attaches a virtio-fs
+//! Ember starts one virtiofsd per share on a socket in a private directory, attaches a virtio-fs
 //! device (tag `volN`) that hands its queues to it, and tells the default guest's init where to
 //! mount each tag (`ember.volumes=vol0=/src,vol1=/data:ro`). Guest RAM must then be a shared
 //! memfd mapping: virtiofsd maps it to reach the queues and the data buffers.
+//!
+//! A volume may also be a single file (`--volume ./hosts:/etc/hosts`, as container engines bind
+//! /etc/hosts and /etc/resolv.conf): virtio-fs shares directories, so the file's directory is
+//! shared (once for all the files of one directory), mounted out of sight by the guest's init,
+//! and the file bound over its guest path (`ember.files=vol1/hosts=/etc/hosts,…`).
 
 use std::io;
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
@@ -24,8 +29,13 @@ pub enum VolumeError {
          or run resources/install-deps.sh"
     )]
     NoVirtiofsd,
-    #[error("--volume {0}: not a directory")]
+    #[error("--volume {0}: not a directory or a file")]
     NotADirectory(PathBuf),
+    #[error(
+        "--volume {0}: the file name cannot travel on the kernel command line \
+         (no spaces, commas, '=' or quotes)"
+    )]
+    BadFileName(PathBuf),
     #[error("cannot make a private directory for the volumes' sockets")]
     SocketDir(#[source] io::Error),
     #[error("cannot start virtiofsd for {dir}")]
@@ -36,14 +46,72 @@ pub enum VolumeError {
     },
 }
 
-/// A running virtiofsd for one volume.
+/// A running virtiofsd for one share.
 pub struct Volume {
     /// The virtio-fs tag the guest mounts: `volN`.
     pub tag: String,
     /// virtiofsd's vhost-user socket.
     pub socket: PathBuf,
-    pub config: VolumeConfig,
+    /// The host directory served.
+    pub host: PathBuf,
+    pub read_only: bool,
+    pub guest: GuestUse,
     daemon: Child,
+}
+
+/// What the guest makes of a share.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum GuestUse {
+    /// Mounted at this guest path.
+    Directory(String),
+    /// Files in it, each bound over a guest path: (file name, guest path).
+    Files(Vec<(String, String)>),
+}
+
+/// The shares the volumes need: one per directory volume, one per directory (and mode) holding
+/// file volumes.
+fn plan_shares(configs: &[VolumeConfig]) -> Result<Vec<(PathBuf, bool, GuestUse)>, VolumeError> {
+    let mut shares: Vec<(PathBuf, bool, GuestUse)> = Vec::new();
+    for config in configs {
+        if config.host.is_dir() {
+            shares.push((
+                config.host.clone(),
+                config.read_only,
+                GuestUse::Directory(config.guest.clone()),
+            ));
+            continue;
+        }
+        if !config.host.is_file() {
+            return Err(VolumeError::NotADirectory(config.host.clone()));
+        }
+        let name = config
+            .host
+            .file_name()
+            .and_then(|n| n.to_str())
+            .filter(|n| !n.contains([',', '=', ' ', '\t', '"', '\\', ':']))
+            .ok_or_else(|| VolumeError::BadFileName(config.host.clone()))?
+            .to_string();
+        let dir = config
+            .host
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."))
+            .to_path_buf();
+        let file = (name, config.guest.clone());
+        let existing = shares
+            .iter_mut()
+            .find_map(|(host, read_only, guest)| match guest {
+                GuestUse::Files(files) if *host == dir && *read_only == config.read_only => {
+                    Some(files)
+                }
+                _ => None,
+            });
+        match existing {
+            Some(files) => files.push(file),
+            None => shares.push((dir, config.read_only, GuestUse::Files(vec![file]))),
+        }
+    }
+    Ok(shares)
 }
 
 /// Every volume's daemon, and the directory their sockets live in; both go when dropped.
@@ -64,15 +132,12 @@ impl Volumes {
             volumes: Vec::new(),
             _dir: dir,
         };
-        for (index, config) in configs.iter().enumerate() {
-            if !config.host.is_dir() {
-                return Err(VolumeError::NotADirectory(config.host.clone()));
-            }
+        for (index, (host, read_only, guest)) in plan_shares(configs)?.into_iter().enumerate() {
             let tag = format!("vol{index}");
             let socket = volumes._dir.path().join(format!("{tag}.sock"));
             let log = std::fs::File::create(volumes._dir.path().join(format!("{tag}.log")))
                 .map_err(|source| VolumeError::Spawn {
-                    dir: config.host.clone(),
+                    dir: host.clone(),
                     source,
                 })?;
             let mut command = Command::new(&virtiofsd);
@@ -80,13 +145,13 @@ impl Volumes {
                 .arg("--socket-path")
                 .arg(&socket)
                 .arg("--shared-dir")
-                .arg(&config.host)
+                .arg(&host)
                 .args(["--cache", "auto"])
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
                 // Ember's stderr is a job's stderr: the daemon's log goes beside its socket.
                 .stderr(log);
-            if config.read_only {
+            if read_only {
                 command.arg("--readonly");
             }
             // Without root, virtiofsd's namespace sandbox cannot be set up; it then serves the
@@ -107,33 +172,46 @@ impl Volumes {
                 });
             }
             let daemon = command.spawn().map_err(|source| VolumeError::Spawn {
-                dir: config.host.clone(),
+                dir: host.clone(),
                 source,
             })?;
             volumes.volumes.push(Volume {
                 tag,
                 socket,
-                config: config.clone(),
+                host,
+                read_only,
+                guest,
                 daemon,
             });
         }
         Ok(volumes)
     }
 
-    /// The kernel command-line option that tells the default guest's init where to mount them.
+    /// The kernel command-line options that tell the default guest's init where to mount the
+    /// shares (`ember.volumes=`) and bind the files (`ember.files=`).
     pub fn cmdline(&self) -> Option<String> {
-        if self.volumes.is_empty() {
-            return None;
+        let mut directories = Vec::new();
+        let mut files = Vec::new();
+        for volume in &self.volumes {
+            let ro = if volume.read_only { ":ro" } else { "" };
+            match &volume.guest {
+                GuestUse::Directory(guest) => {
+                    directories.push(format!("{}={guest}{ro}", volume.tag))
+                }
+                GuestUse::Files(list) => files.extend(
+                    list.iter()
+                        .map(|(name, guest)| format!("{}/{name}={guest}{ro}", volume.tag)),
+                ),
+            }
         }
-        let list: Vec<String> = self
-            .volumes
-            .iter()
-            .map(|v| {
-                let ro = if v.config.read_only { ":ro" } else { "" };
-                format!("{}={}{ro}", v.tag, v.config.guest)
-            })
-            .collect();
-        Some(format!("ember.volumes={}", list.join(",")))
+        let mut options = Vec::new();
+        if !directories.is_empty() {
+            options.push(format!("ember.volumes={}", directories.join(",")));
+        }
+        if !files.is_empty() {
+            options.push(format!("ember.files={}", files.join(",")));
+        }
+        (!options.is_empty()).then(|| options.join(" "))
     }
 }
 
@@ -159,7 +237,7 @@ impl Volumes {
     /// The host directory of a volume whose daemon has exited, if any.
     pub fn exited(&mut self) -> Option<PathBuf> {
         self.volumes.iter_mut().find_map(|volume| {
-            matches!(volume.daemon.try_wait(), Ok(Some(_))).then(|| volume.config.host.clone())
+            matches!(volume.daemon.try_wait(), Ok(Some(_))).then(|| volume.host.clone())
         })
     }
 }
@@ -195,4 +273,55 @@ fn is_executable(path: &Path) -> bool {
     path.metadata()
         .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
         .unwrap_or(false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn files_of_one_directory_share_it() {
+        let dir = std::env::temp_dir().join(format!("ember-volumes-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("data")).unwrap();
+        for file in ["hosts", "resolv.conf", "bad name"] {
+            std::fs::write(dir.join(file), "x").unwrap();
+        }
+        let volume = |text: String| text.parse::<VolumeConfig>().unwrap();
+        let d = dir.display();
+        let shares = plan_shares(&[
+            volume(format!("{d}/hosts:/etc/hosts")),
+            volume(format!("{d}/data:/data")),
+            volume(format!("{d}/resolv.conf:/etc/resolv.conf")),
+            volume(format!("{d}/hosts:/etc/hosts.ro:ro")),
+        ])
+        .unwrap();
+        assert_eq!(
+            shares,
+            [
+                (
+                    dir.clone(),
+                    false,
+                    GuestUse::Files(vec![
+                        ("hosts".into(), "/etc/hosts".into()),
+                        ("resolv.conf".into(), "/etc/resolv.conf".into())
+                    ])
+                ),
+                (dir.join("data"), false, GuestUse::Directory("/data".into())),
+                (
+                    dir.clone(),
+                    true,
+                    GuestUse::Files(vec![("hosts".into(), "/etc/hosts.ro".into())])
+                ),
+            ]
+        );
+        assert!(matches!(
+            plan_shares(&[volume(format!("{d}/bad name:/x"))]),
+            Err(VolumeError::BadFileName(_))
+        ));
+        assert!(matches!(
+            plan_shares(&[volume(format!("{d}/missing:/x"))]),
+            Err(VolumeError::NotADirectory(_))
+        ));
+        std::fs::remove_dir_all(dir).unwrap();
+    }
 }

@@ -1,6 +1,7 @@
 //! `--image` and `--volume` on the default Linux guest: the guest's root from an image (a
 //! directory here; tarballs and OCI images are unpacked by the same code, unit-tested in
-//! `src/image/`), writable above a read-only disk, and host directories shared over virtio-fs.
+//! `src/image/`), writable above a read-only disk, and host directories and single
+//! files shared over virtio-fs.
 
 mod common;
 
@@ -52,9 +53,14 @@ fn an_image_root_with_volumes() {
     fs::create_dir_all(&read_only).unwrap();
     fs::write(shared.join("in"), "from the host\n").unwrap();
     fs::write(read_only.join("ro-file"), "read me\n").unwrap();
+    // Single files, as engines bind /etc/hosts: one read-only, one written through.
+    fs::write(dir.join("motd"), "file volume\n").unwrap();
+    fs::write(dir.join("notes"), "first\n").unwrap();
 
     let script = "\
         . /etc/os-release; echo \"os=$ID\"; \
+        cat /etc/motd; if echo x > /etc/motd 2>/dev/null; then echo motd=writable; else echo motd=refused; fi; \
+        echo second >> /etc/notes; \
         cat /src/in; echo written > /src/out; \
         cat /ro/ro-file; if echo x > /ro/x 2>/dev/null; then echo ro=writable; else echo ro=refused; fi; \
         echo changed > /etc/os-release && echo root=writable; \
@@ -69,6 +75,10 @@ fn an_image_root_with_volumes() {
         format!("{}:/src", shared.display()),
         "--volume".into(),
         format!("{}:/ro:ro", read_only.display()),
+        "--volume".into(),
+        format!("{}:/etc/motd:ro", dir.join("motd").display()),
+        "--volume".into(),
+        format!("{}:/etc/notes", dir.join("notes").display()),
         "-w".into(),
         "/src".into(),
         "--".into(),
@@ -80,6 +90,8 @@ fn an_image_root_with_volumes() {
     assert_eq!(r.code(), 0, "{r:?}");
     for line in [
         "os=ember-test",
+        "file volume",
+        "motd=refused",
         "from the host",
         "read me",
         "ro=refused",
@@ -91,6 +103,10 @@ fn an_image_root_with_volumes() {
     // Writes reached the shared directory; the read-only one and the image did not change.
     assert_eq!(fs::read_to_string(shared.join("out")).unwrap(), "written\n");
     assert!(!read_only.join("x").exists());
+    assert_eq!(
+        fs::read_to_string(dir.join("notes")).unwrap(),
+        "first\nsecond\n"
+    );
     assert_eq!(
         fs::read_to_string(image.join("etc/os-release")).unwrap(),
         "ID=ember-test\nVERSION_CODENAME=tiny\n"

@@ -191,10 +191,13 @@ fn podman_runs_a_container_as_a_microvm() {
     let exec = podman(&dir, &["exec", &id, "sh", "-c", "echo from exec; exit 4"]);
     assert_eq!(exec.code(), 4, "{exec:?}");
     assert!(exec.stdout.contains("from exec"), "{exec:?}");
-    // The VM is on the container's network: its address, its host name, the gateway's server.
+    // The VM is on the container's network: its address, its host name, the gateway's server;
+    // podman's /etc/hosts and /etc/resolv.conf (single files, bound over the image's).
     let address = inspect("{{.NetworkSettings.IPAddress}}");
     let sandbox = inspect("{{.NetworkSettings.SandboxKey}}");
-    let script = format!("hostname; ip -4 -o addr show dev eth0; wget -qO- {url}");
+    let script = format!(
+        "hostname; ip -4 -o addr show dev eth0; wget -qO- {url}; cat /etc/hosts /etc/resolv.conf"
+    );
     let network = podman(&dir, &["exec", &id, "sh", "-c", &script]);
     assert_eq!(network.code(), 0, "{network:?}");
     let lines: Vec<&str> = network.stdout.lines().collect();
@@ -206,6 +209,13 @@ fn podman_runs_a_container_as_a_microvm() {
         "{network:?} (the container's address is {address})"
     );
     assert_eq!(lines.get(2), Some(&"hello from the gateway"), "{network:?}");
+    assert!(
+        network
+            .stdout
+            .contains(&format!("{GATEWAY}\thost.containers.internal")),
+        "{network:?}"
+    );
+    assert!(network.stdout.contains("nameserver "), "{network:?}");
     let stopped = podman(&dir, &["stop", "-t", "10", &id]);
     assert_eq!(stopped.code(), 0, "{stopped:?}");
     assert_eq!(

@@ -13,6 +13,8 @@
 #                     shell and the agent's commands run chrooted into it (the initramfs stays /)
 #   ember.volumes=TAG=PATH[:ro],…   virtio-fs shares mounted at PATH (inside the image if any);
 #                     one at / is the root for commands, as an image would be (at /mnt/root)
+#   ember.files=TAG/NAME=PATH[:ro],…   the file NAME of the share TAG (mounted out of sight, at
+#                     /run/ember/files/TAG) bound over PATH (inside the root for commands)
 #   ember.net=NAME:ADDRESS/PREFIX:GATEWAY:MTU,…   the agent configures these interfaces first
 #   ember.hostname=NAME                           and sets this host name
 # The VM ends through Ember's debug-exit port (0xf4, via /bin/ember-exit): Ember exits with the
@@ -88,6 +90,37 @@ mount_root_volume() {
     root=/mnt/root
 }
 
+# mount_files LIST: TAG/NAME=PATH[:ro],… each file bound over $root$PATH, made if missing (a
+# file the root lacks and cannot have is left out, with a warning on the console).
+mount_files() {
+    _list=$1,
+    while [ -n "$_list" ]; do
+        _item=${_list%%,*}
+        _list=${_list#*,}
+        [ -n "$_item" ] || continue
+        _source=${_item%%=*}
+        _path=${_item#*=}
+        _tag=${_source%%/*}
+        _opts=rw
+        case $_path in *:ro) _opts=ro _path=${_path%:ro} ;; esac
+        # A bind of a file keeps its share's read-only flag.
+        if [ ! -d "/run/ember/files/$_tag" ]; then
+            mkdir -p "/run/ember/files/$_tag" &&
+                mount -t virtiofs -o "$_opts" "$_tag" "/run/ember/files/$_tag" || return 1
+        fi
+        _target=$root$_path
+        if [ ! -e "$_target" ]; then
+            [ -d "${_target%/*}" ] || mkdir -p "${_target%/*}"
+            : 2>/dev/null >"$_target"
+        fi
+        if [ -f "$_target" ]; then
+            mount -o bind "/run/ember/files/$_source" "$_target" || return 1
+        else
+            echo "EMBER-WARNING no file $_path in the root to bind over"
+        fi
+    done
+}
+
 # in_root CMD...: runs CMD in the image's root when there is one.
 in_root() {
     if [ "$root" = / ]; then "$@"; else chroot "$root" "$@"; fi
@@ -106,6 +139,12 @@ fi
 if cmdline_get ember.volumes "$cmdline" >/dev/null; then
     if ! mount_volumes "$_value"; then
         echo "EMBER-ERROR cannot mount the volumes $_value"
+        end_vm 125
+    fi
+fi
+if cmdline_get ember.files "$cmdline" >/dev/null; then
+    if ! mount_files "$_value"; then
+        echo "EMBER-ERROR cannot bind the files $_value"
         end_vm 125
     fi
 fi
