@@ -43,13 +43,24 @@ fn podman(ns: &Namespace, dir: &Path, args: &[&str]) -> common::Run {
     common::finish(child, LINUX_TIMEOUT)
 }
 
+/// podman in `ns` as a shell command line, for script(1)'s pseudo-terminal.
+fn podman_shell(ns: &Namespace, dir: &Path) -> String {
+    format!(
+        "nsenter --net={} env CONTAINERS_CONF={} podman --root {} --runroot {} --storage-driver vfs",
+        ns.path(),
+        dir.join("containers.conf").display(),
+        dir.join("storage").display(),
+        dir.join("run").display()
+    )
+}
+
 /// The image `localhost/ember-test:1`: busybox and its applets.
 fn import_image(ns: &Namespace, dir: &Path) {
     let root = dir.join("rootfs");
     fs::create_dir_all(root.join("bin")).unwrap();
     fs::copy("/bin/busybox", root.join("bin/busybox")).unwrap();
     for applet in [
-        "sh", "echo", "cat", "pwd", "id", "true", "sleep", "wget", "hostname", "ip",
+        "sh", "echo", "cat", "pwd", "id", "true", "sleep", "wget", "hostname", "ip", "stty", "tty",
     ] {
         std::os::unix::fs::symlink("busybox", root.join("bin").join(applet)).unwrap();
     }
@@ -107,40 +118,30 @@ fn podman_runs_a_container_as_a_microvm() {
     // The container's user (1000) writes into it.
     fs::set_permissions(&shared, fs::Permissions::from_mode(0o777)).unwrap();
     let volume = format!("{}:/work", shared.display());
-    let script = "echo \"$GREETING from $(pwd) as $(id -u):$(id -g)\"; echo written > out; exit 7";
+    fs::write(
+        shared.join("job.sh"),
+        "echo \"$GREETING from $(pwd) as $(id -u):$(id -g)\"; echo written > out; tty; stty size; \
+         exit 7\n",
+    )
+    .unwrap();
+    // `-it` on a pseudo-terminal (script(1)) whose size the container sees.
     let run = |runtime: &str| {
-        podman(
-            &dir,
-            &[
-                "run",
-                "--rm",
-                "--runtime",
-                runtime,
-                "--network",
-                "none",
-                "-e",
-                "GREETING=hello",
-                "-w",
-                "/work",
-                "-u",
-                "1000:1000",
-                "-v",
-                &volume,
-                "localhost/ember-test:1",
-                "sh",
-                "-c",
-                script,
-            ],
-        )
+        let inner = format!(
+            "stty rows 30 cols 100; {} run --rm -it --runtime {runtime} --network none \
+             -e GREETING=hello -w /work -u 1000:1000 -v {volume} localhost/ember-test:1 \
+             sh /work/job.sh; echo \"podman-exit=$?\"",
+            podman_shell(&ns, &dir)
+        );
+        let r = common::finish(common::in_pty(&inner), LINUX_TIMEOUT);
+        r.stdout.replace('\r', "")
     };
     let baseline = run("runc");
     let ember = run(runtime().to_str().unwrap());
-    for (name, r) in [("runc", &baseline), ("ember", &ember)] {
-        assert_eq!(r.code(), 7, "{name}: {r:?}");
-        assert!(
-            r.stdout.contains("hello from /work as 1000:1000"),
-            "{name}: {r:?}"
-        );
+    for (name, out) in [("runc", &baseline), ("ember", &ember)] {
+        for line in ["hello from /work as 1000:1000", "30 100", "podman-exit=7"] {
+            assert!(out.lines().any(|l| l == line), "{name}: {line:?} in {out}");
+        }
+        assert!(out.contains("/dev/pts/"), "{name}: {out}");
     }
     assert_eq!(fs::read_to_string(shared.join("out")).unwrap(), "written\n");
 
@@ -191,6 +192,18 @@ fn podman_runs_a_container_as_a_microvm() {
     let exec = podman(&dir, &["exec", &id, "sh", "-c", "echo from exec; exit 4"]);
     assert_eq!(exec.code(), 4, "{exec:?}");
     assert!(exec.stdout.contains("from exec"), "{exec:?}");
+    // `exec -it` on a pseudo-terminal resized while the process runs (8 s in: on a loaded host
+    // the first `stty size` has been seen 3 s after the exec started).
+    let inner = format!(
+        "stty rows 30 cols 100; (sleep 8; stty rows 40 cols 120 </dev/tty) & \
+         {} exec -it {id} sh -c 'stty size; sleep 20; stty size'; echo \"exec-exit=$?\"; wait",
+        podman_shell(&ns, &dir)
+    );
+    let tty = common::finish(common::in_pty(&inner), LINUX_TIMEOUT);
+    let out = tty.stdout.replace('\r', "");
+    for line in ["30 100", "40 120", "exec-exit=0"] {
+        assert!(out.lines().any(|l| l == line), "{line:?} in {out}");
+    }
     // The VM is on the container's network: its address, its host name, the gateway's server;
     // podman's /etc/hosts and /etc/resolv.conf (single files, bound over the image's).
     let address = inspect("{{.NetworkSettings.IPAddress}}");

@@ -10,6 +10,7 @@
 //! gate: `create` starts it and returns once the guest agent is ready (its PID is the
 //! container's), `start` opens the gate, the monitor exits with the process's status.
 
+pub mod console;
 pub mod network;
 pub mod spec;
 pub mod state;
@@ -91,7 +92,7 @@ pub struct CreateArgs {
     /// Write the container's PID (its monitor's) here
     #[arg(long, value_name = "FILE")]
     pub pid_file: Option<PathBuf>,
-    /// Where a terminal's master would be sent (process.terminal is not supported yet)
+    /// With process.terminal: where the terminal's master is sent (SCM_RIGHTS)
     #[arg(long, value_name = "PATH")]
     pub console_socket: Option<PathBuf>,
     /// Accepted for compatibility (the VM has a root of its own)
@@ -139,7 +140,7 @@ pub struct ExecArgs {
     /// The process to run, as config.json's `process` (args, env, cwd, user)
     #[arg(long, short, value_name = "FILE")]
     pub process: Option<PathBuf>,
-    /// Where a terminal's master would be sent (terminals are not supported yet)
+    /// With a terminal: where its master is sent (SCM_RIGHTS)
     #[arg(long, value_name = "PATH")]
     pub console_socket: Option<PathBuf>,
     /// Return at once; the process's PID (its `ember exec`) goes to --pid-file
@@ -147,7 +148,7 @@ pub struct ExecArgs {
     pub detach: bool,
     #[arg(long, value_name = "FILE")]
     pub pid_file: Option<PathBuf>,
-    /// Without --process: a terminal (not supported yet)
+    /// Without --process: a terminal (its master goes to --console-socket)
     #[arg(long, short)]
     pub tty: bool,
     /// Without --process: the working directory
@@ -173,6 +174,8 @@ pub enum RuntimeError {
     Spec(#[from] SpecError),
     #[error(transparent)]
     Network(#[from] NetworkError),
+    #[error(transparent)]
+    Console(#[from] console::ConsoleError),
     #[error("the bundle {0}: {1}")]
     Bundle(PathBuf, #[source] io::Error),
     #[error("cannot find ember next to ember-runtime ({0}): install both in one directory")]
@@ -199,8 +202,6 @@ pub enum RuntimeError {
     Kill(String, #[source] io::Error),
     #[error("container {0} is {1}: stop it first, or delete --force")]
     StillRunning(String, Status),
-    #[error("a terminal for exec (--tty, process.terminal) is not supported yet by ember-runtime")]
-    ExecTerminal,
     #[error("exec: no command (give --process FILE or the command after the ID)")]
     ExecNoCommand,
     #[error("exec: cannot read {0}: {1}")]
@@ -288,6 +289,12 @@ fn create(cli: &Cli, args: &CreateArgs) -> Result<(), RuntimeError> {
     let spec = Spec::load(&bundle)?;
     let plan = monitor_plan(&spec, &bundle)?;
     let namespace = spec.network_namespace()?;
+    let terminal = spec.process.as_ref().is_some_and(|p| p.terminal);
+    let console_socket = match (terminal, &args.console_socket) {
+        (false, _) => None,
+        (true, None) => return Err(console::ConsoleError::NoSocket.into()),
+        (true, Some(socket)) => Some(socket.as_path()),
+    };
     let mut skipped = plan.skipped.clone();
     let ember = ember_binary()?;
     let mut container = Container::create(
@@ -303,7 +310,14 @@ fn create(cli: &Cli, args: &CreateArgs) -> Result<(), RuntimeError> {
             taps: Vec::new(),
         },
     )?;
-    let result = start_container(&mut container, &namespace, &plan.args, &ember, &mut skipped);
+    let result = start_container(
+        &mut container,
+        &namespace,
+        &plan.args,
+        &ember,
+        console_socket,
+        &mut skipped,
+    );
     for what in &skipped {
         log_line(
             cli.log.as_deref(),
@@ -330,13 +344,15 @@ fn create(cli: &Cli, args: &CreateArgs) -> Result<(), RuntimeError> {
     }
 }
 
-/// Joins the container's network, gives its interfaces to the VM and starts the monitor; the
-/// state records what was made as it is made, for the caller to undo on failure.
+/// Joins the container's network, gives its interfaces to the VM, makes its terminal (its
+/// master sent to `console_socket`) and starts the monitor; the state records what was made as
+/// it is made, for the caller to undo on failure.
 fn start_container(
     container: &mut Container,
     namespace: &Namespace,
     plan_args: &[String],
     ember: &Path,
+    console_socket: Option<&Path>,
     skipped: &mut Vec<String>,
 ) -> Result<i32, RuntimeError> {
     network::enter(namespace)?;
@@ -352,7 +368,15 @@ fn start_container(
             monitor_args.splice(1..1, ["--net".to_string(), net]);
         }
     }
-    let pid = start_monitor(ember, &monitor_args, &container.gate())?;
+    let pty = match console_socket {
+        Some(socket) => {
+            let pty = console::open()?;
+            console::send_master(socket, &pty)?;
+            Some(pty)
+        }
+        None => None,
+    };
+    let pid = start_monitor(ember, &monitor_args, &container.gate(), pty.as_ref())?;
     container.stored.pid = Some(pid);
     container.stored.start_time = process_start(pid).map(|(_, start)| start);
     container.save()?;
@@ -361,7 +385,12 @@ fn start_container(
 
 /// Starts `ember ARGS` with its start gate at `gate`, its stdio ours; returns its PID once it
 /// says "created". The monitor outlives us (the caller's subreaper inherits it).
-fn start_monitor(ember: &Path, args: &[String], gate_path: &Path) -> Result<i32, RuntimeError> {
+fn start_monitor(
+    ember: &Path,
+    args: &[String],
+    gate_path: &Path,
+    pty: Option<&console::Pty>,
+) -> Result<i32, RuntimeError> {
     let mut fds = [0; 2];
     // SAFETY: `fds` has room for the two descriptors pipe2 returns.
     if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } < 0 {
@@ -391,6 +420,9 @@ fn start_monitor(ember: &Path, args: &[String], gate_path: &Path) -> Result<i32,
             }
             Ok(())
         });
+    }
+    if let Some(pty) = pty {
+        console::attach(&mut command, &pty.slave).map_err(RuntimeError::Spawn)?;
     }
     let mut child = command.spawn().map_err(RuntimeError::Spawn)?;
     drop(ready_write);
@@ -473,9 +505,6 @@ fn exec(root: &Path, args: &ExecArgs) -> Result<(), RuntimeError> {
             }
         }
     };
-    if process.terminal {
-        return Err(RuntimeError::ExecTerminal);
-    }
     if process.args.is_empty() {
         return Err(RuntimeError::ExecNoCommand);
     }
@@ -485,6 +514,19 @@ fn exec(root: &Path, args: &ExecArgs) -> Result<(), RuntimeError> {
         .arg("--vsock")
         .arg(container.vsock())
         .arg("-i");
+    // Held until `ember exec` has started: the slave is its stdio by then.
+    let mut _pty = None;
+    if process.terminal {
+        let socket = args
+            .console_socket
+            .as_ref()
+            .ok_or(console::ConsoleError::NoSocket)?;
+        let pty = console::open()?;
+        console::send_master(socket, &pty)?;
+        console::attach(&mut command, &pty.slave).map_err(RuntimeError::ExecSpawn)?;
+        command.arg("-t");
+        _pty = Some(pty);
+    }
     for variable in &process.env {
         command.arg("-e").arg(variable);
     }

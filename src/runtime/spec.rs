@@ -184,11 +184,6 @@ pub fn monitor_plan(spec: &Spec, bundle: &Path) -> Result<MonitorPlan, SpecError
     if process.args.is_empty() {
         return Err(SpecError::Invalid("process.args is empty".into()));
     }
-    if process.terminal {
-        return Err(SpecError::Unsupported(
-            "process.terminal (a pseudo-terminal and --console-socket)".into(),
-        ));
-    }
     let root = spec
         .root
         .as_ref()
@@ -269,8 +264,12 @@ pub fn monitor_plan(spec: &Spec, bundle: &Path) -> Result<MonitorPlan, SpecError
         "--memory".into(),
         format!("{memory_mib}M"),
     ]);
-    // The container's stdin is whatever the caller gave `create` (often /dev/null).
+    // The container's stdin is whatever the caller gave `create` (often /dev/null), or the
+    // terminal ember-runtime makes (console.rs).
     args.push("-i".into());
+    if process.terminal {
+        args.push("-t".into());
+    }
     for variable in &process.env {
         if !variable.contains('=') {
             return Err(SpecError::Invalid(format!(
@@ -416,10 +415,6 @@ mod tests {
     fn what_a_vm_cannot_do_is_refused_with_the_field() {
         let dir = bundle();
         for (json, field) in [
-            (
-                r#"{"process":{"terminal":true,"args":["sh"]},"root":{"path":"rootfs"}}"#,
-                "process.terminal",
-            ),
             (
                 r#"{"process":{"args":["sh"]},"root":{"path":"rootfs"},
                    "mounts":[{"destination":"/x","type":"nfs","source":"h:/x"}]}"#,

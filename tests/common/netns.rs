@@ -38,6 +38,11 @@ impl Namespace {
         cmd
     }
 
+    /// The namespace's file, for `nsenter --net=`.
+    pub fn path(&self) -> String {
+        format!("/run/netns/{}", self.name)
+    }
+
     /// `args` run in the namespace's network only: unlike `ip netns exec`, which mounts a /sys
     /// of its own (hiding the cgroup hierarchies), the mounts stay the host's.
     pub fn command_network_only(&self, args: &[&str]) -> Command {
