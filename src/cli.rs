@@ -9,9 +9,10 @@ use crate::config::{
     parse_hostname, parse_memory_size, ConsoleConfig, DiskConfig, NetConfig, SoftwareKvmMode,
     VmConfig, VolumeConfig, VsockConfig, MAX_CPUS,
 };
-use crate::job::{parse_env, JobSpec};
+use crate::job::{parse_env, parse_ulimit, JobSpec};
 use crate::sandbox::jail::JailConfig;
 use crate::sandbox::seccomp::SeccompMode;
+use ember_agent::wire::{ProcessLimits, Rlimit};
 
 /// Command line used when `--cmdline` is not given: console on COM1, reboot through the i8042
 /// (which ends the VM), reboot on panic, and a quiet boot (every console byte is a VM exit).
@@ -91,6 +92,15 @@ pub struct JobArgs {
     /// Kill the command after SECS seconds; ember then exits 124
     #[arg(long, value_name = "SECS")]
     pub timeout: Option<f64>,
+    /// A further group for the command (repeatable), as `docker run --group-add`
+    #[arg(long = "group-add", value_name = "GID")]
+    pub group_add: Vec<u32>,
+    /// A resource limit for the command (repeatable): NAME=SOFT[:HARD], as `docker run --ulimit`
+    #[arg(long = "ulimit", value_name = "NAME=SOFT[:HARD]", value_parser = parse_ulimit)]
+    pub ulimits: Vec<Rlimit>,
+    /// The command cannot gain privileges (setuid programs, file capabilities): no_new_privs
+    #[arg(long)]
+    pub no_new_privileges: bool,
 }
 
 impl JobArgs {
@@ -113,6 +123,11 @@ impl JobArgs {
             stdin: self.interactive,
             tty: self.tty,
             timeout,
+            limits: ProcessLimits {
+                extra_groups: self.group_add.clone(),
+                rlimits: self.ulimits.clone(),
+                no_new_privileges: self.no_new_privileges,
+            },
         })
     }
 
@@ -123,6 +138,9 @@ impl JobArgs {
             && self.workdir.is_none()
             && self.user.is_none()
             && self.timeout.is_none()
+            && self.group_add.is_empty()
+            && self.ulimits.is_empty()
+            && !self.no_new_privileges
     }
 }
 

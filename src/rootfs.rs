@@ -195,6 +195,7 @@ mod tests {
             stdin: false,
             tty: false,
             timeout: None,
+            limits: Default::default(),
         };
         let applied = rootfs.apply(job.clone());
         assert_eq!(applied.argv, ["/entry", "default"]);

@@ -61,6 +61,7 @@ fn import_image(ns: &Namespace, dir: &Path) {
     fs::copy("/bin/busybox", root.join("bin/busybox")).unwrap();
     for applet in [
         "sh", "echo", "cat", "pwd", "id", "true", "sleep", "wget", "hostname", "ip", "stty", "tty",
+        "grep",
     ] {
         std::os::unix::fs::symlink("busybox", root.join("bin").join(applet)).unwrap();
     }
@@ -176,6 +177,12 @@ fn podman_runs_a_container_as_a_microvm() {
             "-d",
             "--runtime",
             runtime.to_str().unwrap(),
+            "--group-add",
+            "10",
+            "--ulimit",
+            "nofile=512:1024",
+            "--security-opt",
+            "no-new-privileges",
             "localhost/ember-test:1",
             "sleep",
             "300",
@@ -189,9 +196,22 @@ fn podman_runs_a_container_as_a_microvm() {
             .clone()
     };
     assert_eq!(inspect("{{.State.Status}}").trim(), "running");
-    let exec = podman(&dir, &["exec", &id, "sh", "-c", "echo from exec; exit 4"]);
+    // The process spec's further groups, limits and no_new_privs hold in the guest.
+    let exec = podman(
+        &dir,
+        &[
+            "exec",
+            &id,
+            "sh",
+            "-c",
+            "echo from exec; id -G; ulimit -n; ulimit -Hn; grep NoNewPrivs /proc/self/status; exit 4",
+        ],
+    );
     assert_eq!(exec.code(), 4, "{exec:?}");
-    assert!(exec.stdout.contains("from exec"), "{exec:?}");
+    assert_eq!(
+        exec.stdout, "from exec\n0 10\n512\n1024\nNoNewPrivs:\t1\n",
+        "{exec:?}"
+    );
     // `exec -it` on a pseudo-terminal resized while the process runs (8 s in: on a loaded host
     // the first `stty size` has been seen 3 s after the exec started).
     let inner = format!(

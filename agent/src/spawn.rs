@@ -95,7 +95,34 @@ pub fn spawn(request: &ExecRequest) -> Result<Spawned, SpawnError> {
         ),
         None => None,
     };
-    let switch = identity.as_ref().map(user::Switch::new);
+    let limits = &request.limits;
+    let mut switch = identity.as_ref().map(user::Switch::new);
+    if !limits.extra_groups.is_empty() {
+        switch
+            .get_or_insert_with(user::Switch::root)
+            .add_groups(&limits.extra_groups);
+    }
+    let rlimits: Vec<(u32, libc::rlimit)> = limits
+        .rlimits
+        .iter()
+        .map(|limit| {
+            let value = |v: u64| {
+                if v == u64::MAX {
+                    libc::RLIM_INFINITY
+                } else {
+                    v
+                }
+            };
+            (
+                limit.resource,
+                libc::rlimit {
+                    rlim_cur: value(limit.soft),
+                    rlim_max: value(limit.hard),
+                },
+            )
+        })
+        .collect();
+    let no_new_privileges = limits.no_new_privileges;
     let new_root = match root {
         Some(root) => {
             Some(user::c_path(root).ok_or_else(|| SpawnError::other("root holds a NUL".into()))?)
@@ -104,10 +131,11 @@ pub fn spawn(request: &ExecRequest) -> Result<Spawned, SpawnError> {
     };
     let cwd_c = CString::new(cwd).map_err(|_| SpawnError::other("cwd holds a NUL".into()))?;
     // SAFETY: the closure runs in the child between fork and exec and only makes
-    // async-signal-safe system calls (chroot, setgroups, setgid, setuid, chdir) on values made
-    // before the fork. Order: into the root while still root, then the user, then the
-    // directory, whose permissions are then checked as that user (as Docker does). The program
-    // is then looked up on PATH inside the root.
+    // async-signal-safe system calls (chroot, setrlimit, setgroups, setgid, setuid, chdir,
+    // prctl) on values made before the fork. Order: into the root and the limits while still
+    // root (raising a hard limit needs it), then the user, then the directory, whose
+    // permissions are then checked as that user (as Docker does), then no_new_privs. The
+    // program is then looked up on PATH inside the root.
     unsafe {
         command.pre_exec(move || {
             if let Some(root) = &new_root {
@@ -115,10 +143,18 @@ pub fn spawn(request: &ExecRequest) -> Result<Spawned, SpawnError> {
                     return Err(io::Error::last_os_error());
                 }
             }
+            for (resource, limit) in &rlimits {
+                if libc::setrlimit(*resource as _, limit) < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+            }
             if let Some(switch) = &switch {
                 switch.apply()?;
             }
             if libc::chdir(cwd_c.as_ptr()) < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            if no_new_privileges && libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0 {
                 return Err(io::Error::last_os_error());
             }
             Ok(())

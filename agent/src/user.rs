@@ -196,6 +196,24 @@ impl Switch {
         }
     }
 
+    /// Root with no supplementary groups: for a request that adds groups without naming a user.
+    pub fn root() -> Self {
+        Self {
+            uid: 0,
+            gid: 0,
+            groups: Vec::new(),
+        }
+    }
+
+    /// Adds supplementary groups (an OCI process's `additionalGids`).
+    pub fn add_groups(&mut self, extra: &[u32]) {
+        for group in extra {
+            if !self.groups.contains(group) {
+                self.groups.push(*group);
+            }
+        }
+    }
+
     /// Drops root for the identity: groups first, the user last (after `setuid` nothing else
     /// may change). Only for a child between fork and exec.
     pub fn apply(&self) -> io::Result<()> {

@@ -37,6 +37,9 @@
 //! before it runs anything. A host may also send only `Refresh` and close the connection (done
 //! right after a restore).
 //!
+//! `Exec` (version 4) may end with further groups, resource limits and no_new_privs; one without
+//! them (version 3) has none.
+//!
 //! `Shutdown` (version 3) in place of `Exec` asks the guest to end cleanly: the agent syncs the
 //! file systems and powers the machine off (or restarts it, without ACPI), which ends the VM; it
 //! answers nothing.
@@ -57,7 +60,7 @@
 use std::io::{self, Read, Write};
 
 /// The version of this wire format, exchanged in [`Message::Hello`].
-pub const VERSION: u32 = 3;
+pub const VERSION: u32 = 4;
 /// The vsock port the agent listens on for exec connections.
 pub const AGENT_PORT: u32 = 1024;
 /// The host's vsock port the agent connects to, once listening, to say it is ready.
@@ -99,6 +102,31 @@ pub struct ExecRequest {
     /// in the root's `/etc/passwd` and `/etc/group`) or a number; root when `None`. Added in
     /// version 2.
     pub user: Option<String>,
+    /// Further groups, resource limits and no_new_privs, as an OCI process spec gives them.
+    /// Added in version 4, after everything else; a version-3 request without them decodes to
+    /// the defaults.
+    pub limits: ProcessLimits,
+}
+
+/// What else the command is started with (an OCI process's `user.additionalGids`, `rlimits`,
+/// `noNewPrivileges`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ProcessLimits {
+    /// Supplementary groups added to the user's.
+    pub extra_groups: Vec<u32>,
+    /// Resource limits set before the program runs.
+    pub rlimits: Vec<Rlimit>,
+    /// The program and its children cannot gain privileges (setuid bits, file capabilities).
+    pub no_new_privileges: bool,
+}
+
+/// One resource limit: an `RLIMIT_*` number and its soft and hard values
+/// (`u64::MAX` is unlimited).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Rlimit {
+    pub resource: u32,
+    pub soft: u64,
+    pub hard: u64,
 }
 
 /// The most entropy one [`Message::Refresh`] carries: the kernel's RNG needs 32 bytes to be
@@ -335,6 +363,18 @@ pub fn encode(message: &Message) -> Vec<u8> {
                 }
                 None => buf.push(0),
             }
+            let limits = &request.limits;
+            put_count(&mut buf, limits.extra_groups.len());
+            for group in &limits.extra_groups {
+                put_u32(&mut buf, *group);
+            }
+            put_count(&mut buf, limits.rlimits.len());
+            for limit in &limits.rlimits {
+                put_u32(&mut buf, limit.resource);
+                buf.extend_from_slice(&limit.soft.to_le_bytes());
+                buf.extend_from_slice(&limit.hard.to_le_bytes());
+            }
+            buf.push(u8::from(limits.no_new_privileges));
         }
         Message::Started { pid } => put_u32(&mut buf, *pid),
         Message::Stdout(data) | Message::Stderr(data) | Message::Stdin(data) => {
@@ -524,6 +564,20 @@ fn decode_frame(body: &[u8]) -> Result<Message, WireError> {
             } else {
                 None
             };
+            let mut limits = ProcessLimits::default();
+            if !p.0.is_empty() {
+                for _ in 0..p.count(4)? {
+                    limits.extra_groups.push(p.u32()?);
+                }
+                for _ in 0..p.count(20)? {
+                    limits.rlimits.push(Rlimit {
+                        resource: p.u32()?,
+                        soft: p.u64()?,
+                        hard: p.u64()?,
+                    });
+                }
+                limits.no_new_privileges = p.flag("no_new_privileges flag")?;
+            }
             Message::Exec(ExecRequest {
                 argv,
                 env,
@@ -531,6 +585,7 @@ fn decode_frame(body: &[u8]) -> Result<Message, WireError> {
                 stdin,
                 tty,
                 user,
+                limits,
             })
         }
         tag::STARTED => Message::Started { pid: p.u32()? },
@@ -611,6 +666,10 @@ impl<'a> Payload<'a> {
         Ok(u32::from_le_bytes(self.array()?))
     }
 
+    fn u64(&mut self) -> Result<u64, WireError> {
+        Ok(u64::from_le_bytes(self.array()?))
+    }
+
     fn i32(&mut self) -> Result<i32, WireError> {
         Ok(i32::from_le_bytes(self.array()?))
     }
@@ -664,6 +723,37 @@ impl<'a> Payload<'a> {
 mod tests {
     use super::*;
 
+    #[test]
+    fn a_version_3_exec_has_the_default_limits() {
+        let request = ExecRequest {
+            argv: vec!["true".into()],
+            env: vec![],
+            cwd: None,
+            stdin: false,
+            tty: None,
+            user: Some("1:1".into()),
+            limits: ProcessLimits {
+                extra_groups: vec![5],
+                rlimits: vec![],
+                no_new_privileges: true,
+            },
+        };
+        let mut frame = Vec::new();
+        write_message(&mut frame, &Message::Exec(request.clone())).unwrap();
+        // Version 3 ended after the user: drop the limits (4 + 4 + 4 + 1 bytes) and fix the length.
+        frame.truncate(frame.len() - 13);
+        let len = (frame.len() - 4) as u32;
+        frame[..4].copy_from_slice(&len.to_le_bytes());
+        let decoded = read_message(&mut frame.as_slice()).unwrap();
+        assert_eq!(
+            decoded,
+            Some(Message::Exec(ExecRequest {
+                limits: ProcessLimits::default(),
+                ..request
+            }))
+        );
+    }
+
     fn samples() -> Vec<Message> {
         vec![
             Message::Hello { version: VERSION },
@@ -685,6 +775,15 @@ mod tests {
                 stdin: true,
                 tty: Some(WinSize { rows: 24, cols: 80 }),
                 user: Some("nobody:nogroup".into()),
+                limits: ProcessLimits {
+                    extra_groups: vec![10, 4294967295],
+                    rlimits: vec![Rlimit {
+                        resource: 7,
+                        soft: 1024,
+                        hard: u64::MAX,
+                    }],
+                    no_new_privileges: true,
+                },
             }),
             Message::Exec(ExecRequest {
                 argv: vec![],
@@ -693,6 +792,7 @@ mod tests {
                 stdin: false,
                 tty: None,
                 user: None,
+                limits: ProcessLimits::default(),
             }),
             Message::Started { pid: 4242 },
             Message::Stdout(b"out\n".to_vec()),

@@ -12,8 +12,8 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use ember_agent::wire::{
-    read_message, write_message, ExecRequest, FailureKind, Message, WinSize, WireError, MAX_CHUNK,
-    VERSION,
+    read_message, write_message, ExecRequest, FailureKind, Message, ProcessLimits, Rlimit, WinSize,
+    WireError, MAX_CHUNK, VERSION,
 };
 
 /// Long enough for a loaded 2-core machine, short enough that a hang fails the test.
@@ -232,6 +232,7 @@ fn request(argv: &[&str]) -> ExecRequest {
         stdin: false,
         tty: None,
         user: None,
+        limits: ProcessLimits::default(),
     }
 }
 
@@ -365,6 +366,44 @@ fn a_user_runs_the_command_with_its_ids_and_home() {
         }) => assert!(message.contains("no-such-user"), "{message}"),
         other => panic!("expected Failed, got {other:?}"),
     }
+}
+
+#[test]
+fn further_groups_limits_and_no_new_privileges() {
+    let agent = Agent::start();
+    let script = "echo \"$(id -u) $(id -g) $(id -G)\"; ulimit -n; ulimit -Hn; \
+                  grep NoNewPrivs /proc/self/status";
+    let mut req = sh(script);
+    req.user = Some("4242:4343".into());
+    req.limits = ProcessLimits {
+        extra_groups: vec![10, 20],
+        rlimits: vec![Rlimit {
+            resource: libc::RLIMIT_NOFILE,
+            soft: 100,
+            hard: 200,
+        }],
+        no_new_privileges: true,
+    };
+    let out = agent.run(req.clone());
+    assert_eq!(
+        out.stdout(),
+        "4242 4343 4343 10 20\n100\n200\nNoNewPrivs:\t1\n"
+    );
+    // Groups without a user: root with them.
+    req.user = None;
+    req.limits.rlimits.clear();
+    req.limits.no_new_privileges = false;
+    let out = agent.run(req);
+    assert!(
+        out.stdout().starts_with("0 0 0 10 20\n"),
+        "{}",
+        out.stdout()
+    );
+    assert!(
+        out.stdout().ends_with("NoNewPrivs:\t0\n"),
+        "{}",
+        out.stdout()
+    );
 }
 
 #[test]

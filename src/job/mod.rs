@@ -19,6 +19,7 @@ use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::Duration;
 
+use ember_agent::wire::{ProcessLimits, Rlimit};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::main_loop::{MainLoop, Wakeup};
@@ -41,6 +42,8 @@ pub struct JobSpec {
     pub tty: bool,
     /// Kill the command after this long; Ember then exits 124.
     pub timeout: Option<Duration>,
+    /// Further groups, resource limits, no_new_privs.
+    pub limits: ProcessLimits,
 }
 
 /// Exit code: the command ran past `--timeout` and was killed (as `timeout(1)`).
@@ -226,9 +229,92 @@ pub fn parse_env(text: &str) -> Result<(String, String), String> {
     }
 }
 
+/// The resource names `--ulimit` takes (Docker's, which are `RLIMIT_*` lower-cased without the
+/// prefix, as OCI specs name them upper-cased with it).
+const RLIMITS: [(&str, libc::__rlimit_resource_t); 16] = [
+    ("as", libc::RLIMIT_AS),
+    ("core", libc::RLIMIT_CORE),
+    ("cpu", libc::RLIMIT_CPU),
+    ("data", libc::RLIMIT_DATA),
+    ("fsize", libc::RLIMIT_FSIZE),
+    ("locks", libc::RLIMIT_LOCKS),
+    ("memlock", libc::RLIMIT_MEMLOCK),
+    ("msgqueue", libc::RLIMIT_MSGQUEUE),
+    ("nice", libc::RLIMIT_NICE),
+    ("nofile", libc::RLIMIT_NOFILE),
+    ("nproc", libc::RLIMIT_NPROC),
+    ("rss", libc::RLIMIT_RSS),
+    ("rtprio", libc::RLIMIT_RTPRIO),
+    ("rttime", libc::RLIMIT_RTTIME),
+    ("sigpending", libc::RLIMIT_SIGPENDING),
+    ("stack", libc::RLIMIT_STACK),
+];
+
+/// The `RLIMIT_*` number of `nofile`, `NOFILE` or `RLIMIT_NOFILE`.
+pub fn rlimit_resource(name: &str) -> Option<u32> {
+    let name = name.to_ascii_lowercase();
+    let name = name.strip_prefix("rlimit_").unwrap_or(&name);
+    RLIMITS
+        .iter()
+        .find(|(known, _)| *known == name)
+        .map(|(_, resource)| *resource)
+}
+
+/// Parses `--ulimit NAME=SOFT[:HARD]` (numbers, `unlimited` or -1; HARD is SOFT when absent).
+pub fn parse_ulimit(text: &str) -> Result<Rlimit, String> {
+    let bad = || format!("'{text}' is not NAME=SOFT[:HARD] (e.g. nofile=1024:4096)");
+    let (name, values) = text.split_once('=').ok_or_else(bad)?;
+    let resource = rlimit_resource(name).ok_or_else(|| {
+        format!(
+            "'{name}' is not a resource limit: use one of {}",
+            RLIMITS.map(|(n, _)| n).join(", ")
+        )
+    })?;
+    let value = |v: &str| match v {
+        "unlimited" | "-1" => Some(u64::MAX),
+        _ => v.parse().ok(),
+    };
+    let (soft, hard) = match values.split_once(':') {
+        Some((soft, hard)) => (value(soft), value(hard)),
+        None => (value(values), value(values)),
+    };
+    match (soft, hard) {
+        (Some(soft), Some(hard)) if soft <= hard => Ok(Rlimit {
+            resource,
+            soft,
+            hard,
+        }),
+        _ => Err(bad()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ulimits_parse_as_docker_takes_them() {
+        assert_eq!(
+            parse_ulimit("nofile=1024:4096"),
+            Ok(Rlimit {
+                resource: libc::RLIMIT_NOFILE,
+                soft: 1024,
+                hard: 4096
+            })
+        );
+        assert_eq!(
+            parse_ulimit("core=unlimited"),
+            Ok(Rlimit {
+                resource: libc::RLIMIT_CORE,
+                soft: u64::MAX,
+                hard: u64::MAX
+            })
+        );
+        assert_eq!(rlimit_resource("RLIMIT_NPROC"), Some(libc::RLIMIT_NPROC));
+        for bad in ["nofile", "files=1", "nofile=2:1", "nofile=x", "nofile=1:"] {
+            assert!(parse_ulimit(bad).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn exit_codes_follow_docker_run() {

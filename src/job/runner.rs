@@ -249,6 +249,7 @@ fn warm_up_the_agent(socket: &Path) {
         stdin: false,
         tty: false,
         timeout: Some(Duration::from_secs(60)),
+        limits: Default::default(),
     };
     let outcome = hybrid::connect(socket, wire::AGENT_PORT)
         .map_err(|e| e.to_string())

@@ -218,6 +218,7 @@ impl Session {
                 stdin: spec.stdin,
                 tty,
                 user: spec.user.clone(),
+                limits: spec.limits.clone(),
             }),
         )?;
         let handle = JobHandle {
@@ -477,6 +478,7 @@ mod tests {
             stdin: false,
             tty: false,
             timeout: None,
+            limits: Default::default(),
         }
     }
 

@@ -498,10 +498,16 @@ fn exec(root: &Path, args: &ExecArgs) -> Result<(), RuntimeError> {
             };
             spec::Process {
                 terminal: args.tty,
-                user: spec::User { uid, gid },
+                user: spec::User {
+                    uid,
+                    gid,
+                    additional_gids: Vec::new(),
+                },
                 args: args.command.clone(),
                 env: args.env.clone(),
                 cwd: args.cwd.clone().unwrap_or_default(),
+                rlimits: Vec::new(),
+                no_new_privileges: false,
             }
         }
     };
@@ -527,15 +533,8 @@ fn exec(root: &Path, args: &ExecArgs) -> Result<(), RuntimeError> {
         command.arg("-t");
         _pty = Some(pty);
     }
-    for variable in &process.env {
-        command.arg("-e").arg(variable);
-    }
-    if !process.cwd.is_empty() {
-        command.arg("-w").arg(&process.cwd);
-    }
     command
-        .arg("-u")
-        .arg(format!("{}:{}", process.user.uid, process.user.gid))
+        .args(spec::process_flags(&process)?)
         .arg("--")
         .args(&process.args);
     if args.detach {

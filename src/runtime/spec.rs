@@ -63,6 +63,19 @@ pub struct Process {
     pub env: Vec<String>,
     #[serde(default)]
     pub cwd: String,
+    #[serde(default)]
+    pub rlimits: Vec<ProcessRlimit>,
+    #[serde(default)]
+    pub no_new_privileges: bool,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ProcessRlimit {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub hard: u64,
+    pub soft: u64,
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -72,6 +85,8 @@ pub struct User {
     pub uid: u32,
     #[serde(default)]
     pub gid: u32,
+    #[serde(default)]
+    pub additional_gids: Vec<u32>,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -270,6 +285,16 @@ pub fn monitor_plan(spec: &Spec, bundle: &Path) -> Result<MonitorPlan, SpecError
     if process.terminal {
         args.push("-t".into());
     }
+    args.extend(process_flags(process)?);
+    args.push("--".into());
+    args.extend(process.args.iter().cloned());
+    Ok(MonitorPlan { args, skipped })
+}
+
+/// The job options for `process` (shared by `create` and `exec`): environment, working
+/// directory, user and further groups, resource limits, no_new_privs.
+pub fn process_flags(process: &Process) -> Result<Vec<String>, SpecError> {
+    let mut args: Vec<String> = Vec::new();
     for variable in &process.env {
         if !variable.contains('=') {
             return Err(SpecError::Invalid(format!(
@@ -285,9 +310,31 @@ pub fn monitor_plan(spec: &Spec, bundle: &Path) -> Result<MonitorPlan, SpecError
         "-u".into(),
         format!("{}:{}", process.user.uid, process.user.gid),
     ]);
-    args.push("--".into());
-    args.extend(process.args.iter().cloned());
-    Ok(MonitorPlan { args, skipped })
+    for gid in &process.user.additional_gids {
+        args.extend(["--group-add".into(), gid.to_string()]);
+    }
+    for limit in &process.rlimits {
+        if crate::job::rlimit_resource(&limit.kind).is_none() {
+            return Err(SpecError::Unsupported(format!(
+                "the resource limit {}",
+                limit.kind
+            )));
+        }
+        let name = limit.kind.to_ascii_lowercase();
+        let name = name.strip_prefix("rlimit_").unwrap_or(&name);
+        let value = |v: u64| match v {
+            u64::MAX => "unlimited".to_string(),
+            v => v.to_string(),
+        };
+        args.extend([
+            "--ulimit".into(),
+            format!("{name}={}:{}", value(limit.soft), value(limit.hard)),
+        ]);
+    }
+    if process.no_new_privileges {
+        args.push("--no-new-privileges".into());
+    }
+    Ok(args)
 }
 
 /// vCPUs and MiB of RAM from the spec's limits, within sane bounds.
@@ -364,8 +411,10 @@ mod tests {
         std::fs::write(&hosts, "127.0.0.1 localhost\n").unwrap();
         let s = spec(&format!(
             r#"{{"ociVersion":"1.0.2",
-            "process":{{"terminal":false,"user":{{"uid":1000,"gid":1000}},
-              "args":["sh","-c","echo hi"],"env":["PATH=/bin","A=b"],"cwd":"/work"}},
+            "process":{{"terminal":false,"user":{{"uid":1000,"gid":1000,"additionalGids":[10]}},
+              "args":["sh","-c","echo hi"],"env":["PATH=/bin","A=b"],"cwd":"/work",
+              "rlimits":[{{"type":"RLIMIT_NOFILE","hard":2048,"soft":1024}}],
+              "noNewPrivileges":true}},
             "root":{{"path":"rootfs","readonly":true}},
             "hostname":"c1",
             "mounts":[{{"destination":"/proc","type":"proc","source":"proc"}},
@@ -401,6 +450,11 @@ mod tests {
             "/work".into(),
             "-u".into(),
             "1000:1000".into(),
+            "--group-add".into(),
+            "10".into(),
+            "--ulimit".into(),
+            "nofile=1024:2048".into(),
+            "--no-new-privileges".into(),
             "--".into(),
             "sh".into(),
             "-c".into(),
@@ -423,6 +477,11 @@ mod tests {
             (
                 r#"{"process":{"args":[]},"root":{"path":"rootfs"}}"#,
                 "args",
+            ),
+            (
+                r#"{"process":{"args":["sh"],"rlimits":[{"type":"RLIMIT_BOGUS","hard":1,"soft":1}]},
+                   "root":{"path":"rootfs"}}"#,
+                "RLIMIT_BOGUS",
             ),
             (
                 r#"{"process":{"args":["sh"]},"root":{"path":"nope"}}"#,
