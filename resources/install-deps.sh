@@ -16,6 +16,7 @@ packages=(
     libseccomp-dev libcap-ng-dev  # building virtiofsd (--volume)
     mmdebstrap        # a real Debian root for the image tests (resources/debian-image.sh)
     podman conmon runc  # the OCI runtime's tests: podman runs ember-runtime (runc as the baseline)
+    docker.io         # and Docker (dockerd, containerd, its runc shim) runs it too
 )
 
 . "$(dirname "$0")/lib/install-missing.sh"

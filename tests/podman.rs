@@ -56,25 +56,13 @@ fn podman_shell(ns: &Namespace, dir: &Path) -> String {
 
 /// The image `localhost/ember-test:1`: busybox and its applets.
 fn import_image(ns: &Namespace, dir: &Path) {
-    let root = dir.join("rootfs");
-    fs::create_dir_all(root.join("bin")).unwrap();
-    fs::copy("/bin/busybox", root.join("bin/busybox")).unwrap();
-    for applet in [
-        "sh", "echo", "cat", "pwd", "id", "true", "sleep", "wget", "hostname", "ip", "stty", "tty",
-        "grep",
-    ] {
-        std::os::unix::fs::symlink("busybox", root.join("bin").join(applet)).unwrap();
-    }
-    let tar = dir.join("rootfs.tar");
-    let status = Command::new("tar")
-        .arg("-C")
-        .arg(&root)
-        .arg("-cf")
-        .arg(&tar)
-        .arg(".")
-        .status()
-        .unwrap();
-    assert!(status.success());
+    let tar = common::busybox_rootfs_tar(
+        dir,
+        &[
+            "sh", "echo", "cat", "pwd", "id", "true", "sleep", "wget", "hostname", "ip", "stty",
+            "tty", "grep",
+        ],
+    );
     let r = podman(
         ns,
         dir,

@@ -308,6 +308,7 @@ fn create(cli: &Cli, args: &CreateArgs) -> Result<(), RuntimeError> {
             annotations: spec.annotations.clone(),
             network_namespace: None,
             taps: Vec::new(),
+            socket_dir: None,
         },
     )?;
     let result = start_container(

@@ -49,7 +49,18 @@ pub struct Stored {
     pub network_namespace: Option<PathBuf>,
     #[serde(default)]
     pub taps: Vec<String>,
+    /// Where the monitor's sockets are when the container's directory is too deep for them (a
+    /// Unix socket path has at most 107 bytes; containerd's roots and 64-character IDs pass
+    /// that): a short private directory under the temporary directory.
+    #[serde(default)]
+    pub socket_dir: Option<PathBuf>,
 }
+
+/// The longest socket path the monitor makes in the socket directory: the vsock socket's
+/// guest-to-host listeners (`vsock.sock_PORT`, PORT up to 10 digits).
+const LONGEST_SOCKET_NAME: usize = "/vsock.sock_4294967295".len();
+/// A Unix socket path's limit (sun_path less its NUL).
+const MAX_SOCKET_PATH: usize = 107;
 
 /// The OCI state, as `ember-runtime state` prints it.
 #[derive(Debug, Serialize)]
@@ -119,7 +130,11 @@ impl Container {
             }
             Err(e) => return Err(StateError::Io(id, e)),
         }
-        let container = Self { dir, stored };
+        let mut container = Self { dir, stored };
+        if container.dir.as_os_str().len() + LONGEST_SOCKET_NAME > MAX_SOCKET_PATH {
+            container.stored.socket_dir =
+                Some(short_socket_dir(&container.dir).map_err(|e| StateError::Io(id.clone(), e))?);
+        }
         container.save()?;
         Ok(container)
     }
@@ -153,14 +168,18 @@ impl Container {
         fs::rename(&temporary, self.dir.join("state.json")).map_err(io)
     }
 
+    fn sockets(&self) -> &Path {
+        self.stored.socket_dir.as_deref().unwrap_or(&self.dir)
+    }
+
     /// The monitor's start gate.
     pub fn gate(&self) -> PathBuf {
-        self.dir.join("start.sock")
+        self.sockets().join("start.sock")
     }
 
     /// The monitor's vsock socket (`exec` reaches the guest agent through it).
     pub fn vsock(&self) -> PathBuf {
-        self.dir.join("vsock.sock")
+        self.sockets().join("vsock.sock")
     }
 
     /// Worked out from the monitor's process.
@@ -196,10 +215,26 @@ impl Container {
         }
     }
 
-    /// Removes the container's directory.
+    /// Removes the container's directory (and its socket directory).
     pub fn remove(self) -> Result<(), StateError> {
+        if let Some(dir) = &self.stored.socket_dir {
+            let _ = fs::remove_dir_all(dir);
+        }
         fs::remove_dir_all(&self.dir).map_err(|e| StateError::Io(self.stored.id.clone(), e))
     }
+}
+
+/// `TMPDIR/ember-rt-HASH` (mode 0700), named after the container's directory.
+fn short_socket_dir(container_dir: &Path) -> io::Result<PathBuf> {
+    use std::hash::{Hash, Hasher};
+    use std::os::unix::fs::DirBuilderExt;
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    container_dir.hash(&mut hasher);
+    let dir = std::env::temp_dir().join(format!("ember-rt-{:016x}", hasher.finish()));
+    // A leftover of a container of the same directory that was never deleted goes first.
+    let _ = fs::remove_dir_all(&dir);
+    fs::DirBuilder::new().mode(0o700).create(&dir)?;
+    Ok(dir)
 }
 
 /// A process's state letter and start time, from /proc/PID/stat.
@@ -232,7 +267,31 @@ mod tests {
             annotations: Default::default(),
             network_namespace: None,
             taps: Vec::new(),
+            socket_dir: None,
         }
+    }
+
+    #[test]
+    fn a_deep_container_directory_gets_short_sockets() {
+        // A root of this test's own: the other tests remove theirs.
+        let base = std::env::temp_dir().join(format!("ember-rt-deep-{}", std::process::id()));
+        let root = base.join("x".repeat(60));
+        let id = "a".repeat(64);
+        let c = Container::create(&root, stored(&id)).unwrap();
+        let short = c
+            .stored
+            .socket_dir
+            .clone()
+            .expect("a short socket directory");
+        assert!(c.vsock().starts_with(&short));
+        assert!(c.vsock().as_os_str().len() + "_4294967295".len() <= MAX_SOCKET_PATH);
+        assert_eq!(Container::open(&root, &id).unwrap().vsock(), c.vsock());
+        c.remove().unwrap();
+        assert!(!short.exists());
+        let shallow = Container::create(&base, stored("b")).unwrap();
+        assert_eq!(shallow.stored.socket_dir, None);
+        shallow.remove().unwrap();
+        fs::remove_dir_all(base).unwrap();
     }
 
     #[test]

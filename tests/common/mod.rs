@@ -459,3 +459,25 @@ pub fn first_child(pid: u32) -> Option<u32> {
         .parse()
         .ok()
 }
+
+/// `DIR/rootfs.tar`: a root of busybox (from the host's busybox-static) and links for `applets`
+/// in /bin, for container engines to import as an image (there is no registry).
+pub fn busybox_rootfs_tar(dir: &Path, applets: &[&str]) -> PathBuf {
+    let root = dir.join("rootfs");
+    std::fs::create_dir_all(root.join("bin")).unwrap();
+    std::fs::copy("/bin/busybox", root.join("bin/busybox")).unwrap();
+    for applet in applets {
+        std::os::unix::fs::symlink("busybox", root.join("bin").join(applet)).unwrap();
+    }
+    let tar = dir.join("rootfs.tar");
+    let status = Command::new("tar")
+        .arg("-C")
+        .arg(&root)
+        .arg("-cf")
+        .arg(&tar)
+        .arg(".")
+        .status()
+        .unwrap();
+    assert!(status.success(), "tar of {}", root.display());
+    tar
+}
